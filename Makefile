@@ -1,0 +1,35 @@
+# Two entry points, each doing its own set-up on a fresh machine (Python 3.11):
+#   make demo   runs the embedded default pipeline (scikit-learn digits, no data files)
+#   make test   runs the test suite
+# The install order matters: torch first, then torchsort compiled against it (CPU-only: nvcc hidden from
+# PATH, since a machine with nvcc but no GPU fails the CUDA build), then the project without build isolation.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.cact-installed
+NO_NVCC_PATH := $(shell echo "$$PATH" | tr ':' '\n' | grep -vx /usr/local/bin | grep -vx /usr/local/cuda/bin | paste -sd:)
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=70" wheel
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -c "import torchsort" 2>/dev/null || PATH="$(NO_NVCC_PATH)" $(PIP) install -q --no-build-isolation torchsort==0.1.10
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) pipelines/digits_lt.py
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

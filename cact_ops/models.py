@@ -1,0 +1,144 @@
+"""Backbones per dataset family, built by name so a checkpoint can record how to rebuild its model.
+
+Families: ``linear`` (flattened pixels -> logits, the ConfTr MNIST linear model), ``small_cnn`` (digits,
+MNIST), ``cifar_resnet32`` (He et al. 2016; the CIFAR-LT literature's backbone), ``cifar_resnet18``
+(torchvision ResNet-18 with a 3x3 stem for 32x32 inputs), ``imagenet_resnet50`` (torchvision ResNet-50,
+ImageNet-LT), ``text`` (EmbeddingBag bag-of-words classifier for 20 Newsgroups).
+Image models take float [B, C, H, W] in [0, 1]; the text model takes int64 token ids [B, L], 0 = padding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Linear(nn.Module):
+    """Multinomial logistic regression on flattened inputs."""
+
+    def __init__(self, num_classes: int, in_features: int = 784):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two conv layers, adaptive pooling to 4x4, one hidden layer: works for 8x8 digits and 28x28 MNIST."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, hidden: int = 128):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class _BasicBlockA(nn.Module):
+    """CIFAR ResNet block with the parameter-free option-A shortcut (zero-padded channels), as in LDAM's code."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes - in_planes
+        self.stride = stride
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs; n=5 gives ResNet-32 (0.46M parameters)."""
+
+    def __init__(self, num_classes: int, depth: int = 32, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        layers, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(_BasicBlockA(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        out = self.layers(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def cifar_resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool, the usual 32x32 adaptation."""
+    from torchvision.models import resnet18
+
+    m = resnet18(weights=None, num_classes=num_classes)
+    m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def imagenet_resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """torchvision ResNet-50 from scratch (no downloaded weights: no network at run time)."""
+    from torchvision.models import resnet50
+
+    m = resnet50(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return m
+
+
+class TextBag(nn.Module):
+    """Bag-of-words classifier: mean of token embeddings (padding id 0 ignored), one hidden layer."""
+
+    def __init__(self, num_classes: int, vocab_size: int, dim: int = 128, hidden: int = 128):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+MODEL_FAMILIES = {
+    "linear": Linear,
+    "small_cnn": SmallCNN,
+    "cifar_resnet32": lambda num_classes, **kw: CifarResNet(num_classes, depth=32, **kw),
+    "cifar_resnet": CifarResNet,
+    "cifar_resnet18": cifar_resnet18,
+    "imagenet_resnet50": imagenet_resnet50,
+    "text": TextBag,
+}
+
+
+def build_model(family: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a backbone by family name; ``kwargs`` go to its constructor and are stored in checkpoints.
+
+    >>> m = build_model("small_cnn", 10, in_channels=1)
+    >>> m(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known families: {sorted(MODEL_FAMILIES)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return MODEL_FAMILIES[family](num_classes=num_classes, **kwargs)

@@ -1,0 +1,76 @@
+"""Smooth conformal operators for training (ConfTr, Stutz et al. ICLR 2022): a differentiable quantile and
+soft prediction sets. Everything here works on *conformity* scores E(x, k) (higher = more conforming), so the
+threshold is a lower quantile and C_k(x) = sigmoid((E(x, k) - tau) / T).
+"""
+from __future__ import annotations
+
+import torch
+import torchsort
+
+
+def _interpolate(sorted_values: torch.Tensor, q: torch.Tensor | float) -> torch.Tensor:
+    """Linear interpolation at position q * (n - 1) of ascending rows ([..., n]), as torch.quantile does."""
+    n = sorted_values.shape[-1]
+    pos = torch.as_tensor(q, dtype=sorted_values.dtype, device=sorted_values.device) * (n - 1)
+    lo = pos.floor().clamp(0, n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    w = pos - lo
+    v_lo = sorted_values.gather(-1, lo.long().expand(*sorted_values.shape[:-1], 1)).squeeze(-1)
+    v_hi = sorted_values.gather(-1, hi.long().expand(*sorted_values.shape[:-1], 1)).squeeze(-1)
+    return v_lo + w * (v_hi - v_lo)
+
+
+def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float = 0.1) -> torch.Tensor:
+    """Differentiable q-quantile: torchsort's soft sort, then linear interpolation at position q * (n - 1).
+
+    ``values`` is [n] (returns a scalar) or [B, n] (returns [B]). As ``regularization_strength`` goes to 0 the
+    result equals ``torch.quantile(values, q)``; gradients flow to every value near the quantile.
+
+    >>> v = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0])
+    >>> round(float(soft_quantile(v, 0.5, regularization_strength=1e-3)), 3)
+    3.0
+    """
+    if not isinstance(values, torch.Tensor) or values.dim() not in (1, 2) or values.shape[-1] == 0:
+        raise ValueError(f"values must be a non-empty tensor of shape [n] or [B, n], got {getattr(values, 'shape', values)}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+    if not 0.0 <= float(q) <= 1.0:
+        raise ValueError(f"q must lie in [0, 1], got {q}")
+    if regularization_strength <= 0:
+        raise ValueError(f"regularization_strength must be > 0, got {regularization_strength}")
+    if not torch.isfinite(values).all():
+        raise ValueError("values contain NaN or inf")
+    rows = values if values.dim() == 2 else values[None]
+    # torchsort wants 2-D [batch, n]; its "l2" regularisation keeps float32 gradients finite ("kl" can NaN).
+    sorted_rows = torchsort.soft_sort(rows, regularization="l2", regularization_strength=regularization_strength)
+    out = _interpolate(sorted_rows, q)
+    return out if values.dim() == 2 else out[0]
+
+
+def soft_sets(conformity: torch.Tensor, tau: torch.Tensor | float, temperature: float = 1.0) -> torch.Tensor:
+    """Soft set membership C_k(x) = sigmoid((E(x, k) - tau) / T), shape [m, K].
+
+    ``tau`` is a scalar (one threshold) or [K] (class-wise thresholds, one per column).
+
+    >>> soft_sets(torch.tensor([[0.0, -2.0]]), tau=-1.0, temperature=1e-3).round()
+    tensor([[1., 0.]])
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if conformity.dim() != 2:
+        raise ValueError(f"conformity must have shape [m, K], got {tuple(conformity.shape)}")
+    return torch.sigmoid((conformity - tau) / temperature)
+
+
+def soft_size(conformity: torch.Tensor, tau: torch.Tensor | float, temperature: float = 1.0) -> torch.Tensor:
+    """Soft set size S(x) = sum_k C_k(x), shape [m].
+
+    >>> soft_size(torch.tensor([[0.0, -2.0, -0.5]]), tau=-1.0, temperature=1e-3)
+    tensor([2.])
+    """
+    return soft_sets(conformity, tau, temperature).sum(dim=1)
+
+
+def smooth_threshold_level(alpha: float, n_cal: int) -> float:
+    """ConfTr's quantile level q = alpha * (1 + 1/n_cal) for the lower quantile of conformity scores."""
+    return min(1.0, alpha * (1.0 + 1.0 / max(n_cal, 1)))

@@ -1,0 +1,371 @@
+"""A plain PyTorch epoch loop for CE, ConfTr, ConfTr-class, CaCT-uniform and CaCT, with the dual step.
+
+The Ray Train stage reuses :class:`EpochLoop` unchanged: it passes its own batch iterators, a ``comm`` that
+sums statistics across workers, and a ``dual_update`` hook that asks the driver's coordinator for the step.
+Users can run the same loop in their own code, without Ray (:func:`fit_in_process`).
+
+The dual step (DESIGN.md section 1): a stratified calibration part of the validation data (``val_cal_fraction``)
+gives a hard conformal threshold on the log-probability score; on the rest, h_i = S(x_i) - eta with the soft
+size S at the same temperature T; per-class sums of P'(h_i), counts and sums of h_i feed
+:meth:`cact_ops.alm.DualState.update`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .alm import DualConfig, DualState
+from .cp import conformal_quantile
+from .losses import METHODS, CaCTLoss, CELoss, ConfTrLoss, check_method
+from .scores import logprob
+from .smooth import soft_size
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training run. The paper's names: alpha, T (temperature), eta, lambda, rho."""
+
+    method: str = "cact"  # one of ce, conftr, conftr_class, cact_uniform, cact
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant (per epoch, after warm-up)
+    warmup_epochs: int = 0
+    milestones: tuple[int, ...] = ()  # epochs where the step schedule multiplies the lr by 0.1
+    grad_clip: float = 5.0  # max gradient norm; 0 disables clipping
+    amp: bool = True  # bf16 autocast, on CUDA only
+    augment: str = "none"  # none | crop_flip (pad-4 random crop + horizontal flip, for CIFAR)
+    # Conformal training (ConfTr and CaCT)
+    alpha: float = 0.1  # miscoverage level of the training-time threshold
+    temperature: float = 1.0  # T of the soft sets
+    regularization_strength: float = 0.1  # epsilon of torchsort's soft sort
+    cal_fraction: float = 0.5  # fraction of each mini-batch used as B_cal
+    stratified_split: bool = False
+    # ConfTr
+    conftr_lambda: float = 1.0  # the global lambda of ConfTr's size penalty
+    kappa: float = 1.0
+    size_transform: str = "none"  # none | log
+    coverage_weight: float = 0.0
+    # CaCT (augmented Lagrangian)
+    eta: float = 1.0  # target soft size per class (1 = singleton)
+    reduction: str = "sample"  # sample | class
+    lambda_init: float = 1e-6
+    lambda_min: float = 1e-6
+    lambda_max: float = 1e6
+    rho_init: float = 1.0
+    rho_max: float = 10.0
+    rho_step: int = 10
+    gamma: float = 1.2
+    tau_rho: float = 0.9
+    dual_source: str = "val"  # val | train: where the multipliers are estimated (paper's open question 2)
+    val_cal_fraction: float = 0.2  # f_val: calibration part of the dual-step data
+    seed: int = 0
+
+    def __post_init__(self):
+        check_method(self.method)
+        for name, allowed in (("optimizer", ("sgd", "adamw")), ("schedule", ("cosine", "step", "constant")),
+                              ("augment", ("none", "crop_flip")), ("size_transform", ("none", "log")),
+                              ("reduction", ("sample", "class")), ("dual_source", ("val", "train"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
+        if not 0 < self.val_cal_fraction < 1:
+            raise ValueError(f"val_cal_fraction must lie in (0, 1), got {self.val_cal_fraction}")
+        self.milestones = tuple(self.milestones)
+
+    @property
+    def dual_config(self) -> DualConfig:
+        names = {f.name for f in fields(DualConfig)} - {"uniform"}
+        return DualConfig(uniform=self.method == "cact_uniform", **{n: getattr(self, n) for n in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_loss(cfg: TrainConfig, dual: DualState | None, generator: torch.Generator | None = None) -> nn.Module:
+    """The loss module of ``cfg.method``; CaCT methods read lambda, rho from ``dual``."""
+    common = dict(alpha=cfg.alpha, temperature=cfg.temperature, regularization_strength=cfg.regularization_strength,
+                  cal_fraction=cfg.cal_fraction, stratified=cfg.stratified_split, generator=generator)
+    if cfg.method == "ce":
+        return CELoss()
+    if cfg.method in ("conftr", "conftr_class"):
+        return ConfTrLoss(lam=cfg.conftr_lambda, kappa=cfg.kappa, size_transform=cfg.size_transform,
+                          coverage_weight=cfg.coverage_weight, classwise_tau=cfg.method == "conftr_class", **common)
+    return CaCTLoss(dual, eta=cfg.eta, reduction=cfg.reduction, **common)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig):
+    """SGD (Nesterov-free, momentum) or AdamW, with a per-epoch LambdaLR: linear warm-up, then cosine/step."""
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(epoch: int) -> float:
+        if epoch < cfg.warmup_epochs:
+            return (epoch + 1) / cfg.warmup_epochs
+        if cfg.schedule == "cosine":
+            span = max(cfg.epochs - cfg.warmup_epochs, 1)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+        if cfg.schedule == "step":
+            return 0.1 ** sum(epoch >= m for m in cfg.milestones)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
+    """Vectorised pad-4 random crop and horizontal flip of an image batch [B, C, H, W]."""
+    B, _, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None].expand(B, x.shape[1], H, W + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :].expand(B, x.shape[1], H, W)
+    out = out.gather(3, cols)
+    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def val_cal_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Deterministic stratified mask of the dual step's calibration part: round(fraction * n_k) per class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu().long()
+    keys = torch.rand(labels.shape[0], generator=g)
+    order = keys.argsort()
+    order = order[labels[order].argsort(stable=True)]
+    counts = torch.bincount(labels)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(labels.shape[0]) - starts[labels[order]]
+    mask = torch.zeros(labels.shape[0], dtype=torch.bool)
+    mask[order] = rank < torch.round(fraction * counts.float()).long()[labels[order]]
+    return mask
+
+
+class LocalComm:
+    """Single-process stand-in for the distributed collectives the loop needs."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+@dataclass
+class ValStats:
+    """Per-class validation statistics, summed over every worker (sums and counts, never means of means)."""
+
+    grad_sums: torch.Tensor  # sum of P'(h_i) per class
+    counts: torch.Tensor  # samples per class (non-calibration part)
+    h_sums: torch.Tensor  # sum of h_i = S(x_i) - eta per class
+    covered: torch.Tensor  # hard-set coverage count per class
+    size_sums: torch.Tensor  # hard-set size sum per class
+    correct: torch.Tensor  # top-1 correct count per class
+    tau: float  # hard threshold on the log-prob conformity score
+
+    @property
+    def h_means(self) -> torch.Tensor:
+        return self.h_sums / self.counts.clamp(min=1)
+
+    def summary(self) -> dict:
+        n = float(self.counts.sum().clamp(min=1))
+        return {"val_accuracy": float(self.correct.sum()) / n, "val_coverage": float(self.covered.sum()) / n,
+                "val_size": float(self.size_sums.sum()) / n, "val_soft_size": float(self.h_sums.sum()) / n,
+                "val_tau": self.tau}
+
+
+class EpochLoop:
+    """Owns model, loss, optimizer, schedule and dual state; runs one epoch at a time.
+
+    ``comm`` sums tensors across workers (``LocalComm`` in-process); ``dual_update(dual, grad_sums, counts,
+    h_means, epoch)`` applies the dual step in place (default: ``dual.update``; the Ray stage routes it through
+    the driver's coordinator).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, num_classes: int, device: torch.device | str = "cpu",
+                 comm=None, dual_update: Callable | None = None):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.comm = comm or LocalComm()
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.dual = DualState(num_classes, cfg.dual_config) if cfg.method.startswith("cact") else None
+        self.loss_fn = build_loss(cfg, self.dual, self.generator)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
+        self.dual_update = dual_update or (lambda dual, s, c, h, epoch: dual.update(s, c, h, epoch=epoch))
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []  # one row per (epoch, class)
+        self.metrics: list[dict] = []  # one row per epoch
+
+    # -- one epoch -------------------------------------------------------------------------------------------
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """One pass over ``batches`` of (x, y); returns sample-weighted means of the loss parts."""
+        self.model.train()
+        cfg, dev = self.cfg, self.device
+        sums: dict[str, float] = {}
+        n_seen = 0
+        use_amp = cfg.amp and dev.type == "cuda"
+        for x, y in batches:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
+            if y.shape[0] < 2:
+                continue  # a conformal loss needs both a calibration and a prediction part
+            if cfg.augment == "crop_flip" and x.dim() == 4:
+                x = crop_flip(x, self.generator)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = self.model(x)
+            loss, diag = self.loss_fn(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            b = y.shape[0]
+            n_seen += b
+            for k, v in (("loss", loss.detach()), ("ce", diag["ce"]), ("penalty", diag["penalty"]),
+                         ("soft_size", diag.get("soft_size"))):
+                if v is not None:
+                    sums[k] = sums.get(k, 0.0) + float(v) * b
+        totals = self.comm.all_reduce_sum(torch.tensor([n_seen, *sums.values()], dtype=torch.float64))
+        n = max(float(totals[0]), 1.0)
+        return {f"train_{k}": float(v) / n for k, v in zip(sums, totals[1:])}
+
+    @torch.no_grad()
+    def validation_statistics(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> ValStats:
+        """Hard threshold from the calibration rows, then per-class statistics on the other rows.
+
+        ``batches`` yield (x, y, is_cal) for this worker's part of the dual-step data; the calibration scores
+        are gathered from every worker so all of them use the same threshold.
+        """
+        self.model.eval()
+        cfg, dev, K = self.cfg, self.device, self.num_classes
+        cal_scores, rest_conf, rest_y = [], [], []
+        for x, y, is_cal in batches:
+            x, y, is_cal = x.to(dev), y.to(dev).long(), is_cal.to(dev).bool()
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
+                logits = self.model(x)
+            conf = logprob(logits.float())
+            cal_scores.append(conf[is_cal].gather(1, y[is_cal, None]).squeeze(1).cpu())
+            rest_conf.append(conf[~is_cal].cpu())
+            rest_y.append(y[~is_cal].cpu())
+        cal = self.comm.all_gather_cat(torch.cat(cal_scores) if cal_scores else torch.empty(0))
+        if cal.numel() == 0:
+            raise ValueError("the dual step has no calibration rows: is the validation split empty?")
+        # Conformity E is "higher = better": the hard set {k: E >= tau} uses tau = -q̂ of the score -E.
+        tau = -float(conformal_quantile(-cal.double(), cfg.alpha))
+        conf = torch.cat(rest_conf) if rest_conf else torch.empty(0, K)
+        y = torch.cat(rest_y).long() if rest_y else torch.empty(0, dtype=torch.long)
+        h = soft_size(conf.double(), tau, cfg.temperature) - cfg.eta
+        stat_dual = self.dual or DualState(K)  # methods without a dual still report the constraint
+        grad_sums, counts, h_sums = stat_dual.statistics(h, y)
+        hard = conf >= tau
+        z = torch.zeros(K, dtype=torch.float64)
+        covered = z.clone().index_add_(0, y, hard.gather(1, y[:, None]).squeeze(1).double())
+        size_sums = z.clone().index_add_(0, y, hard.sum(1).double())
+        correct = z.clone().index_add_(0, y, (conf.argmax(1) == y).double()) if conf.numel() else z.clone()
+        packed = self.comm.all_reduce_sum(torch.stack([grad_sums, counts, h_sums, covered, size_sums, correct]))
+        return ValStats(*packed.unbind(0), tau=tau)
+
+    def end_epoch(self, train_metrics: dict, stats: ValStats) -> dict:
+        """Dual step (CaCT methods), lr schedule, and the epoch's history rows. Returns the epoch metrics."""
+        epoch = self.epoch
+        if self.dual is not None:
+            self.dual_update(self.dual, stats.grad_sums, stats.counts, stats.h_means, epoch)
+        self.scheduler.step()
+        self.epoch += 1
+        K = self.num_classes
+        if self.dual is not None:
+            lam, rho = self.dual.lam.tolist(), self.dual.rho.tolist()
+        else:
+            g = self.cfg.conftr_lambda if self.cfg.method.startswith("conftr") else 0.0
+            lam, rho = [g] * K, [0.0] * K
+        cnt = stats.counts.clamp(min=1)
+        cov, size, c = (stats.covered / cnt).tolist(), (stats.size_sums / cnt).tolist(), stats.h_means.tolist()
+        for k in range(K):
+            present = stats.counts[k] > 0
+            self.history.append({"method": self.cfg.method, "epoch": epoch, "class": k, "lambda": lam[k],
+                                 "rho": rho[k], "constraint": c[k] if present else float("nan"),
+                                 "val_coverage": cov[k] if present else float("nan"),
+                                 "val_size": size[k] if present else float("nan")})
+        metrics = {"epoch": epoch, **train_metrics, **stats.summary(), "lambda_max": max(lam),
+                   "lambda_min": min(lam), "lr": self.optimizer.param_groups[0]["lr"]}
+        self.metrics.append(metrics)
+        return metrics
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "dual": self.dual.state_dict() if self.dual is not None else None,
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "history": list(self.history), "metrics": list(self.metrics), "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        if self.dual is not None and state.get("dual") is not None:
+            self.dual.load_state_dict(state["dual"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(state["history"])
+        self.metrics = list(state["metrics"])
+
+
+def iterate_tensors(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+                    generator: torch.Generator | None = None, extra: torch.Tensor | None = None):
+    """Mini-batches of in-memory tensors (optionally with an extra per-row tensor such as ``is_cal``)."""
+    idx = torch.randperm(y.shape[0], generator=generator) if shuffle else torch.arange(y.shape[0])
+    for start in range(0, y.shape[0], batch_size):
+        b = idx[start:start + batch_size]
+        yield (x[b], y[b]) if extra is None else (x[b], y[b], extra[b])
+
+
+def fit_in_process(model: nn.Module, cfg: TrainConfig, train: tuple[torch.Tensor, torch.Tensor],
+                   val: tuple[torch.Tensor, torch.Tensor], device: str = "cpu", verbose: bool = False) -> EpochLoop:
+    """Train ``model`` on in-memory tensors with the full CaCT protocol, no Ray. Returns the loop (model,
+    dual state, history, metrics).
+
+    ``val`` is the dual-step data (D_val); with ``cfg.dual_source == "train"`` the multipliers are estimated
+    on the training set instead.
+    """
+    torch.manual_seed(cfg.seed)
+    num_classes = int(max(train[1].max(), val[1].max())) + 1
+    if hasattr(model, "fc") and isinstance(model.fc, nn.Linear):
+        num_classes = max(num_classes, model.fc.out_features)
+    loop = EpochLoop(model, cfg, num_classes, device)
+    dual_x, dual_y = train if cfg.dual_source == "train" else val
+    is_cal = val_cal_mask(dual_y, cfg.val_cal_fraction, cfg.seed)
+    for _ in range(cfg.epochs):
+        tm = loop.train_epoch(iterate_tensors(*train, cfg.batch_size, True, loop.generator))
+        stats = loop.validation_statistics(iterate_tensors(dual_x, dual_y, 512, False, extra=is_cal))
+        m = loop.end_epoch(tm, stats)
+        if verbose:
+            print(format_epoch(cfg.method, m))
+    return loop
+
+
+def format_epoch(method: str, m: dict) -> str:
+    """One progress line per epoch: loss, val coverage and size, max/min lambda."""
+    return (f"[{method}] epoch {m['epoch']:3d}  loss {m.get('train_loss', float('nan')):.4f}  "
+            f"val acc {m['val_accuracy']:.3f}  cov {m['val_coverage']:.3f}  size {m['val_size']:.2f}  "
+            f"lambda [{m['lambda_min']:.3g}, {m['lambda_max']:.3g}]")
+
+
+__all__ = ["TrainConfig", "EpochLoop", "ValStats", "LocalComm", "build_loss", "build_optimizer", "crop_flip",
+           "val_cal_mask", "iterate_tensors", "fit_in_process", "format_epoch", "METHODS"]

@@ -1,0 +1,31 @@
+"""Shared fixtures. One local Ray cluster per pytest session: starting Ray costs seconds, so every Ray test
+asks for the ``ray_cluster`` fixture instead of calling ``ray.init`` itself."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    # Set before ray.init: Ray Train's worker health check otherwise adds seconds to every fit.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data; skips the test when it is absent (a fresh clone has no data files)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (optional; see README)")
+    return SHARED_DATA
