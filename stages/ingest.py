@@ -495,6 +495,7 @@ class CifarSource(Source):
             for p in paths:
                 if not p.is_file():
                     raise _missing(p, f"{spec.dataset} batch file")
+        self._meta = meta_path
         meta = _unpickle_cifar(meta_path)
         self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _field(meta, names_key, meta_path)]
         self.payload = _pixels_payload((32, 32, 3))
@@ -547,11 +548,14 @@ class CifarSource(Source):
                 return {"pixels": _pixels_column(arr)}
         raise IndexError(rows[0])
 
+    def _all_files(self) -> list[Path]:
+        return [p for ps in self._files.values() for p in ps] + [self._meta]
+
     def sources(self):
-        return [str(p.resolve()) for ps in self._files.values() for p in ps]
+        return [str(p.resolve()) for p in self._all_files()]
 
     def checksums(self):
-        return {str(p.resolve()): sha256_file(p) for ps in self._files.values() for p in ps}
+        return {str(p.resolve()): sha256_file(p) for p in self._all_files()}
 
 
 # ----------------------------------------------------------------------------------------------------------
