@@ -1,0 +1,370 @@
+"""Evaluation stage: agreement with a plain loop reference, with cact_ops.metrics, reruns, and bad inputs.
+
+The run folders are written by hand (manifest + logits Parquet), so these tests need neither the split build
+nor training nor Ray.
+"""
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cact_ops import metrics as M
+from stages import evaluate as E
+
+# The toy pool's smallest class is deliberately too small for a class-wise threshold; tests that care assert it.
+pytestmark = pytest.mark.filterwarnings("ignore:pool too small")
+
+POOL_COUNTS = [60, 50, 40, 30, 20, 9]  # class 5: 5 calibration points, too few for a class-wise q at 0.1
+TRAIN_COUNTS = [500, 200, 100, 50, 20, 5]
+CLASSES = ["airplane", "bird", "cat", "deer", "frog", "ship"]
+
+
+def make_logits(counts, seed: int, signal: float = 1.5, ties: bool = True, labels=None):
+    """Shuffled labels (``counts`` per class) and float32 logits with some signal and a few exact ties."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        labels = np.repeat(np.arange(len(counts)), counts)
+        rng.shuffle(labels)
+    logits = rng.normal(size=(len(labels), len(counts))) + signal * np.eye(len(counts))[labels]
+    logits = logits.astype(np.float32)
+    if ties and len(counts) >= 4:  # equal logits give equal probabilities: exercises the tie rule of APS/RAPS
+        logits[::7, 2] = logits[::7, 1]
+        logits[::11, 3] = logits[::11, 0]
+    return labels, logits
+
+
+def write_logits(path: Path, sample_id, labels, logits, fmt: str = "list") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = {"sample_id": pa.array(sample_id, pa.int64()), "label": pa.array(labels, pa.int64())}
+    if fmt == "list":
+        k = logits.shape[1]
+        cols["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel(), pa.float32()), k)
+    else:
+        cols.update({f"logit_{j}": pa.array(logits[:, j], pa.float32()) for j in range(logits.shape[1])})
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def make_run(root: Path, methods=("ce", "cact"), counts=POOL_COUNTS, train_counts=TRAIN_COUNTS,
+             classes=CLASSES, history: bool = False) -> Path:
+    """A run folder as infer/train leave it: splits/manifest.json, logits/<method>/pool.parquet, config.json."""
+    run = root / "run"
+    (run / "splits").mkdir(parents=True)
+    manifest = {"dataset": "toy", "classes": list(classes), "num_classes": len(classes),
+                "counts": {"train": list(train_counts), "val": [5] * len(classes), "pool": list(counts)},
+                "payload": {"kind": "pixels", "column": "pixels", "shape": [2, 2, 1]}, "model_family": "small_cnn"}
+    (run / "splits" / "manifest.json").write_text(json.dumps(manifest))
+    (run / "config.json").write_text(json.dumps({"dataset": "toy", "epochs": 3, "methods": list(methods)}))
+    labels, _ = make_logits(counts, seed=10)
+    ids = np.arange(len(labels)) * 3 + 100
+    for i, m in enumerate(methods):
+        _, logits = make_logits(counts, seed=10 + i, labels=labels)
+        # Same pool for every method, rows in a different order: evaluation aligns them by sample_id.
+        order = np.random.default_rng(i).permutation(len(labels))
+        write_logits(run / "logits" / m / "pool.parquet", ids[order], labels[order], logits[order])
+        if history:
+            k = len(classes)
+            rows = [{"method": m, "epoch": e, "class": c, "lambda": (1e-6 if m == "ce" else 0.1 * (e + 1) * (c + 1)),
+                     "rho": 1.0, "constraint": 0.5 - 0.1 * e, "val_coverage": 0.9, "val_size": 2.0 - 0.1 * e}
+                    for e in range(4) for c in range(k)]
+            (run / "train" / m).mkdir(parents=True)
+            pl.DataFrame(rows).write_parquet(run / "train" / m / "history.parquet")
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A straightforward reference: NumPy float64, explicit loops, exact conformal ranks.
+
+
+def ref_scores(logits: np.ndarray, score: str, u: np.ndarray, lam: float, k_reg: int) -> np.ndarray:
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    n, k = p.shape
+    s = np.empty((n, k))
+    for i in range(n):
+        for c in range(k):
+            above = sum(p[i, j] for j in range(k) if p[i, j] > p[i, c])
+            rank = 1 + sum(1 for j in range(k) if p[i, j] > p[i, c])
+            if score == "lac":
+                s[i, c] = 1 - p[i, c]
+            elif score == "aps":
+                s[i, c] = above + u[i] * p[i, c]
+            else:
+                s[i, c] = above + u[i] * p[i, c] + lam * max(0, rank - k_reg)
+    return s
+
+
+def ref_quantile(values, alpha: float) -> float:
+    n = len(values)
+    rank = math.ceil((n + 1) * (1 - Fraction(str(alpha))))
+    return float("inf") if rank > n else float(sorted(values)[rank - 1])
+
+
+def ref_shot_groups(train_counts):
+    k = len(train_counts)
+    if k > 10:
+        return [0 if c > 100 else 1 if c >= 20 else 2 for c in train_counts]
+    order = sorted(range(k), key=lambda c: -train_counts[c])
+    groups = [0] * k
+    for pos, c in enumerate(order):
+        groups[c] = 0 if pos < math.ceil(k / 3) else 1 if pos < math.ceil(2 * k / 3) else 2
+    return groups
+
+
+def ref_metrics(sets: np.ndarray, y: np.ndarray, alpha: float, train_counts) -> dict:
+    m, k = sets.shape
+    covered = np.array([sets[i, y[i]] for i in range(m)])
+    sizes = sets.sum(axis=1)
+    cov_k, size_k = [], []
+    for c in range(k):
+        idx = [i for i in range(m) if y[i] == c]
+        cov_k.append(np.mean(covered[idx]) if idx else np.nan)
+        size_k.append(np.mean(sizes[idx]) if idx else np.nan)
+    present = [c for c in range(k) if not np.isnan(cov_k[c])]
+    strata = [(0, 1), (2, 3), (4, 10), (11, 100), (101, 1000), (1001, 10**9)]
+    viol = []
+    for lo, hi in strata:
+        idx = [i for i in range(m) if lo <= sizes[i] <= hi]
+        if idx:
+            viol.append(abs(np.mean(covered[idx]) - (1 - alpha)))
+    groups = ref_shot_groups(train_counts)
+    shot = {}
+    for g, name in enumerate(("many", "medium", "few")):
+        idx = [i for i in range(m) if groups[y[i]] == g]
+        shot[name] = np.mean(sizes[idx]) if idx else np.nan
+    return {"coverage": covered.mean(), "size": sizes.mean(),
+            "covgap": 100 * np.mean([abs(cov_k[c] - (1 - alpha)) for c in present]),
+            "undercovered": np.mean([cov_k[c] < 1 - alpha for c in present]), "sscv": max(viol),
+            **{f"{g}_size": shot[g] for g in shot}, "class_coverage": cov_k, "class_size": size_k}
+
+
+def reference_summary(logits, labels, cal, test, alphas, train_counts, u, lam=0.01, k_reg=5):
+    rows = {}
+    k = logits.shape[1]
+    acc_splits = [np.mean([logits[i].argmax() == labels[i] for i in t]) for t in test]
+    for score in ("lac", "aps", "raps"):
+        s = ref_scores(logits, score, u, lam, k_reg)
+        for predictor in ("standard", "classwise"):
+            for alpha in alphas:
+                per_split = []
+                for c_idx, t_idx in zip(cal, test):
+                    true_cal = [s[i, labels[i]] for i in c_idx]
+                    if predictor == "standard":
+                        q = np.full(k, ref_quantile(true_cal, alpha))
+                    else:
+                        q = np.array([ref_quantile([s[i, labels[i]] for i in c_idx if labels[i] == c], alpha)
+                                      if any(labels[i] == c for i in c_idx) else np.inf for c in range(k)])
+                    sets = np.array([[s[i, c] <= q[c] for c in range(k)] for i in t_idx])
+                    per_split.append(ref_metrics(sets, labels[t_idx], alpha, train_counts))
+                rows[(score, predictor, alpha)] = per_split, acc_splits
+    return rows
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_run(tmp_path)
+
+
+def test_matches_loop_reference(run_dir):
+    """Every summary and per-class number equals the loop reference on the same logits and split indices."""
+    cfg = E.EvalConfig(run_dir, n_splits=3, alphas=(0.1, 0.05), dtype="float64", report=False)
+    with pytest.warns(UserWarning, match="pool too small"):
+        res = E.run(cfg)
+    assert res.summary.columns[:17] == list(E.SUMMARY_COLUMNS[:17])
+    assert res.summary.height == 2 * 3 * 2 * 2
+    for method in ("ce", "cact"):
+        pool = E.read_logits(run_dir / "logits" / method / "pool.parquet")
+        labels = pool.labels.numpy()
+        cal, test = E.split_indices(pool.labels, 3, 0.5, seed=0)
+        u = E.draw_u(len(labels), seed=0).numpy()
+        ref = reference_summary(pool.logits.numpy(), labels, cal.numpy(), test.numpy(), (0.1, 0.05),
+                                TRAIN_COUNTS, u)
+        for (score, predictor, alpha), (per_split, acc) in ref.items():
+            row = res.summary.filter((pl.col("method") == method) & (pl.col("score") == score)
+                                     & (pl.col("predictor") == predictor) & (pl.col("alpha") == alpha)).row(0, named=True)
+            assert row["n_splits"] == 3
+            assert row["accuracy"] == pytest.approx(np.mean(acc), abs=1e-12)
+            for name in ("coverage", "size", "covgap"):
+                vals = [s[name] for s in per_split]
+                assert row[f"{name}_mean"] == pytest.approx(np.mean(vals), abs=1e-10), (score, predictor, alpha, name)
+                assert row[f"{name}_std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-10)
+            for name in ("undercovered", "sscv", "many_size", "medium_size", "few_size"):
+                assert row[f"{name}_mean"] == pytest.approx(np.mean([s[name] for s in per_split]), abs=1e-10), name
+            cls = res.per_class.filter((pl.col("method") == method) & (pl.col("score") == score)
+                                       & (pl.col("predictor") == predictor) & (pl.col("alpha") == alpha)).sort("class")
+            assert cls["class_name"].to_list() == CLASSES
+            assert cls["train_count"].to_list() == TRAIN_COUNTS
+            np.testing.assert_allclose(cls["coverage_mean"].to_numpy(),
+                                       np.mean([s["class_coverage"] for s in per_split], axis=0), atol=1e-10)
+            np.testing.assert_allclose(cls["size_mean"].to_numpy(),
+                                       np.mean([s["class_size"] for s in per_split], axis=0), atol=1e-10)
+    # Calibration points per class: 30, 25, 20, 15, 10, 5. Rank ceil((n+1)(1-alpha)) exceeds n for the last
+    # class at alpha=0.1 and for the last three at 0.05: +inf class thresholds (full sets).
+    cw = res.summary.filter(pl.col("predictor") == "classwise")
+    expected = cw["alpha"].replace_strict({0.1: 1 / 6, 0.05: 3 / 6}).to_list()
+    assert cw["inf_threshold_frac"].to_list() == pytest.approx(expected, abs=1e-12)
+    assert res.summary.filter(pl.col("predictor") == "standard")["inf_threshold_frac"].sum() == 0
+
+
+def test_set_metrics_match_cact_ops_metrics():
+    """The sufficient-statistics metrics equal cact_ops.metrics on the explicit sets."""
+    g = torch.Generator().manual_seed(3)
+    k, m = 12, 400
+    sets = torch.rand(2, m, k, generator=g) < torch.rand(2, m, 1, generator=g)
+    labels = torch.randint(0, k - 1, (m,), generator=g)  # class k-1 absent from the test labels
+    train_counts = [300, 250, 150, 120, 90, 60, 40, 25, 19, 10, 5, 2]
+    alphas = (0.1, 0.3)
+    covered = sets[:, torch.arange(m), labels]
+    got = E.set_metrics(covered, sets.sum(-1), labels, alphas, k, M.shot_groups(train_counts))
+    for a, alpha in enumerate(alphas):
+        s = sets[a]
+        assert float(got["coverage"][a]) == pytest.approx(float(M.coverage(s, labels)), abs=1e-6)
+        assert float(got["size"][a]) == pytest.approx(float(M.average_size(s)), abs=1e-5)
+        assert float(got["covgap"][a]) == pytest.approx(float(M.covgap(s, labels, alpha, k)), abs=1e-4)
+        assert float(got["undercovered"][a]) == pytest.approx(float(M.undercovered_ratio(s, labels, alpha, k)))
+        assert float(got["sscv"][a]) == pytest.approx(float(M.sscv(s, labels, alpha)), abs=1e-6)
+        torch.testing.assert_close(got["class_coverage"][a].float(), M.class_coverage(s, labels, k), equal_nan=True)
+        torch.testing.assert_close(got["class_size"][a].float(), M.class_size(s, labels, k), equal_nan=True)
+        for name, v in M.shot_group_sizes(s, labels, train_counts).items():
+            assert float(got[f"{name}_size"][a]) == pytest.approx(float(v), abs=1e-5, nan_ok=True)
+
+
+def test_scores_and_thresholds_match_cact_ops():
+    """Rank-ordered scores give cact_ops.scores' values; thresholds equal cact_ops.cp.calibrate per split."""
+    from cact_ops import cp, scores
+
+    labels_np, logits_np = make_logits([30, 25, 20, 15], seed=5, ties=False)
+    logits, labels = torch.from_numpy(logits_np).double(), torch.from_numpy(labels_np)
+    probs = torch.softmax(logits, 1)
+    ranked = E.rank_pool(probs, labels, need_order=True)
+    u = E.draw_u(len(labels), seed=1).double()
+    expected = {"lac": scores.lac(probs), "aps": scores.aps(probs, u=u), "raps": scores.raps(probs, 0.1, 1, u=u)}
+    cal, _ = E.split_indices(labels, 2, 0.5, seed=4)
+    for name, want in expected.items():
+        s = E.rank_ordered_scores(ranked, name, u, lam=0.1, k_reg=1)
+        torch.testing.assert_close(E.class_ordered_scores(ranked, name, s), want)
+        assert bool((s[:, 1:] >= s[:, :-1]).all())
+        true = s.gather(1, ranked.rank_y[:, None]).squeeze(1)
+        for classwise in (False, True):
+            q, _ = E.thresholds(true[cal], labels[cal[0]], [0.2], 4, classwise)
+            for r in range(2):
+                want_q = cp.calibrate(want[cal[r]], labels[cal[r]], 0.2, classwise=classwise)
+                torch.testing.assert_close(q[r, 0], want_q)
+
+
+def test_split_indices_stratified_and_seeded():
+    labels = torch.tensor([0] * 7 + [1] * 4 + [2] * 1)
+    cal, test = E.split_indices(labels, n_splits=5, cal_fraction=0.5, seed=9)
+    assert cal.shape == (5, 4 + 2 + 1) and test.shape == (5, 3 + 2 + 0)
+    for r in range(5):
+        assert sorted(cal[r].tolist() + test[r].tolist()) == list(range(12))
+        assert labels[cal[r]].tolist() == [0, 0, 0, 0, 1, 1, 2]
+    assert not all(torch.equal(cal[0], cal[r]) for r in range(1, 5))
+    again = E.split_indices(labels, n_splits=5, cal_fraction=0.5, seed=9)
+    assert torch.equal(cal, again[0]) and torch.equal(test, again[1])
+
+
+def test_float32_close_to_float64():
+    labels, logits = make_logits([40] * 5, seed=2)
+    kw = dict(train_counts=[100, 50, 30, 20, 10], n_splits=4, alphas=(0.1,))
+    acc32, r32 = E.evaluate_pool(torch.from_numpy(logits), torch.from_numpy(labels), dtype=torch.float32, **kw)
+    acc64, r64 = E.evaluate_pool(torch.from_numpy(logits), torch.from_numpy(labels), dtype=torch.float64, **kw)
+    assert torch.equal(acc32, acc64)
+    for a, b in zip(r32, r64):
+        assert (a.score, a.predictor) == (b.score, b.predictor)
+        assert abs(float(a.metrics["coverage"].mean() - b.metrics["coverage"].mean())) < 0.01
+        assert abs(float(a.metrics["size"].mean() - b.metrics["size"].mean())) < 0.05
+
+
+def test_rerun_identical_and_replaces(run_dir):
+    cfg = dict(n_splits=4, alphas=(0.1,), report=False)
+    first = E.run(E.EvalConfig(run_dir, **cfg))
+    again = E.run(E.EvalConfig(run_dir, **cfg))
+    assert first.summary.equals(again.summary) and first.per_class.equals(again.per_class)
+    assert pl.read_parquet(first.summary_path).equals(first.summary)
+    assert pl.read_csv(first.summary_csv_path).height == first.summary.height
+    # Other alphas and scores: the files are replaced, not appended to; nothing left behind.
+    other = E.run(E.EvalConfig(run_dir, alphas=(0.2,), scores=("lac",), n_splits=2, report=False))
+    on_disk = pl.read_parquet(other.summary_path)
+    assert on_disk["alpha"].unique().to_list() == [0.2] and on_disk.height == 2 * 2
+    assert pl.read_parquet(other.per_class_path).height == 2 * 2 * len(CLASSES)
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["manifest.json", "per_class.parquet",
+                                                                   "summary.csv", "summary.parquet"]
+    assert json.loads((run_dir / "eval" / "manifest.json").read_text())["config"]["alphas"] == [0.2]
+    # A different seed gives different splits, hence (in general) different numbers.
+    seeded = E.run(E.EvalConfig(run_dir, seed=1, **cfg))
+    assert not seeded.summary.equals(first.summary)
+
+
+def test_list_and_column_formats_agree(tmp_path):
+    labels, logits = make_logits([10, 10, 10], seed=1)
+    ids = np.arange(30)
+    a = E.read_logits(write_logits(tmp_path / "a.parquet", ids, labels, logits, "list"))
+    b = E.read_logits(write_logits(tmp_path / "b.parquet", ids[::-1], labels[::-1], logits[::-1], "columns"))
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.labels, b.labels)
+
+
+def test_nan_logits_named(run_dir):
+    path = run_dir / "logits" / "cact" / "pool.parquet"
+    t = pq.read_table(path)
+    x = np.array(t.column("logits").combine_chunks().flatten()).reshape(t.num_rows, -1)
+    x[[3, 17], 1] = np.nan
+    write_logits(path, t.column("sample_id").to_numpy(), t.column("label").to_numpy(), x)
+    with pytest.raises(ValueError, match=rf"{path.name}.*2 of {t.num_rows} rows have NaN"):
+        E.run(E.EvalConfig(run_dir, n_splits=2, report=False))
+
+
+def test_pool_too_small_warns_and_gives_full_sets(tmp_path):
+    run = make_run(tmp_path, methods=("ce",), counts=[4, 4, 4], train_counts=[30, 10, 3], classes=["a", "b", "c"])
+    with pytest.warns(UserWarning, match=r"pool too small for alpha=0.05 \(standard"):
+        res = E.run(E.EvalConfig(run, alphas=(0.05,), scores=("lac",), n_splits=3, report=False))
+    row = res.summary.filter(pl.col("predictor") == "standard").row(0, named=True)
+    assert row["inf_threshold_frac"] == 1.0 and row["size_mean"] == 3.0 and row["coverage_mean"] == 1.0
+
+
+def test_class_counts_disagree_with_manifest(run_dir):
+    m = json.loads((run_dir / "splits" / "manifest.json").read_text())
+    m["counts"]["pool"][0] += 1
+    m["counts"]["pool"][1] -= 1
+    (run_dir / "splits" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="disagree with the manifest"):
+        E.run(E.EvalConfig(run_dir, n_splits=2, report=False))
+    m["num_classes"], m["classes"], m["counts"]["train"] = 7, CLASSES + ["x"], TRAIN_COUNTS + [1]
+    (run_dir / "splits" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="6 logits per row but the manifest has 7 classes"):
+        E.run(E.EvalConfig(run_dir, n_splits=2, report=False))
+
+
+def test_methods_must_share_the_pool(run_dir):
+    path = run_dir / "logits" / "cact" / "pool.parquet"
+    t = pq.read_table(path)
+    ids = t.column("sample_id").to_numpy().copy()
+    ids[0] = 10**9
+    write_logits(path, ids, t.column("label").to_numpy(),
+                 np.array(t.column("logits").combine_chunks().flatten()).reshape(t.num_rows, -1))
+    with pytest.raises(ValueError, match="same pool"):
+        E.run(E.EvalConfig(run_dir, n_splits=2, report=False))
+
+
+def test_config_validation(run_dir):
+    for bad in (dict(scores=("thr",)), dict(alphas=(0.0,)), dict(n_splits=0), dict(predictors=("mondrian",))):
+        with pytest.raises(ValueError):
+            E.run(E.EvalConfig(run_dir, **bad))
+
+
+def test_cli_prints_summary(run_dir, capsys):
+    assert E.main([str(run_dir), "--alphas", "0.2", "--scores", "lac", "aps", "--n-splits", "3",
+                   "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "conftr" not in out and "cact" in out and "summary:" in out
+    assert pl.read_parquet(run_dir / "eval" / "summary.parquet").height == 2 * 2 * 2
