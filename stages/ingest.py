@@ -987,13 +987,19 @@ def inspect_image(data: bytes, full_decode: bool = True) -> ImageInfo:
 
 def inspect_images(values: Sequence[bytes | None], full_decode: bool = True) -> list[ImageInfo]:
     """:func:`inspect_image` over many images on a small thread pool (PIL releases the GIL to decode)."""
-    if len(values) < 64:
-        return [inspect_image(v, full_decode) if v is not None else ImageInfo(error="null value")
-                for v in values]
+    def run(part: Sequence[bytes | None]) -> list[ImageInfo]:
+        return [inspect_image(v, full_decode) if v is not None else ImageInfo(error="null value") for v in part]
+
     workers = min(8, os.cpu_count() or 1)
+    # Threads pay off only when decoding (C, GIL released) outweighs PIL's per-image Python overhead:
+    # measured here, 8x8 JPEGs ran 30% slower on two threads than serially.
+    big = sum(len(v) for v in values if v is not None) >= 16384 * len(values)
+    if len(values) < 256 or workers == 1 or not big:
+        return run(values)
+    step = -(-len(values) // (4 * workers))  # a few slices per worker: one future per slice, not per image
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda v: inspect_image(v, full_decode) if v is not None
-                             else ImageInfo(error="null value"), values, chunksize=64))
+        parts = pool.map(run, [values[i: i + step] for i in range(0, len(values), step)])
+        return [info for part in parts for info in part]
 
 
 # ----------------------------------------------------------------------------------------------------------
