@@ -93,10 +93,10 @@ def child(config: dict) -> None:
     t0 = time.perf_counter()
     s = build(LongTailConfig(**config))
     wall = time.perf_counter() - t0
-    totals = s.manifest["totals"]
+    out_bytes = sum(p.stat().st_size for p in Path(config["out"]).iterdir())
     print(json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss_bytes(), "interpreter_rss_bytes": rss0,
-                      "totals": totals, "n_max": s.manifest["n_max"],
-                      "min_count": min(s.train_counts), "out_bytes": sum(p.stat().st_size for p in Path(config["out"]).iterdir())}))
+                      "totals": s.manifest["totals"], "n_max": s.manifest["n_max"],
+                      "min_count": min(s.train_counts), "out_bytes": out_bytes}))
 
 
 def run_child(**config) -> dict:

@@ -57,10 +57,11 @@ import importlib.metadata
 import json
 import logging
 import math
+import numbers
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -156,19 +157,19 @@ class LongTailConfig:
             raise ValueError(f"selection={self.selection!r}; accepted: {', '.join(SELECTIONS)}")
         if self.on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt={self.on_corrupt!r}; accepted: {', '.join(ON_CORRUPT)}")
-        if not (isinstance(self.imbalance_factor, (int, float)) and math.isfinite(self.imbalance_factor)
+        if not (isinstance(self.imbalance_factor, numbers.Real) and math.isfinite(self.imbalance_factor)
                 and self.imbalance_factor >= 1):
             raise ValueError(f"imbalance_factor={self.imbalance_factor!r}; accepted: a finite number >= 1 "
                              "(1 = balanced)")
-        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+        if not (isinstance(self.val_fraction, numbers.Real) and 0 < self.val_fraction < 1):
             raise ValueError(f"val_fraction={self.val_fraction!r}; accepted: a number in the open interval (0, 1)")
         if not 0 < self.step_minority_fraction < 1:
             raise ValueError(f"step_minority_fraction={self.step_minority_fraction!r}; accepted: (0, 1)")
-        if self.n_max is not None and (not isinstance(self.n_max, (int, np.integer)) or self.n_max < 1):
+        if self.n_max is not None and (not isinstance(self.n_max, numbers.Integral) or self.n_max < 1):
             raise ValueError(f"n_max={self.n_max!r}; accepted: None (largest available) or an integer >= 1")
         if self.profile == "lists" and (self.dataset != "imagefolder" or not self.train_list):
             raise ValueError("profile='lists' needs dataset='imagefolder' and train_list (ImageNet-LT list files)")
-        if not isinstance(self.seed, (int, np.integer)):
+        if not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed={self.seed!r}; accepted: an integer")
         if self.vocab_size < 1 or self.vocab_min_count < 1:
             raise ValueError("vocab_size and vocab_min_count must be >= 1")
@@ -332,18 +333,20 @@ def plan(config: LongTailConfig) -> Plan:
         n_max = max(train_avail)
         requested = train_avail
     else:
-        imbalance = config.imbalance_factor
+        # 100 and 100.0 (or numpy scalars) are the same build: one JSON spelling for the manifest.
+        imbalance = float(config.imbalance_factor)
+        imbalance = int(imbalance) if imbalance.is_integer() else imbalance
         n_max = config.n_max
         if n_max is None:
             n_max = largest_n_max(train_avail, config.profile, imbalance, config.step_minority_fraction)
         requested = profile_counts(config.profile, n_max, K, imbalance, config.step_minority_fraction)
         for k, (r, a) in enumerate(zip(requested, train_avail)):
             if r > a:
+                most = largest_n_max(train_avail, config.profile, imbalance, config.step_minority_fraction)
                 raise ValueError(
                     f"class {names[k]!r} (index {k}) needs {r} training examples ({config.profile} profile, "
                     f"IF={imbalance}, n_max={n_max}) but the source's train split has only {a}; lower n_max "
-                    f"(accepted: <= {largest_n_max(train_avail, config.profile, imbalance, config.step_minority_fraction)}) "
-                    "or leave it unset")
+                    f"(accepted: <= {most}) or leave it unset")
             if r < 1:
                 raise ValueError(
                     f"class {names[k]!r} (index {k}) would get 0 training examples (n_max={n_max}, "
@@ -389,10 +392,10 @@ def plan(config: LongTailConfig) -> Plan:
         "profile": config.profile,
         "imbalance_factor": imbalance,
         "n_max": int(n_max),
-        "step_minority_fraction": config.step_minority_fraction if config.profile == "step" else None,
+        "step_minority_fraction": float(config.step_minority_fraction) if config.profile == "step" else None,
         "selection": config.selection,
         "seed": int(config.seed),
-        "val_fraction": config.val_fraction,
+        "val_fraction": float(config.val_fraction),
         "split_rules": rules,
         "available": available,
         "planned_counts": counts,
@@ -592,9 +595,11 @@ def build(config: LongTailConfig) -> "Splits":
     """Build (or reuse) a long-tailed split folder and return its handle.
 
     >>> import tempfile, os
-    >>> s = build(LongTailConfig(out=os.path.join(tempfile.mkdtemp(), "digits-lt"), imbalance_factor=10))
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> s = build(LongTailConfig(out=os.path.join(tmp.name, "digits-lt"), imbalance_factor=10))
     >>> s.train_counts, s.manifest["counts"]["val"][:3], s.num_classes
     ([89, 68, 53, 41, 31, 24, 19, 14, 11, 8], [18, 18, 18], 10)
+    >>> tmp.cleanup()
     """
     p = plan(config)
     out = Path(config.out)

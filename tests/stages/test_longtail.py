@@ -102,6 +102,8 @@ def test_rebuild_reuses_or_refuses(tmp_path):
     again = build(cfg)  # same build: reused, nothing rewritten, no duplicate rows
     assert tree(out) == before and {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     assert again.read_table("train").num_rows == sum(again.train_counts)
+    build(LongTailConfig(out=str(out), imbalance_factor=np.float64(10.0)))  # the same build spelled otherwise
+    assert tree(out) == before
     with pytest.raises(FileExistsError, match=r"holds a different split build \(manifest differs in: "
                                               r"imbalance_factor.*planned_counts"):
         build(LongTailConfig(out=str(out), imbalance_factor=20))
