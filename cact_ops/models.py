@@ -97,11 +97,13 @@ def cifar_resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     return m
 
 
-def imagenet_resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
-    """torchvision ResNet-50 from scratch (no downloaded weights: no network at run time)."""
-    from torchvision.models import resnet50
+def imagenet_resnet50(num_classes: int, in_channels: int = 3, depth: int = 50) -> nn.Module:
+    """torchvision ResNet-50 (or ResNet-18/34 via ``depth``) from scratch: no downloaded weights, no network."""
+    from torchvision import models
 
-    m = resnet50(weights=None, num_classes=num_classes)
+    if depth not in (18, 34, 50, 101):
+        raise ValueError(f"ImageNet ResNet depth must be 18, 34, 50 or 101, got {depth}")
+    m = getattr(models, f"resnet{depth}")(weights=None, num_classes=num_classes)
     if in_channels != 3:
         m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return m
@@ -126,6 +128,8 @@ MODEL_FAMILIES = {
     "cifar_resnet": CifarResNet,
     "cifar_resnet18": cifar_resnet18,
     "imagenet_resnet50": imagenet_resnet50,
+    "imagenet_resnet18": lambda num_classes, **kw: imagenet_resnet50(num_classes, depth=18, **kw),
+    "imagenet_resnet": imagenet_resnet50,  # the manifest's hint for ImageFolder data
     "text": TextBag,
 }
 

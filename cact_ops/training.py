@@ -308,14 +308,19 @@ class EpochLoop:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume exactly; loads with ``torch.load(weights_only=True)``."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.unwrapped_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "history": list(self.history), "metrics": list(self.metrics), "config": self.cfg.to_dict()}
 
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The model without a DistributedDataParallel wrapper (checkpoints hold its keys)."""
+        return getattr(self.model, "module", self.model)
+
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.unwrapped_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])

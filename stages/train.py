@@ -1,0 +1,542 @@
+"""Training stage: one method (ce, conftr, conftr_class, cact_uniform, cact) on a split folder, with Ray Train.
+
+A thin adapter around :class:`cact_ops.training.EpochLoop`. What it adds:
+
+* a Ray Train V2 ``TorchTrainer`` (DDP, one Ray Data shard of the train split per worker, GPU when asked);
+* the dual update coordinated on the driver: a ``DualCoordinator`` actor owns the ``DualState``. At every epoch
+  end the workers all-reduce per-class sums and counts on their part of the dual-step data, rank 0 sends them
+  with the epoch number, the coordinator applies the step and returns lambda and rho, rank 0 broadcasts them.
+  A call repeated for an epoch already applied returns the stored answer, so a restarted worker cannot apply
+  a step twice;
+* a checkpoint every epoch (model, optimizer, scheduler, RNG, lambda, rho, history). A restarted worker group
+  resumes from the latest one and re-seeds the coordinator from it; re-running the same command after the
+  driver died resumes the run (same run name and storage path) instead of starting over;
+* outputs under ``<out>/train/<method>/``: ``model.pt`` (weights + how to rebuild the model), ``history.parquet``
+  (one row per epoch x class: lambda, rho, constraint, val coverage and size), ``metrics.parquet`` (one row
+  per epoch), ``config.json``.
+
+Example (the embedded default)::
+
+    splits = stages.longtail.build(LongTailConfig(dataset="digits", out="runs/d/splits"))
+    ce = stages.train.fit(splits, TrainStageConfig(out="runs/d", loop=TrainConfig(method="ce", epochs=10)))
+    cact = stages.train.fit(splits, TrainStageConfig(out="runs/d", loop=TrainConfig(method="cact"),
+                                                     init_from=ce.model_path))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import ray
+import torch
+import torch.nn as nn
+
+from cact_ops.alm import DualConfig, DualState
+from cact_ops.losses import METHODS
+from cact_ops.models import build_model
+from cact_ops.training import EpochLoop, TrainConfig, format_epoch, val_cal_mask
+
+from . import _io
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class TrainStageConfig:
+    """How to train one method on one split folder. The training math lives in ``loop`` (a TrainConfig)."""
+
+    out: str = "runs/default"  # run folder; outputs go to <out>/train/<method>/
+    loop: TrainConfig = field(default_factory=TrainConfig)
+    model_family: str | None = None  # None: the manifest's model_family hint (small_cnn, cifar_resnet32, ...)
+    model_kwargs: dict = field(default_factory=dict)
+    image_size: int | None = None  # resize images to this side (None: keep the stored size)
+    init_from: str | None = None  # model.pt of a trained backbone: fine-tune from it (the two-stage protocol)
+    finetune: str = "all"  # all | head: which parameters a fine-tune updates
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data
+    max_failures: int = 2  # worker-group restarts before the run fails
+    storage_path: str | None = None  # Ray Train storage (shared storage on a cluster); None: <out>/ray_storage
+    run_name: str | None = None  # None: method + a hash of the config, so a rerun resumes the same run
+    val_batch_size: int = 512
+    shuffle_buffer: int = 4096  # rows in the local shuffle buffer of each worker (seeded per epoch)
+    materialize_bytes: int = 2 << 30  # train splits up to this size on disk are cached in the object store
+    overwrite: bool = False  # retrain even when <out>/train/<method>/model.pt exists for the same config
+    verbose: bool = True  # one progress line per epoch
+    fail_at_epoch: int | None = None  # fault injection for tests: SIGKILL rank 0 once at this epoch
+
+    def __post_init__(self):
+        if isinstance(self.loop, dict):
+            self.loop = TrainConfig(**self.loop)
+        if self.finetune not in ("all", "head"):
+            raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+
+    @property
+    def method(self) -> str:
+        return self.loop.method
+
+    @property
+    def method_dir(self) -> Path:
+        return Path(self.out) / "train" / self.method
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loop"] = self.loop.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Paths of a trained method's outputs plus its last epoch's metrics."""
+
+    method: str
+    method_dir: Path
+    model_path: Path
+    history_path: Path
+    metrics_path: Path
+    final_metrics: dict
+    resumed_from_epoch: int = 0  # > 0 when the run continued from a checkpoint
+    reused: bool = False  # True when an identical finished run was found and nothing was trained
+
+    def history(self) -> pl.DataFrame:
+        return pl.read_parquet(self.history_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------------------------
+def _splits(splits):
+    from . import longtail
+
+    return splits if hasattr(splits, "manifest") else longtail.load(splits)
+
+
+def model_spec(config: TrainStageConfig, splits) -> dict:
+    """How to rebuild the model: family, classes and constructor arguments (stored in model.pt)."""
+    m = splits.manifest
+    family = config.model_family or m.get("model_family") or "small_cnn"
+    kwargs = dict(config.model_kwargs)
+    payload = splits.payload
+    shape = payload.get("shape")
+    if family == "text":
+        kwargs.setdefault("vocab_size", int(payload["vocab_size"]))
+    elif family != "linear" and shape:
+        kwargs.setdefault("in_channels", int(shape[-1]))
+    elif family == "linear" and shape:
+        side = config.image_size
+        kwargs.setdefault("in_features", int(np.prod(shape)) if side is None else side * side * int(shape[-1]))
+    return {"family": family, "num_classes": int(splits.num_classes), "kwargs": kwargs}
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a ``model.pt`` written by this stage (``weights_only=True``: no pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    spec = blob["model_spec"]
+    model = build_model(spec["family"], spec["num_classes"], **spec["kwargs"])
+    model.load_state_dict(blob["model"])
+    return model, blob
+
+
+def _run_name(config: TrainStageConfig, splits, spec: dict) -> str:
+    if config.run_name:
+        return config.run_name
+    key = json.dumps({"loop": config.loop.to_dict(), "spec": spec, "splits": str(Path(splits.root).resolve()),
+                      "init_from": config.init_from, "finetune": config.finetune, "image_size": config.image_size,
+                      "workers": config.num_workers}, sort_keys=True, default=str)
+    return f"{config.method}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _check_resources(config: TrainStageConfig, cpus_per_worker: float) -> None:
+    res = ray.cluster_resources()
+    need_cpu = cpus_per_worker * config.num_workers
+    if need_cpu > res.get("CPU", 0) + 1e-9:
+        raise ValueError(
+            f"num_workers={config.num_workers} x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, but the Ray cluster "
+            f"has {res.get('CPU', 0):g}: lower num_workers or cpus_per_worker, or add nodes"
+        )
+    if config.use_gpu and config.num_workers > res.get("GPU", 0):
+        raise ValueError(
+            f"num_workers={config.num_workers} GPU workers requested, but the Ray cluster has {res.get('GPU', 0):g} "
+            "GPUs: lower num_workers, add GPU nodes, or drop use_gpu"
+        )
+
+
+def fit(splits, config: TrainStageConfig) -> TrainResult:
+    """Train ``config.loop.method`` on ``splits`` (a Splits handle or split folder) with Ray Train.
+
+    Starts a local Ray if none is running. Re-running with the same config reuses a finished run, or resumes an
+    interrupted one from its last checkpoint.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    splits = _splits(splits)
+    spec = model_spec(config, splits)
+    method_dir = config.method_dir
+    saved_config = method_dir / "config.json"
+    if (method_dir / "model.pt").is_file() and not config.overwrite:
+        if saved_config.is_file() and json.loads(saved_config.read_text()) == _jsonable(config.to_dict()):
+            return _result_from_disk(config, reused=True)
+        raise ValueError(
+            f"{method_dir} already holds a trained {config.method} model with another config; "
+            "pass overwrite=True (--overwrite) or choose another --out"
+        )
+    if config.init_from:
+        _, blob = load_model(config.init_from)
+        if blob["model_spec"]["num_classes"] != spec["num_classes"]:
+            raise ValueError(
+                f"init_from {config.init_from} has {blob['model_spec']['num_classes']} classes but the split folder "
+                f"{splits.root} has {spec['num_classes']}"
+            )
+    if not ray.is_initialized():
+        ray.init(log_to_driver=config.verbose)
+    total_cpu = ray.cluster_resources().get("CPU", 1)
+    cpus = config.cpus_per_worker or min(1.0, total_cpu / (config.num_workers + 1))
+    _check_resources(config, cpus)
+
+    name = _run_name(config, splits, spec)
+    storage = config.storage_path or str((Path(config.out) / "ray_storage").resolve())
+    needs_dual = config.method.startswith("cact")
+    coordinator_name = f"cact-dual-{name}"
+    coordinator, coord_history = None, None
+    if needs_dual:
+        coordinator = DualCoordinator.options(name=coordinator_name, get_if_exists=True).remote(
+            spec["num_classes"], dataclasses.asdict(config.loop.dual_config))
+
+    from ray.data import ExecutionOptions
+
+    train_ds = _train_dataset(splits, config)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"stage": _jsonable(config.to_dict()), "splits": str(Path(splits.root).resolve()),
+                           "spec": spec, "coordinator": coordinator_name if needs_dual else None,
+                           "marker_dir": str(Path(storage) / name)},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_ds},
+        # preserve_order: each worker sees its rows in the same order on every run, so a seed fixes the result.
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    finally:
+        if coordinator is not None:
+            coord_history = _safe_get(coordinator.history.remote())
+            ray.kill(coordinator)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {config.method} produced no checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if needs_dual and coord_history is not None and coord_history != state["dual"]["history"]:
+        raise RuntimeError("the coordinator's multiplier history differs from the checkpoint's: please report this")
+    return _write_outputs(config, spec, state, time.time() - t0)
+
+
+def _train_dataset(splits, config: TrainStageConfig):
+    """The train split as a Ray Dataset. Small splits are materialised once on the driver: every epoch then
+    re-splits blocks already in the object store instead of re-reading Parquet (seconds per epoch saved), and
+    no read task has to compete with the training workers for CPUs (which can deadlock a small cluster)."""
+    path = Path(splits.path("train"))
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*.parquet")))
+    if size <= config.materialize_bytes:
+        return ray.data.read_parquet(str(path)).materialize()
+    # Streamed: fractional CPUs per read task so that reads can run beside workers holding the CPUs.
+    return ray.data.read_parquet(str(path), ray_remote_args={"num_cpus": 0.25})
+
+
+def _safe_get(ref):
+    try:
+        return ray.get(ref, timeout=30)
+    except Exception:  # the coordinator is only needed for a consistency check
+        return None
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _write_outputs(config: TrainStageConfig, spec: dict, state: dict, seconds: float) -> TrainResult:
+    d = config.method_dir
+    d.mkdir(parents=True, exist_ok=True)
+    with _io.atomic_path(d / "model.pt") as tmp:
+        torch.save({"model_spec": spec, "model": state["model"], "image_size": config.image_size,
+                    "method": config.method, "epochs": state["epoch"]}, tmp)
+    _io.write_parquet(pl.DataFrame(state["history"]).to_arrow(), d / "history.parquet")
+    metrics = pl.DataFrame(state["metrics"]).with_columns(pl.lit(config.method).alias("method"))
+    _io.write_parquet(metrics.to_arrow(), d / "metrics.parquet")
+    if state.get("dual") is not None:
+        _io.write_json({"history": state["dual"]["history"], "config": state["dual"]["config"]}, d / "dual.json")
+    _io.write_json({"wall_seconds": round(seconds, 2), "resumed_from_epoch": state.get("resumed_from_epoch", 0)},
+                   d / "run.json")
+    # config.json last: its presence marks a finished run that a rerun may reuse.
+    _io.write_json(_jsonable(config.to_dict()), d / "config.json")
+    return _result_from_disk(config, resumed_from=state.get("resumed_from_epoch", 0))
+
+
+def _result_from_disk(config: TrainStageConfig, reused: bool = False, resumed_from: int | None = None) -> TrainResult:
+    d = config.method_dir
+    metrics = pl.read_parquet(d / "metrics.parquet")
+    run = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    return TrainResult(method=config.method, method_dir=d, model_path=d / "model.pt",
+                       history_path=d / "history.parquet", metrics_path=d / "metrics.parquet",
+                       final_metrics=metrics.row(-1, named=True) if metrics.height else {},
+                       resumed_from_epoch=resumed_from if resumed_from is not None else run.get("resumed_from_epoch", 0),
+                       reused=reused)
+
+
+def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = None, ce_epochs: int | None = None,
+                finetune_epochs: int | None = None, finetune_lr: float | None = None,
+                **stage_kwargs) -> dict[str, TrainResult]:
+    """The two-stage protocol: a CE backbone trained once, then every conformal method fine-tuned from it.
+
+    ``loop`` is the base TrainConfig (its method is replaced); ``ce_epochs`` / ``finetune_epochs`` default to
+    ``loop.epochs``; ``finetune_lr`` defaults to a tenth of ``loop.lr``.
+    """
+    loop = loop or TrainConfig()
+    results: dict[str, TrainResult] = {}
+    ce_cfg = dataclasses.replace(loop, method="ce", epochs=ce_epochs or loop.epochs)
+    results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs))
+    for method in methods:
+        if method == "ce":
+            continue
+        ft = dataclasses.replace(loop, method=method, epochs=finetune_epochs or loop.epochs,
+                                 lr=finetune_lr if finetune_lr is not None else loop.lr / 10, warmup_epochs=0)
+        results[method] = fit(splits, TrainStageConfig(out=out, loop=ft, init_from=str(results["ce"].model_path),
+                                                        **stage_kwargs))
+    return {m: results[m] for m in methods if m in results}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The coordinator actor (driver side) and the communication helpers (worker side)
+# ----------------------------------------------------------------------------------------------------------------
+class _Coordinator:
+    """Owns the DualState of one run; applies each epoch's dual step exactly once."""
+
+    def __init__(self, num_classes: int, dual_config: dict):
+        self.dual = DualState(num_classes, DualConfig(**dual_config))
+        self.results: dict[int, dict] = {}  # epoch -> dual state after that epoch's step
+
+    def update(self, epoch: int, grad_sums, counts, h_means) -> dict:
+        if epoch in self.results:  # a repeated call (e.g. after a restart): the stored answer, applied once
+            self.dual.load_state_dict(self.results[epoch])
+            return self.results[epoch]
+        if self.dual.steps != epoch:
+            raise RuntimeError(f"dual step for epoch {epoch} asked, but the state has {self.dual.steps} steps")
+        self.dual.update(grad_sums, counts, h_means, epoch=epoch)
+        self.results[epoch] = self.dual.state_dict()
+        return self.results[epoch]
+
+    def seed(self, state: dict) -> None:
+        """Re-seed from a checkpoint's dual state (after a restart); stored answers stay authoritative."""
+        self.dual.load_state_dict(state)
+
+    def history(self) -> list:
+        return self.dual.history
+
+    def state(self) -> dict:
+        return self.dual.state_dict()
+
+
+# num_cpus=0: the coordinator only does bookkeeping and must never wait for a CPU that the workers hold.
+DualCoordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator)
+
+
+class TorchDistComm:
+    """Sums and gathers through torch.distributed (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.on else 0
+        self.world_size = dist.get_world_size() if self.on else 1
+        self.device = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        t = t.to(self.device).clone()
+        self.dist.all_reduce(t)
+        return t.cpu()
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        n = torch.tensor([t.shape[0]], device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        self.dist.all_gather(sizes, n)
+        m = int(max(s.item() for s in sizes))
+        padded = torch.zeros(m, dtype=t.dtype, device=self.device)
+        padded[: t.shape[0]] = t.to(self.device)
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------------------------
+def build_stage_model(spec: dict, init_from: str | None, finetune: str) -> nn.Module:
+    """Build the model from its spec, load a backbone when fine-tuning, freeze all but the head if asked."""
+    model = build_model(spec["family"], spec["num_classes"], **spec["kwargs"])
+    if init_from:
+        blob = torch.load(init_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["model"])
+    if finetune == "head":
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        head = {id(p) for p in last.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    return model
+
+
+def _val_batches(x_table, payload, image_size, is_cal, rank, world, batch_size):
+    """This worker's rows (i = rank mod world) of the dual-step table, decoded batch by batch."""
+    from .payload import decode, decode_labels
+
+    idx = np.arange(rank, x_table.num_rows, world)
+    labels = decode_labels(x_table)
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        sub = x_table.take(b)
+        yield decode(sub, payload, image_size), labels[b], is_cal[b]
+
+
+def _inject_fault(marker: Path) -> None:
+    """SIGKILL this worker once (a real process crash), after the epoch's dual step and before its checkpoint:
+    the restarted group replays the epoch and the coordinator must answer with the step it already applied."""
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from . import longtail
+    from .payload import decode, decode_labels
+
+    stage = TrainStageConfig(**{**cfg["stage"], "loop": TrainConfig(**cfg["stage"]["loop"])})
+    loop_cfg = stage.loop
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(loop_cfg.seed)
+    np.random.seed(loop_cfg.seed)
+    splits = longtail.load(cfg["splits"])
+    payload = splits.payload
+    device = ray.train.torch.get_device()
+    model = build_stage_model(cfg["spec"], stage.init_from, stage.finetune)
+    model = ray.train.torch.prepare_model(model)
+    comm = TorchDistComm(device)
+    coordinator = ray.get_actor(cfg["coordinator"]) if cfg["coordinator"] else None
+
+    def dual_update(dual, grad_sums, counts, h_means, epoch):
+        state = None
+        if rank == 0:
+            state = ray.get(coordinator.update.remote(epoch, grad_sums, counts, h_means))
+        dual.load_state_dict(comm.broadcast_object(state))
+
+    loop = EpochLoop(model, loop_cfg, cfg["spec"]["num_classes"], device, comm=comm, dual_update=dual_update)
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        loop.load_state_dict(state)
+        resumed_from = loop.epoch
+        if rank == 0 and coordinator is not None and state.get("dual") is not None:
+            ray.get(coordinator.seed.remote(state["dual"]))
+
+    dual_table = splits.read_table("train" if loop_cfg.dual_source == "train" else "val")
+    is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = max(2, loop_cfg.batch_size // world)  # the global batch stays the configured one
+
+    for epoch in range(loop.epoch, loop_cfg.epochs):
+        batches = (
+            (decode(b, payload, stage.image_size), decode_labels(b))
+            for b in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
+                                        local_shuffle_buffer_size=stage.shuffle_buffer,
+                                        local_shuffle_seed=loop_cfg.seed * 100003 + epoch)
+        )
+        train_metrics = loop.train_epoch(batches)
+        stats = loop.validation_statistics(
+            _val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
+        metrics = loop.end_epoch(train_metrics, stats)
+        if stage.fail_at_epoch == epoch and rank == 0:
+            _inject_fault(Path(cfg["marker_dir"]) / ".fault_injected")
+        if rank == 0 and stage.verbose:
+            print(format_epoch(loop_cfg.method, metrics), flush=True)
+        last = loop.history[-loop.num_classes:]
+        report = {**metrics, "lambda": [r["lambda"] for r in last], "rho": [r["rho"] for r in last],
+                  "val_class_coverage": [r["val_coverage"] for r in last], "val_class_size": [r["val_size"] for r in last]}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                state = loop.state_dict()
+                state["resumed_from_epoch"] = resumed_from
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(report, checkpoint=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: python -m stages.train SPLITS --out RUN --method cact ...
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> TrainResult:
+    p = argparse.ArgumentParser(description="Train one method on a split folder with Ray Train.")
+    p.add_argument("splits", help="split folder written by stages.longtail")
+    p.add_argument("--out", required=True, help="run folder (outputs under OUT/train/METHOD)")
+    p.add_argument("--method", default="cact", choices=METHODS)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--init-from", default=None, help="model.pt of a backbone to fine-tune")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    cfg = TrainStageConfig(out=a.out, loop=TrainConfig(method=a.method, epochs=a.epochs, lr=a.lr,
+                                                       batch_size=a.batch_size, seed=a.seed),
+                           num_workers=a.num_workers, use_gpu=a.use_gpu, init_from=a.init_from,
+                           overwrite=a.overwrite)
+    r = fit(a.splits, cfg)
+    print(json.dumps({"model": str(r.model_path), "resumed_from_epoch": r.resumed_from_epoch, "reused": r.reused,
+                      **{k: v for k, v in r.final_metrics.items() if isinstance(v, (int, float, str))}}, indent=1))
+    return r
+
+
+if __name__ == "__main__":
+    main()
