@@ -25,9 +25,12 @@ def _uniform(probs: torch.Tensor, u, generator: torch.Generator | None) -> torch
     if u is None:
         return torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype).to(probs.device)
     u = torch.as_tensor(u, dtype=probs.dtype, device=probs.device)
+    n = probs.shape[0]
+    if u.dim() > 2 or (u.dim() >= 1 and u.shape[0] != n) or (u.dim() == 2 and u.shape[1] != 1):
+        raise ValueError(f"u must be a scalar or have shape [{n}] or [{n}, 1], got shape {tuple(u.shape)}")
     if u.dim() == 1:
         u = u[:, None]
-    if ((u < 0) | (u > 1)).any():
+    if not ((u >= 0) & (u <= 1)).all():  # also rejects NaN
         raise ValueError("u must lie in [0, 1] (1.0 = non-randomised APS)")
     return u
 
