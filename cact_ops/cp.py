@@ -61,7 +61,15 @@ def classwise_quantile(s: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     """Per-class conformal quantiles, vectorised: sort by (label, score) and index each class's rank.
 
     Classes with no calibration point, or too few for ``alpha``, get ``+inf`` with one warning.
+
+    >>> classwise_quantile(torch.tensor([0.1, 0.9, 0.3, 0.2, 0.5]), torch.tensor([0, 0, 0, 1, 1]), 2, alpha=0.5)
+    tensor([0.3000, 0.5000])
     """
+    if not isinstance(s, torch.Tensor) or s.dim() != 1:
+        raise ValueError(f"s must be a 1-D tensor of true-class scores, got {getattr(s, 'shape', type(s))}")
+    if torch.isnan(s).any():
+        raise ValueError("s contains NaN")
+    labels = check_labels(labels, s.shape[0], num_classes)
     alpha = check_alpha(alpha)
     # Sort scores, then stable-sort by label: the result is grouped by class and ascending inside each class.
     by_score = s.argsort(stable=True)
@@ -121,7 +129,11 @@ def predict_sets(scores: torch.Tensor, threshold: torch.Tensor | float) -> torch
             [False,  True]])
     """
     check_matrix(scores, "scores", finite=False)
+    if torch.isnan(scores).any():
+        raise ValueError("scores contains NaN")
     threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+    if torch.isnan(threshold).any():
+        raise ValueError("threshold contains NaN")
     if threshold.dim() == 1 and threshold.shape[0] != scores.shape[1]:
         raise ValueError(
             f"threshold has {threshold.shape[0]} entries but scores have {scores.shape[1]} classes"
