@@ -130,6 +130,8 @@ def shot_groups(train_counts) -> torch.Tensor:
     num_classes = counts.shape[0]
     if num_classes == 0:
         raise ValueError("train_counts is empty")
+    if (counts < 0).any():
+        raise ValueError("train_counts must be >= 0")
     if num_classes > 10:
         return torch.where(counts > 100, 0, torch.where(counts >= 20, 1, 2))
     order = torch.argsort(counts, descending=True, stable=True)
