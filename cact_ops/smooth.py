@@ -59,6 +59,13 @@ def soft_sets(conformity: torch.Tensor, tau: torch.Tensor | float, temperature: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if conformity.dim() != 2:
         raise ValueError(f"conformity must have shape [m, K], got {tuple(conformity.shape)}")
+    if torch.isnan(conformity).any():
+        raise ValueError("conformity contains NaN")
+    tau = torch.as_tensor(tau, dtype=conformity.dtype, device=conformity.device)
+    if tau.dim() > 1 or (tau.dim() == 1 and tau.shape[0] != conformity.shape[1]):
+        raise ValueError(f"tau must be a scalar or shape [{conformity.shape[1]}], got shape {tuple(tau.shape)}")
+    if torch.isnan(tau).any():
+        raise ValueError("tau contains NaN")
     return torch.sigmoid((conformity - tau) / temperature)
 
 
