@@ -102,8 +102,13 @@ class DualState:
         """
         if h.shape != labels.shape or h.dim() != 1:
             raise ValueError(f"h and labels must both have shape [n], got {tuple(h.shape)} and {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        if torch.isnan(h).any():
+            # A NaN here would turn lambda into NaN through the clamp and silently poison every later step.
+            raise ValueError("h contains NaN (did training diverge?)")
         h = h.detach().to(torch.float64).cpu()
         labels = labels.detach().long().cpu()
         grads = phr_grad(h, self.rho[labels], self.lam[labels])
@@ -126,6 +131,11 @@ class DualState:
                 raise ValueError(f"{name} must have {K} entries, got {t.shape[0]}")
         if (counts < 0).any():
             raise ValueError("class_counts must be >= 0")
+        for name, t in (("class_sums", sums), ("class_counts", counts)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains NaN or inf")
+        if torch.isnan(c[counts > 0]).any():
+            raise ValueError("class_h_means contains NaN for a class with samples")
         cfg = self.config
         if cfg.uniform:
             total = counts.sum()
