@@ -61,6 +61,9 @@ from . import _io
 log = logging.getLogger(__name__)
 
 SCORES = ("lac", "aps", "raps")
+# Up to this many (split x alpha) thresholds, LAC's standard set sizes are counted directly (one comparison pass
+# each) rather than after a sort of every row (which costs about as much as 4-8 comparison passes).
+_DIRECT_COUNT_MAX = 4
 PREDICTORS = ("standard", "classwise")
 SUMMARY_COLUMNS = (
     "method", "score", "predictor", "alpha", "n_splits", "accuracy", "coverage_mean", "coverage_std",
@@ -326,15 +329,17 @@ class RankedPool:
 
 
 def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> RankedPool:
-    """Sort each row of ``probs`` once (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere)."""
+    """Sort each row of ``probs`` once, largest first (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere)."""
     labels = labels.to(probs.device)
-    if probs.device.type == "cpu":
-        a = probs.numpy()
+    cpu = probs.device.type == "cpu"
+    if cpu:
+        neg = np.negative(probs.numpy())  # ascending sort of -p = descending p, without a reversed copy
         if need_order:
-            order = torch.from_numpy(np.ascontiguousarray(np.argsort(a, axis=1)[:, ::-1]))
+            order = torch.from_numpy(np.argsort(neg, axis=1))
             desc = probs.gather(1, order)
         else:
-            desc, order = torch.from_numpy(np.ascontiguousarray(np.sort(a, axis=1)[:, ::-1])), None
+            neg.sort(axis=1)  # in place: np.sort would copy first
+            desc, order = torch.from_numpy(np.negative(neg, out=neg)), None
     else:
         desc, order = probs.sort(dim=1, descending=True)
         order = order if need_order else None
@@ -348,8 +353,42 @@ def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> Ra
         if not bool(more.any()):
             break
         start = torch.where(more, start - 1, start)
-    rank_y = (probs > probs.gather(1, labels[:, None])).sum(dim=1)
+    p_y = probs.gather(1, labels[:, None])
+    rank_y = _count_true(torch.from_numpy(probs.numpy() > p_y.numpy()) if cpu else probs > p_y)
     return RankedPool(probs, desc, order, rank_y, rows, cols, start)
+
+
+def _count_true(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row number of True entries of a bool [n, K] mask (NumPy on the CPU: several times faster there)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(mask.numpy().sum(axis=1, dtype=np.int64))
+    return mask.sum(dim=1)
+
+
+def classwise_sizes(s_class: torch.Tensor, test: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Class-wise set sizes |{k : s(x, k) <= q_k}| of the test rows: [R, A, m] from scores [n, K], q [R, A, K].
+
+    The one O(m K) step per (split, alpha); the rows of a split are gathered once and shared by the alphas.
+    """
+    r_, a_, _ = q.shape
+    m = test.shape[1]
+    if s_class.device.type != "cpu":
+        out = torch.empty(r_, a_, m, dtype=torch.int64, device=s_class.device)
+        for r in range(r_):
+            rows = s_class.index_select(0, test[r])
+            for a in range(a_):
+                out[r, a] = (rows <= q[r, a]).sum(dim=1)
+        return out
+    s_np, q_np, test_np = s_class.numpy(), q.numpy(), test.numpy()
+    out = np.empty((r_, a_, m), dtype=np.int64)
+    rows = np.empty((m, s_np.shape[1]), dtype=s_np.dtype)
+    mask = np.empty(rows.shape, dtype=bool)
+    for r in range(r_):
+        np.take(s_np, test_np[r], axis=0, out=rows)
+        for a in range(a_):
+            np.less_equal(rows, q_np[r, a], out=mask)
+            out[r, a] = mask.sum(axis=1, dtype=np.int32)
+    return torch.from_numpy(out)
 
 
 def rank_ordered_scores(ranked: RankedPool, score: str, u: torch.Tensor | None, lam: float = 0.01,
@@ -370,10 +409,11 @@ def rank_ordered_scores(ranked: RankedPool, score: str, u: torch.Tensor | None, 
         return 1.0 - d  # ties already share their value
     if score not in ("aps", "raps"):
         raise ValueError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
-    above = torch.zeros_like(d)
-    above[:, 1:] = d[:, :-1].cumsum(dim=1)
     u = torch.ones(d.shape[0], dtype=d.dtype, device=d.device) if u is None else u.to(d.device, d.dtype)
-    s = above.addcmul_(u[:, None], d)
+    s = torch.empty_like(d)
+    s[:, 0] = 0
+    torch.cumsum(d[:, :-1], dim=1, out=s[:, 1:])  # exclusive cumulative mass: sum of strictly higher ranks
+    s.addcmul_(u[:, None], d)
     if score == "raps":
         rank = torch.arange(1, d.shape[1] + 1, device=d.device, dtype=d.dtype)
         s += lam * (rank - k_reg).clamp(min=0)
@@ -433,8 +473,8 @@ def set_metrics(covered: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor
     """All set metrics of :mod:`cact_ops.metrics` from per-sample statistics, batched over splits and alphas.
 
     ``covered`` (bool) and ``sizes`` (int) are [..., A, m] (A = len(alphas)) over the test samples with labels
-    ``labels`` [m]; ``groups`` [K] is :func:`cact_ops.metrics.shot_groups`. Returns float64 tensors: ``coverage``, ``size``,
-    ``covgap``, ``undercovered``, ``sscv``, ``many_size``/``medium_size``/``few_size`` of shape [..., A], and
+    ``labels`` [m]; ``groups`` [K] is :func:`cact_ops.metrics.shot_groups`. Returns float64 tensors:
+    ``coverage``, ``size``, ``covgap``, ``undercovered``, ``sscv``, ``many_size``/``medium_size``/``few_size`` of shape [..., A], and
     ``class_coverage``, ``class_size`` [..., A, K] (NaN for classes without a test sample).
 
     >>> m = set_metrics(torch.tensor([[True, False]]), torch.tensor([[1, 2]]), torch.tensor([0, 1]), [0.1], 2,
@@ -521,26 +561,33 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
         raise ValueError(f"train_counts has {groups.numel()} classes but logits have {num_classes}")
     accuracy = (logits.argmax(dim=1) == labels_d)[test].to(torch.float64).mean(dim=1)
     probs = torch.softmax(logits, dim=1)
-    need_order = "classwise" in predictors and any(s != "lac" for s in scores)
-    ranked = rank_pool(probs, labels_d, need_order)
-    u = draw_u(len(labels), seed).to(dev, dtype) if randomized else None
     r_, a_ = cal.shape[0], len(alphas)
+    # One sort of every row serves APS/RAPS and LAC's standard sizes (a binary search per threshold). LAC alone
+    # with a few thresholds is cheaper without it: one comparison pass per (split, alpha).
+    need_sort = any(s != "lac" for s in scores) or ("standard" in predictors and r_ * a_ > _DIRECT_COUNT_MAX)
+    need_order = "classwise" in predictors and any(s != "lac" for s in scores)
+    ranked = rank_pool(probs, labels_d, need_order) if need_sort else None
+    u = draw_u(len(labels), seed).to(dev, dtype) if randomized else None
     results = []
     for score in scores:
-        s_rank = rank_ordered_scores(ranked, score, u, raps_lam, raps_k_reg)
-        true = s_rank.gather(1, ranked.rank_y[:, None]).squeeze(1)
+        if score == "lac":
+            s_rank = None if ranked is None else rank_ordered_scores(ranked, score, u)
+            s_class = 1.0 - probs if ("classwise" in predictors or s_rank is None) else None
+            true = 1.0 - probs.gather(1, labels_d[:, None]).squeeze(1)  # = s_rank at the label's rank, bit for bit
+        else:
+            s_rank = rank_ordered_scores(ranked, score, u, raps_lam, raps_k_reg)
+            true = s_rank.gather(1, ranked.rank_y[:, None]).squeeze(1)
+            s_class = class_ordered_scores(ranked, score, s_rank) if "classwise" in predictors else None
         t_cal, t_test = true[cal], true[test]
-        s_class = class_ordered_scores(ranked, score, s_rank) if "classwise" in predictors else None
         for predictor in predictors:
             classwise = predictor == "classwise"
             q, inf_frac = thresholds(t_cal, y_cal, alphas, num_classes, classwise)
             if classwise:
                 covered = t_test[:, None, :] <= q[:, :, y_test]
-                sizes = torch.empty(r_, a_, test.shape[1], dtype=torch.int64, device=dev)
-                for r in range(r_):
-                    rows = s_class.index_select(0, test[r])
-                    for a in range(a_):
-                        sizes[r, a] = (rows <= q[r, a]).sum(dim=1, dtype=torch.int32)
+                sizes = classwise_sizes(s_class, test, q)
+            elif s_rank is None:
+                covered = t_test[:, None, :] <= q[:, :, None]
+                sizes = classwise_sizes(s_class, test, q[:, :, None].expand(r_, a_, num_classes).contiguous())
             else:
                 covered = t_test[:, None, :] <= q[:, :, None]
                 # Every pool row at once: one binary search per (row, split, alpha) in the row's sorted scores.

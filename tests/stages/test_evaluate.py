@@ -190,8 +190,9 @@ def test_matches_loop_reference(run_dir):
         ref = reference_summary(pool.logits.numpy(), labels, cal.numpy(), test.numpy(), (0.1, 0.05),
                                 TRAIN_COUNTS, u)
         for (score, predictor, alpha), (per_split, acc) in ref.items():
-            row = res.summary.filter((pl.col("method") == method) & (pl.col("score") == score)
-                                     & (pl.col("predictor") == predictor) & (pl.col("alpha") == alpha)).row(0, named=True)
+            key = ((pl.col("method") == method) & (pl.col("score") == score)
+                   & (pl.col("predictor") == predictor) & (pl.col("alpha") == alpha))
+            row = res.summary.filter(key).row(0, named=True)
             assert row["n_splits"] == 3
             assert row["accuracy"] == pytest.approx(np.mean(acc), abs=1e-12)
             for name in ("coverage", "size", "covgap"):
@@ -200,8 +201,7 @@ def test_matches_loop_reference(run_dir):
                 assert row[f"{name}_std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-10)
             for name in ("undercovered", "sscv", "many_size", "medium_size", "few_size"):
                 assert row[f"{name}_mean"] == pytest.approx(np.mean([s[name] for s in per_split]), abs=1e-10), name
-            cls = res.per_class.filter((pl.col("method") == method) & (pl.col("score") == score)
-                                       & (pl.col("predictor") == predictor) & (pl.col("alpha") == alpha)).sort("class")
+            cls = res.per_class.filter(key).sort("class")
             assert cls["class_name"].to_list() == CLASSES
             assert cls["train_count"].to_list() == TRAIN_COUNTS
             np.testing.assert_allclose(cls["coverage_mean"].to_numpy(),
@@ -368,3 +368,15 @@ def test_cli_prints_summary(run_dir, capsys):
     out = capsys.readouterr().out
     assert "conftr" not in out and "cact" in out and "summary:" in out
     assert pl.read_parquet(run_dir / "eval" / "summary.parquet").height == 2 * 2 * 2
+
+
+def test_lac_direct_count_equals_sorted_path():
+    """LAC alone with few thresholds counts sets without sorting rows; the numbers equal the sorted path's."""
+    labels, logits = make_logits([30, 30, 30, 30, 30], seed=4)
+    x, y = torch.from_numpy(logits), torch.from_numpy(labels)
+    kw = dict(train_counts=[100, 50, 30, 20, 10], n_splits=2, alphas=(0.1, 0.2), predictors=("standard",))
+    _, direct = E.evaluate_pool(x, y, scores=("lac",), **kw)
+    _, sorted_ = E.evaluate_pool(x, y, scores=("lac", "aps"), **kw)
+    assert 2 * 2 <= E._DIRECT_COUNT_MAX
+    for name, v in direct[0].metrics.items():
+        torch.testing.assert_close(v, sorted_[0].metrics[name], equal_nan=True, rtol=0, atol=0)
