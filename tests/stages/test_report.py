@@ -23,7 +23,7 @@ def test_report_and_plots(tmp_path):
     assert res.report_path == run / "report.md"
     text = res.report_path.read_text()
     assert '"epochs": 3' in text  # the pipeline's config.json
-    assert '"n_splits": 3' in text  # the evaluation config
+    assert "| n_splits | `3` |" in text  # the evaluation config
     assert "## Warnings" in text and "alpha=0.05" in text  # class 5 is too small for class-wise thresholds
     for a in ("0.1", "0.05"):
         assert f"### alpha = {a}" in text
