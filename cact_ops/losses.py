@@ -40,6 +40,12 @@ def split_batch(
     """
     if not 0.0 < cal_fraction < 1.0:
         raise ValueError(f"cal_fraction must lie in (0, 1), got {cal_fraction}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor, got {getattr(labels, 'shape', type(labels))}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.numel() and labels.min() < 0:
+        raise ValueError("labels must be >= 0")
     n = labels.shape[0]
     if n < 2:
         raise ValueError(f"a conformal loss needs a batch of at least 2 samples, got {n}")
@@ -68,6 +74,8 @@ class CELoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
+        check_matrix(logits, "logits")
+        labels = check_labels(labels, logits.shape[0], logits.shape[1])
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return ce, {"ce": ce.detach(), "penalty": torch.zeros((), device=logits.device)}
 
@@ -221,7 +229,7 @@ class CaCTLoss(_ConformalLoss):
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
-        K = logits.shape[1]
+        K = check_matrix(logits, "logits").shape[1]
         if K != self.dual.num_classes:
             raise ValueError(f"logits have {K} classes but the DualState has {self.dual.num_classes}")
         ce, sets, y, tau = self.conformal_forward(logits, labels)
