@@ -1,0 +1,205 @@
+"""Inference stage: Ray Data batch inference of every trained method on the ``val`` and ``pool`` splits.
+
+Reads ``<run>/train/<method>/model.pt`` (written by :mod:`stages.train`) and the split folder
+(:mod:`stages.longtail`), runs ``map_batches`` with a model class (one actor per ``concurrency``, a GPU each when
+``use_gpu``) and writes ``<run>/logits/<method>/{val,pool}.parquet``: ``sample_id`` int64, ``label`` int64,
+``logits`` fixed_size_list<float32>[K], rows sorted by ``sample_id``. Each file is written atomically, so a
+rerun replaces it. ``<run>/logits/<method>/manifest.json`` records the model's and the splits' SHA-256.
+
+All methods and splits run in one pass: one dataset over the split files, and an actor holds every method's
+model, so each batch is read and decoded once (decoding images costs more than a small model's forward pass)
+and the actors start once.
+
+Example::
+
+    res = stages.infer.run(InferConfig(run_dir="runs/digits"))
+    res.paths["cact"]["pool"]   # runs/digits/logits/cact/pool.parquet
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cact_ops.losses import METHODS
+
+from . import _io
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferConfig:
+    """What to run inference for. Defaults: every trained method, the ``val`` and ``pool`` splits, CPU.
+
+    >>> InferConfig("runs/digits").splits
+    ('val', 'pool')
+    """
+
+    run_dir: str | Path
+    splits_root: str | Path | None = None  # None: <run_dir>/splits
+    methods: Sequence[str] | None = None  # None: every <run_dir>/train/<method>/model.pt
+    splits: Sequence[str] = ("val", "pool")
+    batch_size: int = 512
+    use_gpu: bool = False  # one GPU per model actor (falls back to the CPU where CUDA is absent)
+    concurrency: int = 1  # number of model actors
+    num_cpus: float = 1.0  # CPUs per model actor
+    image_size: int | None = None  # None: the image_size stored in each model.pt
+
+    def __post_init__(self):
+        self.splits = tuple(self.splits)
+        if self.methods is not None:
+            self.methods = tuple(self.methods)
+
+
+@dataclass
+class InferResult:
+    """Where the logits went: ``paths[method][split]``, and the number of rows per split."""
+
+    run_dir: Path
+    paths: dict[str, dict[str, Path]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def discover_models(run_dir: str | Path) -> tuple[str, ...]:
+    """Methods with ``train/<method>/model.pt``, in the canonical order (ce, conftr, ..., cact)."""
+    root = Path(run_dir) / "train"
+    found = [p.parent.name for p in root.glob("*/model.pt")] if root.is_dir() else []
+    return tuple(sorted(found, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)))
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a ``model.pt`` through :func:`cact_ops.models.build_model` (``weights_only``: no pickle), eval mode."""
+    from cact_ops.models import build_model
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    spec = blob["model_spec"]
+    model = build_model(spec["family"], spec["num_classes"], **spec.get("kwargs", {}))
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval(), blob
+
+
+class LogitsPredictor:
+    """Ray Data model class: a batch of split rows (Arrow) -> sample_id, label and one logits column per method."""
+
+    def __init__(self, model_paths: dict[str, str], payload: dict, use_gpu: bool = False,
+                 image_size: int | None = None):
+        from . import payload as codec
+
+        self.codec = codec
+        self.payload = payload
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.models, self.image_sizes = {}, {}
+        for method, path in model_paths.items():
+            self.models[method], blob = load_model(path, self.device)
+            self.image_sizes[method] = image_size if image_size is not None else blob.get("image_size")
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        out = {"sample_id": batch.column("sample_id").to_numpy().astype(np.int64),
+               "label": batch.column("label").to_numpy().astype(np.int64)}
+        if "path" in batch.column_names:  # which split file the row came from
+            out["path"] = batch.column("path").to_numpy(zero_copy_only=False)
+        decoded = {}  # one decode per distinct image size, shared by the methods
+        max_tokens = self.payload.get("max_tokens", self.codec.DEFAULT_MAX_TOKENS)
+        for method, model in self.models.items():
+            size = self.image_sizes[method]
+            if size not in decoded:
+                decoded[size] = self.codec.decode(batch, self.payload, image_size=size,
+                                                  max_tokens=max_tokens).to(self.device)
+            out[f"logits__{method}"] = model(decoded[size]).float().cpu().numpy()
+        return out
+
+
+def _logits_table(sample_id: np.ndarray, label: np.ndarray, logits: np.ndarray) -> pa.Table:
+    order = np.argsort(sample_id, kind="stable")
+    k = logits.shape[1]
+    flat = pa.array(np.ascontiguousarray(logits[order], dtype=np.float32).ravel(), pa.float32())
+    return pa.table({"sample_id": pa.array(sample_id[order], pa.int64()),
+                     "label": pa.array(label[order], pa.int64()),
+                     "logits": pa.FixedSizeListArray.from_arrays(flat, k)})
+
+
+def run(config: InferConfig) -> InferResult:
+    """Write ``<run>/logits/<method>/<split>.parquet`` for every method and split (Ray Data ``map_batches``)."""
+    import ray
+
+    from . import longtail
+
+    run_dir = Path(config.run_dir)
+    splits = longtail.load(config.splits_root or run_dir / "splits")
+    methods = tuple(config.methods) if config.methods else discover_models(run_dir)
+    if not methods:
+        raise FileNotFoundError(2, f"no trained model under {run_dir / 'train'} (run stages.train first)",
+                                str(run_dir / "train"))
+    model_paths = {m: run_dir / "train" / m / "model.pt" for m in methods}
+    for m, p in model_paths.items():
+        if not p.is_file():
+            raise FileNotFoundError(2, f"model file not found: {p}", str(p))
+    payload = splits.payload
+    columns = ["sample_id", "label", payload.get("column") or payload["kind"]]
+    result = InferResult(run_dir=run_dir, paths={m: {} for m in methods})
+    files = {str(splits.path(s).resolve()): s for s in config.splits}
+    # One dataset over all splits: the model actors start (and load every model) once.
+    ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
+    ds = ds.map_batches(
+        LogitsPredictor,
+        fn_constructor_kwargs={"model_paths": {m: str(p) for m, p in model_paths.items()}, "payload": payload,
+                               "use_gpu": config.use_gpu, "image_size": config.image_size},
+        batch_size=config.batch_size, batch_format="pyarrow", concurrency=config.concurrency,
+        num_gpus=1 if config.use_gpu else 0, num_cpus=config.num_cpus,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(np.asarray(values))
+    cols = {name: np.concatenate(v) for name, v in parts.items()}
+    origin = np.array([files.get(str(Path(p).resolve()), "") for p in cols.get("path", [])])
+    for split in config.splits:
+        rows = origin == split
+        sample_id, label = cols["sample_id"][rows], cols["label"][rows]
+        result.rows[split] = len(sample_id)
+        expected = int(sum(splits.manifest["counts"][split]))
+        if len(sample_id) != expected:
+            raise RuntimeError(f"{splits.path(split)}: inference returned {len(sample_id)} rows, the manifest "
+                               f"lists {expected}")
+        for m in methods:
+            path = run_dir / "logits" / m / f"{split}.parquet"
+            _io.write_parquet(_logits_table(sample_id, label, cols[f"logits__{m}"][rows]), path)
+            result.paths[m][split] = path
+        log.info("inference on %s: %d rows x %d methods", split, len(sample_id), len(methods))
+    for m in methods:
+        _io.write_json({"model": str(model_paths[m]), "model_sha256": _io.sha256_file(model_paths[m]),
+                        "splits_root": str(splits.root),
+                        "split_files": {s: {"file": str(splits.path(s)), "sha256": _io.sha256_file(splits.path(s)),
+                                            "rows": result.rows[s]} for s in config.splits}},
+                       run_dir / "logits" / m / "manifest.json")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stages.infer", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--splits-root", default=None)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--splits", nargs="+", default=["val", "pool"])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--concurrency", type=int, default=1)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    res = run(InferConfig(a.run_dir, a.splits_root, a.methods, a.splits, a.batch_size, a.use_gpu, a.concurrency))
+    for m, paths in res.paths.items():
+        for s, path in paths.items():
+            print(f"{m} {s}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
