@@ -1,0 +1,203 @@
+"""The in-process epoch loop: every method runs, the dual step, exact resume, determinism, config checks."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from cact_ops.cp import calibrate, predict_sets
+from cact_ops.losses import METHODS, CaCTLoss, CELoss, ConfTrLoss
+from cact_ops.models import build_model
+from cact_ops.training import (
+    EpochLoop,
+    LocalComm,
+    TrainConfig,
+    build_loss,
+    build_optimizer,
+    crop_flip,
+    fit_in_process,
+    format_epoch,
+    iterate_tensors,
+    val_cal_mask,
+)
+
+K, D = 3, 4
+
+
+def blobs(counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    means = 2.0 * torch.eye(K, D)
+    y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    x = means[y] + torch.randn(y.shape[0], D, generator=g)
+    return x, y
+
+
+TRAIN = blobs([60, 30, 15], seed=0)
+VAL = blobs([20, 20, 20], seed=1)
+
+
+def tiny_cfg(method, **kw):
+    base = dict(method=method, epochs=2, batch_size=16, lr=0.05, seed=3, rho_step=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def linear_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("linear", K, in_features=D)
+
+
+def run_epochs(loop: EpochLoop, n: int):
+    """What fit_in_process does per epoch, for a loop built by hand."""
+    is_cal = val_cal_mask(VAL[1], loop.cfg.val_cal_fraction, loop.cfg.seed)
+    for _ in range(n):
+        tm = loop.train_epoch(iterate_tensors(*TRAIN, loop.cfg.batch_size, True, loop.generator))
+        stats = loop.validation_statistics(iterate_tensors(*VAL, 25, False, extra=is_cal))
+        loop.end_epoch(tm, stats)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fit_in_process_runs_every_method(method):
+    loop = fit_in_process(linear_model(), tiny_cfg(method), TRAIN, VAL)
+    assert loop.epoch == 2 and len(loop.metrics) == 2 and len(loop.history) == 2 * K
+    m = loop.metrics[-1]
+    for key in ("train_loss", "train_ce", "train_penalty", "val_accuracy", "val_coverage", "val_size", "lambda_max"):
+        assert math.isfinite(m[key]), key
+    assert 0 <= m["val_coverage"] <= 1 and 0 <= m["val_size"] <= K
+    assert {r["class"] for r in loop.history} == set(range(K))
+    if method.startswith("cact"):
+        assert len(loop.dual.history) == 2 and [r["epoch"] for r in loop.dual.history] == [0, 1]
+        if method == "cact_uniform":
+            assert len(set(loop.dual.lam.tolist())) == 1
+        assert loop.dual.lam.tolist() == [r["lambda"] for r in loop.history if r["epoch"] == 1]
+    else:
+        assert loop.dual is None
+    assert "epoch   1" in format_epoch(method, m)
+
+
+def test_build_loss_picks_the_method():
+    assert isinstance(build_loss(tiny_cfg("ce"), None), CELoss)
+    assert isinstance(build_loss(tiny_cfg("conftr"), None), ConfTrLoss)
+    conftr_class = build_loss(tiny_cfg("conftr_class"), None)
+    assert isinstance(conftr_class, ConfTrLoss) and conftr_class.classwise_tau
+    cfg = tiny_cfg("cact_uniform")
+    assert cfg.dual_config.uniform and not tiny_cfg("cact").dual_config.uniform
+    loop = EpochLoop(linear_model(), cfg, K)
+    assert isinstance(loop.loss_fn, CaCTLoss) and loop.loss_fn.dual is loop.dual and loop.dual.uniform
+
+
+def test_dual_source_train_estimates_multipliers_on_the_training_set():
+    loop = fit_in_process(linear_model(), tiny_cfg("cact", dual_source="train"), TRAIN, VAL)
+    counts = loop.dual.history[-1]["counts"]
+    n_cal = val_cal_mask(TRAIN[1], 0.2, 3).sum()
+    assert sum(counts) == TRAIN[1].shape[0] - n_cal  # the non-calibration part of the training set
+
+
+def test_validation_statistics_match_hard_split_cp():
+    loop = fit_in_process(linear_model(), tiny_cfg("cact", epochs=1), TRAIN, VAL)
+    is_cal = val_cal_mask(VAL[1], 0.2, 3)
+    stats = loop.validation_statistics(iterate_tensors(*VAL, 7, False, extra=is_cal))
+    with torch.no_grad():
+        score = -torch.log_softmax(loop.model(VAL[0]), dim=1).double()  # non-conformity = -log p
+    q = calibrate(score[is_cal], VAL[1][is_cal], 0.1)
+    sets = predict_sets(score[~is_cal], q)
+    y = VAL[1][~is_cal]
+    assert stats.tau == pytest.approx(-float(q))
+    torch.testing.assert_close(stats.counts, torch.bincount(y, minlength=K).double())
+    covered = torch.zeros(K, dtype=torch.float64).index_add_(0, y, sets[torch.arange(len(y)), y].double())
+    torch.testing.assert_close(stats.covered, covered)
+    torch.testing.assert_close(stats.size_sums, torch.zeros(K, dtype=torch.float64).index_add_(0, y, sets.sum(1).double()))
+
+
+@pytest.mark.parametrize("method", ["cact", "conftr"])
+def test_state_dict_round_trip_resumes_to_the_identical_result(method):
+    cfg = tiny_cfg(method, epochs=3, schedule="cosine")
+    straight = EpochLoop(linear_model(0), cfg, K)
+    run_epochs(straight, 2)
+
+    first = EpochLoop(linear_model(0), cfg, K)
+    run_epochs(first, 1)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    resumed = EpochLoop(linear_model(123), cfg, K)  # different initial weights: all must come from the state
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1
+    run_epochs(resumed, 1)
+
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert straight.metrics == resumed.metrics
+    assert straight.history == resumed.history
+    if method == "cact":
+        assert straight.dual.history == resumed.dual.history
+        assert torch.equal(straight.dual.lam, resumed.dual.lam) and torch.equal(straight.dual.rho, resumed.dual.rho)
+    assert straight.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
+
+
+def test_same_seed_same_result_and_other_seed_differs():
+    a = fit_in_process(linear_model(0), tiny_cfg("cact"), TRAIN, VAL)
+    b = fit_in_process(linear_model(0), tiny_cfg("cact"), TRAIN, VAL)
+    c = fit_in_process(linear_model(0), tiny_cfg("cact", seed=4), TRAIN, VAL)
+    assert torch.equal(a.model.fc.weight, b.model.fc.weight) and a.metrics == b.metrics
+    assert a.dual.history == b.dual.history
+    assert not torch.equal(a.model.fc.weight, c.model.fc.weight)
+
+
+def test_val_cal_mask_is_stratified_and_deterministic():
+    y = torch.tensor([0] * 10 + [1] * 25 + [2] * 4 + [3] * 1)
+    y = y[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    m = val_cal_mask(y, 0.2, seed=5)
+    assert torch.bincount(y[m], minlength=4).tolist() == [2, 5, 1, 0]  # round(0.2 n_k)
+    assert torch.equal(m, val_cal_mask(y, 0.2, seed=5)) and not torch.equal(m, val_cal_mask(y, 0.2, seed=6))
+
+
+def test_schedules():
+    model = torch.nn.Linear(2, 2)
+    _, sched = build_optimizer(model, TrainConfig(epochs=10, lr=1.0, schedule="cosine", warmup_epochs=2))
+    factors = [sched.lr_lambdas[0](e) for e in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * e / 8)) for e in range(8)])
+    _, sched = build_optimizer(model, TrainConfig(epochs=10, schedule="step", milestones=[3, 6]))
+    assert [sched.lr_lambdas[0](e) for e in (0, 2, 3, 5, 6, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    opt, _ = build_optimizer(model, TrainConfig(optimizer="adamw", lr=0.003, schedule="constant"))
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 0.003
+
+
+def test_crop_flip_keeps_shape_and_pixels():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    # with no padding only the flip remains: each image is itself or its mirror
+    out0 = crop_flip(x, torch.Generator().manual_seed(1), pad=0)
+    for i in range(2):
+        assert torch.equal(out0[i], x[i]) or torch.equal(out0[i], x[i].flip(-1))
+
+
+def test_iterate_tensors_covers_every_row_once():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    rows = torch.cat([b[1] for b in iterate_tensors(x, y, 3, True, torch.Generator().manual_seed(0))])
+    assert sorted(rows.tolist()) == list(range(10))
+    assert [b[1].tolist() for b in iterate_tensors(x, y, 4, False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    comm = LocalComm()
+    t = torch.ones(2)
+    assert comm.all_reduce_sum(t) is t and comm.all_gather_cat(t) is t
+
+
+def test_train_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        TrainConfig(method="foo")
+    for name, value in (("optimizer", "rmsprop"), ("schedule", "linear"), ("augment", "mixup"),
+                        ("size_transform", "sqrt"), ("reduction", "mean"), ("dual_source", "test")):
+        with pytest.raises(ValueError, match=f"TrainConfig.{name} must be one of"):
+            TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match="need epochs >= 1 and batch_size >= 2"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match=r"val_cal_fraction must lie in \(0, 1\)"):
+        TrainConfig(val_cal_fraction=1.0)
+    with pytest.raises(ValueError, match="alpha must lie in the open interval"):
+        EpochLoop(linear_model(), TrainConfig(method="conftr", alpha=1.5), K)
+    with pytest.raises(ValueError, match="need 0 < lambda_min <= lambda_init <= lambda_max"):
+        EpochLoop(linear_model(), TrainConfig(lambda_max=1e-9), K)
