@@ -380,3 +380,17 @@ def test_lac_direct_count_equals_sorted_path():
     assert 2 * 2 <= E._DIRECT_COUNT_MAX
     for name, v in direct[0].metrics.items():
         torch.testing.assert_close(v, sorted_[0].metrics[name], equal_nan=True, rtol=0, atol=0)
+
+
+def test_torch_path_equals_numpy_path(monkeypatch):
+    """The code a GPU runs (torch sort and counts) gives the numbers of the CPU's NumPy path."""
+    labels, logits = make_logits([25, 20, 15, 10], seed=8)
+    kw = dict(train_counts=[100, 50, 20, 5], n_splits=3, alphas=(0.1, 0.2))
+    x, y = torch.from_numpy(logits), torch.from_numpy(labels)
+    acc_np, res_np = E.evaluate_pool(x, y, **kw)
+    monkeypatch.setattr(E, "_NUMPY_ON_CPU", False)
+    acc_t, res_t = E.evaluate_pool(x, y, **kw)
+    assert torch.equal(acc_np, acc_t)
+    for a, b in zip(res_np, res_t):
+        for name, v in a.metrics.items():
+            torch.testing.assert_close(v, b.metrics[name], equal_nan=True, rtol=0, atol=0)
