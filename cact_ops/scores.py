@@ -36,8 +36,11 @@ def _uniform(probs: torch.Tensor, u, generator: torch.Generator | None) -> torch
 
 
 def _aps_parts(probs: torch.Tensor):
-    """Exclusive cumulative mass above each class and its 1-based rank, both in original class order."""
-    sorted_p, order = probs.sort(dim=1, descending=True)
+    """Exclusive cumulative mass above each class and its 1-based rank, both in original class order.
+
+    Ties are broken by class index (stable sort), so tied classes get reproducible scores on every device.
+    """
+    sorted_p, order = probs.sort(dim=1, descending=True, stable=True)
     above_sorted = sorted_p.cumsum(dim=1) - sorted_p  # mass of strictly higher-ranked classes
     ranks_sorted = torch.arange(1, probs.shape[1] + 1, device=probs.device, dtype=probs.dtype).expand_as(probs)
     above = torch.empty_like(probs).scatter_(1, order, above_sorted)

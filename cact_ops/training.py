@@ -216,7 +216,9 @@ class EpochLoop:
         """One pass over ``batches`` of (x, y); returns sample-weighted means of the loss parts."""
         self.model.train()
         cfg, dev = self.cfg, self.device
-        sums: dict[str, float] = {}
+        # Fixed keys, so every worker all-reduces a tensor of the same length, even one that saw no batch.
+        keys = ("loss", "ce", "penalty") + (("soft_size",) if cfg.method != "ce" else ())
+        sums: dict[str, float] = dict.fromkeys(keys, 0.0)
         n_seen = 0
         use_amp = cfg.amp and dev.type == "cuda"
         for x, y in batches:
@@ -237,8 +239,8 @@ class EpochLoop:
             n_seen += b
             for k, v in (("loss", loss.detach()), ("ce", diag["ce"]), ("penalty", diag["penalty"]),
                          ("soft_size", diag.get("soft_size"))):
-                if v is not None:
-                    sums[k] = sums.get(k, 0.0) + float(v) * b
+                if k in sums and v is not None:
+                    sums[k] += float(v) * b
         totals = self.comm.all_reduce_sum(torch.tensor([n_seen, *sums.values()], dtype=torch.float64))
         n = max(float(totals[0]), 1.0)
         return {f"train_{k}": float(v) / n for k, v in zip(sums, totals[1:])}

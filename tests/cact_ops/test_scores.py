@@ -53,6 +53,17 @@ def test_aps_non_randomised_extremes():
     assert torch.all(aps(p, u=0.0).gather(1, top) == 0)
 
 
+def test_aps_and_raps_break_ties_by_class_index():
+    p = torch.tensor([[0.25, 0.5, 0.25], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(aps(p, u=1.0), torch.tensor([[0.75, 0.5, 1.0], [1 / 3, 2 / 3, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(raps(p, lam=1.0, k_reg=0, u=0.0) - aps(p, u=0.0),
+                               torch.tensor([[2.0, 1.0, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float64))
+    # bfloat16 probabilities tie often; the scores must not depend on the sort's whims
+    wide = torch.softmax(torch.randn(64, 100, generator=torch.Generator().manual_seed(0)), 1).bfloat16().double()
+    wide = wide / wide.sum(dim=1, keepdim=True)
+    assert torch.equal(aps(wide, u=1.0), aps(wide, u=1.0))
+
+
 def test_randomised_aps_is_reproducible_with_a_generator_and_uses_one_u_per_sample():
     p = random_probs(50, 4, seed=4)
     a = aps(p, generator=torch.Generator().manual_seed(7))

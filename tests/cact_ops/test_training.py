@@ -146,6 +146,29 @@ def test_same_seed_same_result_and_other_seed_differs():
     assert not torch.equal(a.model.fc.weight, c.model.fc.weight)
 
 
+class RecordingComm(LocalComm):
+    """One worker of a pretend group: records what it all-reduces."""
+
+    def __init__(self):
+        self.reduced = []
+
+    def all_reduce_sum(self, t):
+        self.reduced.append(t.clone())
+        return t
+
+
+@pytest.mark.parametrize("method", ["ce", "conftr", "cact"])
+def test_a_worker_without_batches_all_reduces_the_same_length(method):
+    # A worker whose shard yields no batch must still join the all-reduce with a tensor of the same length as
+    # the others (a shorter one would crash or hang a real collective).
+    busy, idle = RecordingComm(), RecordingComm()
+    busy_out = EpochLoop(linear_model(), tiny_cfg(method), K, comm=busy).train_epoch(iterate_tensors(*TRAIN, 16, False))
+    idle_out = EpochLoop(linear_model(), tiny_cfg(method), K, comm=idle).train_epoch([])
+    assert busy.reduced[0].shape == idle.reduced[0].shape
+    assert idle.reduced[0].abs().sum() == 0  # contributes nothing to the sums
+    assert set(idle_out) == set(busy_out) and ("train_soft_size" in busy_out) == (method != "ce")
+
+
 def test_val_cal_mask_is_stratified_and_deterministic():
     y = torch.tensor([0] * 10 + [1] * 25 + [2] * 4 + [3] * 1)
     y = y[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
