@@ -67,6 +67,8 @@ def classwise_quantile(s: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     """
     if not isinstance(s, torch.Tensor) or s.dim() != 1:
         raise ValueError(f"s must be a 1-D tensor of true-class scores, got {getattr(s, 'shape', type(s))}")
+    if s.shape[0] == 0:
+        raise ValueError("empty calibration set: s has no elements")
     if torch.isnan(s).any():
         raise ValueError("s contains NaN")
     labels = check_labels(labels, s.shape[0], num_classes)

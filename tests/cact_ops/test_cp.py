@@ -182,6 +182,8 @@ def test_conformal_quantile_and_classwise_reject_bad_inputs():
         conformal_quantile(torch.zeros(3, 2), 0.1)
     with pytest.raises(ValueError, match="true_class_scores contains NaN"):
         conformal_quantile(torch.tensor([0.1, float("nan")]), 0.1)
+    with pytest.raises(ValueError, match="empty calibration set: s has no elements"):
+        classwise_quantile(torch.zeros(0), torch.zeros(0, dtype=torch.long), 2, 0.1)
     with pytest.raises(ValueError, match="s contains NaN"):
         classwise_quantile(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1]), 2, 0.1)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
