@@ -1,0 +1,237 @@
+"""Hard split CP evaluation (calibrate + sets + all metrics) vs TorchCP and MAPIE on the same random logits.
+
+Workload (defaults): 50,000 x 1,000 standard-normal logits, uniform labels, stratified half/half
+calibration/test splits drawn once by ``stages.evaluate.split_indices`` and handed to every library, alpha 0.1,
+non-randomised APS/RAPS (so the three implementations must agree exactly; the agreement is printed). Every
+library computes the same metrics from its own sets: accuracy, coverage, average size, CovGap, under-covered
+class ratio, SSCV, per-class coverage and size, many/medium/few-shot set size (with the library's own metric
+functions where it has them, plain torch/NumPy bincounts for the rest).
+
+Two workloads per (score, predictor):
+  * 1 split   one calibration/test split (best of ``--repeats``);
+  * R splits  the evaluation protocol of ``stages.evaluate`` (R = ``--n-splits``, default 20), timed once.
+    TorchCP and MAPIE calibrate and predict from the logits on every split (their APIs take logits or
+    features); ours computes the softmax, sort and scores once and reuses them across splits.
+
+TorchCP and MAPIE are benchmark-only dependencies, installed apart from the project (docs/BENCHMARKS.md)::
+
+    PYTHONPATH=/tmp/benchsite:. .venv/bin/python benchmarks/cp_eval_vs_torchcp_mapie.py
+    PYTHONPATH=/tmp/benchsite:. .venv/bin/python benchmarks/cp_eval_vs_torchcp_mapie.py --n 5000 --k 100  # quick
+
+Prints a Markdown table (seconds and ratios) and writes the raw figures as JSON (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from cact_ops.metrics import DEFAULT_SIZE_BINS, shot_groups
+from stages import evaluate as E
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics on explicit sets, shared by the TorchCP and MAPIE runs for what their libraries do not provide.
+
+
+def _extra_metrics(sets: torch.Tensor, labels: torch.Tensor, alpha: float, groups: torch.Tensor) -> dict:
+    """Per-class coverage/size, under-covered ratio, SSCV strata, shot sizes from a bool [m, K] set mask."""
+    k = sets.shape[1]
+    covered = sets[torch.arange(len(labels)), labels].double()
+    sizes = sets.sum(1)
+    n_k = torch.bincount(labels, minlength=k).double()
+    present = n_k > 0
+    cls_cov = torch.bincount(labels, weights=covered, minlength=k) / n_k
+    cls_size = torch.bincount(labels, weights=sizes.double(), minlength=k) / n_k
+    g = groups[labels]
+    shot = torch.bincount(g, weights=sizes.double(), minlength=3) / torch.bincount(g, minlength=3)
+    stratum = torch.bucketize(sizes, torch.tensor(DEFAULT_SIZE_BINS))
+    s_n = torch.bincount(stratum, minlength=len(DEFAULT_SIZE_BINS) + 1).double()
+    s_hit = torch.bincount(stratum, weights=covered, minlength=len(DEFAULT_SIZE_BINS) + 1)
+    ok = s_n > 0
+    return {"class_coverage": cls_cov, "class_size": cls_size, "shot_size": shot,
+            "undercovered": float((cls_cov[present] < 1 - alpha).double().mean()),
+            "sscv": float((s_hit[ok] / s_n[ok] - (1 - alpha)).abs().max())}
+
+
+def run_torchcp(logits, labels, cal, test, score, predictor, alpha, groups, lam, k_reg):
+    from torchcp.classification.predictor import ClassConditionalPredictor, SplitPredictor
+    from torchcp.classification.score import APS, LAC, RAPS
+    from torchcp.classification.utils import metrics as M
+
+    score_fn = {"lac": lambda: LAC(), "aps": lambda: APS(randomized=False),
+                "raps": lambda: RAPS(penalty=lam, kreg=k_reg, randomized=False)}[score]()
+    cls = SplitPredictor if predictor == "standard" else ClassConditionalPredictor
+    k = logits.shape[1]
+    out = []
+    for r in range(cal.shape[0]):
+        p = cls(score_fn, alpha=alpha)
+        p.calculate_threshold(logits[cal[r]], labels[cal[r]], alpha)
+        x_test, y_test = logits[test[r]], labels[test[r]]
+        sets = p.predict_with_logits(x_test).bool()
+        res = {"accuracy": float((x_test.argmax(1) == y_test).double().mean()),
+               "coverage": M.coverage_rate(sets, y_test), "size": M.average_size(sets),
+               "covgap": M.CovGap(sets, y_test, alpha, k), "sscv_torchcp": M.SSCV(sets, y_test, alpha)}
+        res.update(_extra_metrics(sets, y_test, alpha, groups))
+        out.append(res)
+    return out
+
+
+class _LogitsClassifier:
+    """A fitted scikit-learn classifier whose features are logits: predict_proba = softmax (for MAPIE)."""
+
+    def __new__(cls, num_classes):
+        from sklearn.base import BaseEstimator, ClassifierMixin
+
+        class LogitsClassifier(ClassifierMixin, BaseEstimator):
+            def fit(self, x, y=None):
+                self.classes_ = np.arange(num_classes)
+                self.n_features_in_ = num_classes
+                return self
+
+            def predict_proba(self, x):
+                z = np.exp(x - x.max(axis=1, keepdims=True))
+                return z / z.sum(axis=1, keepdims=True)
+
+            def predict(self, x):
+                return x.argmax(axis=1)
+
+        return LogitsClassifier().fit(None)
+
+
+def run_mapie(logits, labels, cal, test, score, alpha, groups):
+    from mapie.classification import SplitConformalClassifier
+    from mapie.metrics.classification import classification_coverage_score, classification_mean_width_score
+
+    x, y = logits.numpy(), labels.numpy()
+    est = _LogitsClassifier(x.shape[1])
+    k = x.shape[1]
+    out = []
+    for r in range(cal.shape[0]):
+        c, t = cal[r].numpy(), test[r].numpy()
+        m = SplitConformalClassifier(est, confidence_level=1 - alpha, conformity_score=score, prefit=True)
+        m.conformalize(x[c], y[c])
+        params = {"include_last_label": False} if score == "aps" else None  # {k : s(x, k) <= q}, as ours
+        _, sets = m.predict_set(x[t], conformity_score_params=params)
+        sets = sets[:, :, 0]
+        yt = y[t]
+        cov_k = np.bincount(yt, weights=sets[np.arange(len(yt)), yt], minlength=k) / np.bincount(yt, minlength=k)
+        res = {"accuracy": float((x[t].argmax(1) == yt).mean()),
+               "coverage": float(np.ravel(classification_coverage_score(yt, sets))[0]),
+               "size": float(np.ravel(classification_mean_width_score(sets))[0]),
+               "covgap": float(100 * np.nanmean(np.abs(cov_k - (1 - alpha))))}
+        res.update(_extra_metrics(torch.from_numpy(sets), torch.from_numpy(yt), alpha, groups))
+        out.append(res)
+    return out
+
+
+def run_ours(logits, labels, cal, test, score, predictor, alpha, train_counts, lam, k_reg, device):
+    acc, res = E.evaluate_pool(logits, labels, train_counts, scores=[score], predictors=[predictor], alphas=[alpha],
+                               randomized=False, raps_lam=lam, raps_k_reg=k_reg, device=device,
+                               splits=(cal, test))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return acc, res[0]
+
+
+def _timed(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=50_000, help="pool size (calibration + test)")
+    ap.add_argument("--k", type=int, default=1_000, help="number of classes")
+    ap.add_argument("--n-splits", type=int, default=20, help="R for the protocol workload")
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--scores", nargs="+", default=["lac", "aps", "raps"])
+    ap.add_argument("--predictors", nargs="+", default=["standard", "classwise"])
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many runs for the 1-split workload")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["torchcp", "mapie"])
+    ap.add_argument("--device", default="cpu", help="device for ours (cuda adds the GPU time)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the figures here")
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(a.seed)
+    logits = torch.randn(a.n, a.k, generator=g)
+    labels = torch.randint(0, a.k, (a.n,), generator=g)
+    train_counts = torch.randint(1, 500, (a.k,), generator=g).tolist()  # only for the shot groups
+    groups = shot_groups(train_counts)
+    cal_all, test_all = E.split_indices(labels, a.n_splits, 0.5, seed=a.seed)
+    lam, k_reg = 0.01, 5
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "n": a.n, "k": a.k, "alpha": a.alpha, "n_splits": a.n_splits, "device": a.device}
+    for lib in ("torchcp", "mapie"):
+        try:
+            env[lib] = __import__(lib).__version__
+        except Exception as e:  # noqa: BLE001 - report and skip
+            print(f"# {lib} not importable ({type(e).__name__}: {e}); skipped")
+            a.skip.append(lib)
+    print("#", json.dumps(env))
+    rows = []
+    for workload, r_ in (("1 split", 1), (f"{a.n_splits} splits", a.n_splits)):
+        cal, test = cal_all[:r_], test_all[:r_]
+        reps = a.repeats if r_ == 1 else 1
+        for score in a.scores:
+            for predictor in a.predictors:
+                row = {"workload": workload, "score": score, "predictor": predictor}
+                row["ours"], (acc, ours) = _timed(lambda: run_ours(logits, labels, cal, test, score, predictor,
+                                                                   a.alpha, train_counts, lam, k_reg, a.device), reps)
+                ours_cov = float(ours.metrics["coverage"].mean())
+                ours_size = float(ours.metrics["size"].mean())
+                row["coverage"], row["size"] = ours_cov, ours_size
+                if "torchcp" not in a.skip:
+                    row["torchcp"], res = _timed(lambda: run_torchcp(logits, labels, cal, test, score, predictor,
+                                                                     a.alpha, groups, lam, k_reg), reps)
+                    row["torchcp_dcov"] = abs(np.mean([x["coverage"] for x in res]) - ours_cov)
+                    row["torchcp_dsize"] = abs(np.mean([x["size"] for x in res]) - ours_size)
+                if "mapie" not in a.skip and predictor == "standard" and score != "raps":
+                    row["mapie"], res = _timed(lambda: run_mapie(logits, labels, cal, test, score, a.alpha,
+                                                                 groups), reps)
+                    row["mapie_dcov"] = abs(np.mean([x["coverage"] for x in res]) - ours_cov)
+                    row["mapie_dsize"] = abs(np.mean([x["size"] for x in res]) - ours_size)
+                rows.append(row)
+                print("#", json.dumps(row), flush=True)
+    print()
+    print("| workload | score | predictor | ours (s) | TorchCP (s) | MAPIE (s) | TorchCP / ours | MAPIE / ours "
+          "| max abs diff cov, size vs ours |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        tc, mp, ours = r.get("torchcp"), r.get("mapie"), r["ours"]
+        diffs = ", ".join(f"{lib} {r[lib + '_dcov']:.1e}, {r[lib + '_dsize']:.1e}" for lib in ("torchcp", "mapie")
+                          if lib + "_dcov" in r)
+        cells = [r["workload"], r["score"], r["predictor"], f"{ours:.2f}",
+                 "n/a" if tc is None else f"{tc:.2f}", "n/a" if mp is None else f"{mp:.2f}",
+                 "n/a" if tc is None else f"{tc / ours:.1f}x", "n/a" if mp is None else f"{mp / ours:.1f}x", diffs]
+        print("| " + " | ".join(cells) + " |")
+    # What the stage runs per method: every score, both predictors, alphas 0.1 and 0.05, all splits, one call.
+    t0 = time.perf_counter()
+    E.evaluate_pool(logits, labels, train_counts, alphas=(a.alpha, a.alpha / 2), splits=(cal_all, test_all),
+                    device=a.device)
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    grid = time.perf_counter() - t0
+    print(f"\nours, the stage's full grid for one method (3 scores x 2 predictors x 2 alphas x {a.n_splits} splits, "
+          f"randomised APS/RAPS): {grid:.2f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"env": env, "rows": rows, "ours_full_grid_s": grid}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
