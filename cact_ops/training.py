@@ -187,6 +187,17 @@ class ValStats:
                 "val_tau": self.tau}
 
 
+def val_objective(metrics: dict, alpha: float, num_classes: int) -> float:
+    """Validation set size plus 10·K per unit of coverage shortfall below 1 - alpha (lower is better): what
+    sweeps minimise, so that a config cannot win by under-covering.
+
+    >>> val_objective({"val_size": 1.4, "val_coverage": 0.92}, 0.1, 10)
+    1.4
+    """
+    shortfall = max(0.0, (1 - alpha) - metrics["val_coverage"])
+    return metrics["val_size"] + 10 * num_classes * shortfall
+
+
 class EpochLoop:
     """Owns model, loss, optimizer, schedule and dual state; runs one epoch at a time.
 
@@ -304,6 +315,7 @@ class EpochLoop:
                                  "val_size": size[k] if present else float("nan")})
         metrics = {"epoch": epoch, **train_metrics, **stats.summary(), "lambda_max": max(lam),
                    "lambda_min": min(lam), "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics["val_objective"] = val_objective(metrics, self.cfg.alpha, K)
         self.metrics.append(metrics)
         return metrics
 
@@ -375,4 +387,4 @@ def format_epoch(method: str, m: dict) -> str:
 
 
 __all__ = ["TrainConfig", "EpochLoop", "ValStats", "LocalComm", "build_loss", "build_optimizer", "crop_flip",
-           "val_cal_mask", "iterate_tensors", "fit_in_process", "format_epoch", "METHODS"]
+           "val_cal_mask", "iterate_tensors", "fit_in_process", "format_epoch", "val_objective", "METHODS"]

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,10 @@ class TrainStageConfig:
     def __post_init__(self):
         if isinstance(self.loop, dict):
             self.loop = TrainConfig(**self.loop)
+        # Workers run in other folders (and on other nodes): every path they read must be absolute.
+        self.out = str(Path(self.out).resolve())
+        if self.init_from:
+            self.init_from = str(Path(self.init_from).resolve())
         if self.finetune not in ("all", "head"):
             raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
         if self.num_workers < 1:
@@ -177,11 +182,13 @@ def _check_resources(config: TrainStageConfig, cpus_per_worker: float) -> None:
         )
 
 
-def fit(splits, config: TrainStageConfig) -> TrainResult:
+def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset=None) -> TrainResult:
     """Train ``config.loop.method`` on ``splits`` (a Splits handle or split folder) with Ray Train.
 
     Starts a local Ray if none is running. Re-running with the same config reuses a finished run, or resumes an
-    interrupted one from its last checkpoint.
+    interrupted one from its last checkpoint. ``callbacks`` go to Ray Train's RunConfig (a Tune trial passes
+    ``TuneReportCallback``). ``dataset``: the train split as a Ray Dataset already read (see
+    :func:`train_dataset`), shared by several fits; by default it is read here.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -221,7 +228,7 @@ def fit(splits, config: TrainStageConfig) -> TrainResult:
 
     from ray.data import ExecutionOptions
 
-    train_ds = _train_dataset(splits, config)
+    train_ds = dataset if dataset is not None else train_dataset(splits, config.materialize_bytes)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"stage": _jsonable(config.to_dict()), "splits": str(Path(splits.root).resolve()),
@@ -231,7 +238,7 @@ def fit(splits, config: TrainStageConfig) -> TrainResult:
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
         datasets={"train": train_ds},
         # preserve_order: each worker sees its rows in the same order on every run, so a seed fixes the result.
         dataset_config=DataConfig(datasets_to_split=["train"],
@@ -253,16 +260,15 @@ def fit(splits, config: TrainStageConfig) -> TrainResult:
     return _write_outputs(config, spec, state, time.time() - t0)
 
 
-def _train_dataset(splits, config: TrainStageConfig):
+def train_dataset(splits, materialize_bytes: int = 2 << 30):
     """The train split as a Ray Dataset. Small splits are materialised once on the driver: every epoch then
     re-splits blocks already in the object store instead of re-reading Parquet (seconds per epoch saved), and
     no read task has to compete with the training workers for CPUs (which can deadlock a small cluster)."""
-    path = Path(splits.path("train"))
+    path = Path(_splits(splits).path("train"))
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*.parquet")))
-    if size <= config.materialize_bytes:
-        return ray.data.read_parquet(str(path)).materialize()
-    # Streamed: fractional CPUs per read task so that reads can run beside workers holding the CPUs.
-    return ray.data.read_parquet(str(path), ray_remote_args={"num_cpus": 0.25})
+    # Fractional CPUs per read task: reads must run beside workers (or other trials) holding the CPUs.
+    ds = ray.data.read_parquet(str(_splits(splits).path("train")), ray_remote_args={"num_cpus": 0.25})
+    return ds.materialize() if size <= materialize_bytes else ds
 
 
 def _safe_get(ref):
@@ -306,25 +312,73 @@ def _result_from_disk(config: TrainStageConfig, reused: bool = False, resumed_fr
 
 
 def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = None, ce_epochs: int | None = None,
-                finetune_epochs: int | None = None, finetune_lr: float | None = None,
+                finetune_epochs: int | None = None, finetune_lr: float | None = None, from_scratch: bool = False,
+                overrides: dict[str, dict] | None = None, parallel: bool = True,
                 **stage_kwargs) -> dict[str, TrainResult]:
-    """The two-stage protocol: a CE backbone trained once, then every conformal method fine-tuned from it.
+    """Train every method. By default the two-stage protocol: a CE backbone trained once, then every conformal
+    method fine-tuned from it (``from_scratch=True`` trains each method from scratch instead).
 
     ``loop`` is the base TrainConfig (its method is replaced); ``ce_epochs`` / ``finetune_epochs`` default to
-    ``loop.epochs``; ``finetune_lr`` defaults to a tenth of ``loop.lr``.
+    ``loop.epochs``; ``finetune_lr`` defaults to a tenth of ``loop.lr``; ``overrides[method]`` replaces
+    TrainConfig fields of one method (e.g. the best config of a sweep). ``parallel`` runs the methods that do not
+    depend on each other at the same time, each driven by a zero-CPU Ray task (a short fit is mostly start-up
+    latency, so this is several times faster on a small machine). Extra keyword arguments go to every
+    :class:`TrainStageConfig`.
     """
     loop = loop or TrainConfig()
+    overrides = overrides or {}
     results: dict[str, TrainResult] = {}
-    ce_cfg = dataclasses.replace(loop, method="ce", epochs=ce_epochs or loop.epochs)
-    results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs))
-    for method in methods:
-        if method == "ce":
-            continue
-        ft = dataclasses.replace(loop, method=method, epochs=finetune_epochs or loop.epochs,
-                                 lr=finetune_lr if finetune_lr is not None else loop.lr / 10, warmup_epochs=0)
-        results[method] = fit(splits, TrainStageConfig(out=out, loop=ft, init_from=str(results["ce"].model_path),
-                                                        **stage_kwargs))
+    splits = _splits(splits)
+    dataset = train_dataset(splits)  # read once, shared by every fit
+    if "ce" in methods or not from_scratch:
+        ce_cfg = dataclasses.replace(loop, method="ce", epochs=ce_epochs or loop.epochs, **overrides.get("ce", {}))
+        results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs), dataset=dataset)
+    configs = []
+    for method in (m for m in methods if m != "ce"):
+        if from_scratch:
+            cfg = dataclasses.replace(loop, method=method, **overrides.get(method, {}))
+            configs.append(TrainStageConfig(out=out, loop=cfg, **stage_kwargs))
+        else:
+            ft = dataclasses.replace(loop, method=method, epochs=finetune_epochs or loop.epochs,
+                                     lr=finetune_lr if finetune_lr is not None else loop.lr / 10, warmup_epochs=0,
+                                     milestones=(), **overrides.get(method, {}))
+            configs.append(TrainStageConfig(out=out, loop=ft, init_from=str(results["ce"].model_path),
+                                            **stage_kwargs))
+    if parallel and len(configs) > 1:
+        results |= _fit_parallel(splits, configs, dataset)
+    else:
+        results |= {c.method: fit(splits, c, dataset=dataset) for c in configs}
     return {m: results[m] for m in methods if m in results}
+
+
+def _fit_parallel(splits, configs: list[TrainStageConfig], dataset) -> dict[str, TrainResult]:
+    """Run independent fits at once, as many as the cluster holds, each from a zero-CPU Ray task."""
+    splits = _splits(splits)
+    res = ray.cluster_resources()
+    first = configs[0]
+    if first.use_gpu:
+        slots = max(1, int(res.get("GPU", 0) // first.num_workers))
+    else:
+        # A small fit mostly waits (start-up, process groups), so two per core keep the CPUs busy; each one
+        # peaks at about 3 GB of memory, which bounds the count too.
+        slots = max(1, min(int(2 * res.get("CPU", 1)), int(res.get("memory", 6e9) // 3e9)))
+    n = min(slots, len(configs))
+    cpus = first.cpus_per_worker or min(1.0, res.get("CPU", 1) / (n * first.num_workers + 1))
+    task = ray.remote(num_cpus=0)(_fit_task)
+    pending = [dataclasses.replace(c, cpus_per_worker=c.cpus_per_worker or cpus) for c in configs]
+    results, running = {}, {}
+    while pending or running:
+        while pending and len(running) < n:
+            c = pending.pop(0)
+            running[task.remote(str(splits.root), c, dataset)] = c.method
+        done, _ = ray.wait(list(running), num_returns=1)
+        method = running.pop(done[0])
+        results[method] = ray.get(done[0])
+    return results
+
+
+def _fit_task(splits_root: str, config: TrainStageConfig, dataset) -> TrainResult:
+    return fit(splits_root, config, dataset=dataset)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,7 +551,9 @@ def _train_loop_per_worker(cfg: dict) -> None:
         if stage.fail_at_epoch == epoch and rank == 0:
             _inject_fault(Path(cfg["marker_dir"]) / ".fault_injected")
         if rank == 0 and stage.verbose:
-            print(format_epoch(loop_cfg.method, metrics), flush=True)
+            # Straight to the process's stdout: Ray Train's patched print would log the line twice.
+            sys.__stdout__.write(format_epoch(loop_cfg.method, metrics) + "\n")
+            sys.__stdout__.flush()
         last = loop.history[-loop.num_classes:]
         report = {**metrics, "lambda": [r["lambda"] for r in last], "rho": [r["rho"] for r in last],
                   "val_class_coverage": [r["val_coverage"] for r in last], "val_class_size": [r["val_size"] for r in last]}

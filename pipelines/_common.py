@@ -1,0 +1,190 @@
+"""What every pipeline shares: the common flags and the chain build splits -> (sweep) -> train -> infer ->
+evaluate -> report. A dataset's pipeline script only adds its own flags and defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cact_ops.losses import METHODS  # noqa: E402
+from cact_ops.training import TrainConfig  # noqa: E402
+
+
+@dataclass
+class Defaults:
+    """A dataset's defaults for the common flags (each documented in --help)."""
+
+    dataset: str
+    imbalance_factor: float = 100.0
+    epochs: int = 20  # CE backbone epochs (and every method's when --from-scratch)
+    finetune_epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    augment: str = "none"
+    model: str | None = None  # None: the split manifest's model family
+    image_size: int | None = None
+    needs_data_root: bool = True
+    loop_overrides: dict = field(default_factory=dict)  # other TrainConfig fields
+
+
+def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=None, required=d.needs_data_root,
+                   help="folder holding the dataset in its official format")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-lt-if<IF>-seed<seed>)")
+    g.add_argument("--imbalance-factor", type=float, default=d.imbalance_factor,
+                   help="IF = n_max / n_min of the exponential long-tail profile (1 = balanced)")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="stratified fraction of the official test split used as D_val for the dual step")
+    t = p.add_argument_group("training")
+    t.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="CE backbone epochs")
+    t.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                   help="epochs of each conformal method fine-tuned from the CE backbone")
+    t.add_argument("--from-scratch", action="store_true",
+                   help="train every method from scratch for --epochs instead of fine-tuning the CE backbone")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="global mini-batch size")
+    t.add_argument("--lr", type=float, default=d.lr, help="learning rate (fine-tunes use a tenth of it)")
+    t.add_argument("--model", default=d.model, help="model family (default: the manifest's hint)")
+    t.add_argument("--image-size", type=int, default=d.image_size, help="resize images to this side")
+    t.add_argument("--train-alpha", type=float, default=0.1, help="alpha of the training-time threshold")
+    t.add_argument("--temperature", type=float, default=1.0, help="T of the soft sets")
+    t.add_argument("--eta", type=float, default=1.0, help="CaCT's target soft set size per class")
+    t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", 10.0),
+                   help="cap of the multipliers lambda_k (CALS uses 1e6; a tight cap keeps fine-tuning stable)")
+    t.add_argument("--conftr-lambda", type=float, default=d.loop_overrides.get("conftr_lambda", 1.0),
+                   help="ConfTr's global size-penalty weight")
+    t.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and data order")
+    r = p.add_argument_group("ray")
+    r.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per method")
+    r.add_argument("--use-gpu", action="store_true", help="one GPU per training worker and per inference actor")
+    r.add_argument("--storage-path", default=None,
+                   help="Ray Train storage for checkpoints (shared storage such as s3://... on a cluster)")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--sweep", type=int, default=0, metavar="N",
+                   help="run N Ray Tune trials per method on the validation split first and train with the best")
+    r.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="retrain every method even when a finished run exists (default: reuse finished stages "
+                        "and continue interrupted training from its last checkpoint)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.05], help="miscoverage levels evaluated")
+    e.add_argument("--n-splits", type=int, default=20, help="random calibration/test splits of the pool")
+    return p
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+class _Clock:
+    def __init__(self):
+        self.t0 = time.time()
+        self.last = self.t0
+
+    def stage(self, name: str) -> None:
+        now = time.time()
+        print(f"== {name} (stage {now - self.last:.1f}s, total {now - self.t0:.1f}s)", flush=True)
+        self.last = now
+
+
+def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
+    """Chain the stages for one dataset. ``source`` holds the LongTailConfig fields of the dataset."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # seconds saved on every short fit
+    import ray
+
+    from stages import evaluate, infer, longtail, sweep, train
+
+    methods = _methods(args.methods)
+    out = Path(args.out or f"runs/{d.dataset}-lt-if{args.imbalance_factor:g}-seed{args.seed}")
+    clock = _Clock()
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+    clock.stage("ray ready")
+
+    splits = longtail.build(longtail.LongTailConfig(
+        out=str(out / "splits"), imbalance_factor=args.imbalance_factor, val_fraction=args.val_fraction,
+        seed=args.seed, **source))
+    counts = splits.manifest["counts"]
+    print(f"splits: train {sum(counts['train'])} (per class {counts['train']}), val {sum(counts['val'])}, "
+          f"pool {sum(counts['pool'])} -> {splits.root}")
+    clock.stage("long-tailed splits")
+
+    known = {f.name for f in fields(TrainConfig)}
+    loop = TrainConfig(
+        method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
+        weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
+        alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, lambda_max=args.lambda_max,
+        conftr_lambda=args.conftr_lambda, seed=args.seed,
+        **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
+    stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
+                        model_family=args.model, image_size=args.image_size, overwrite=not args.resume)
+    config = {"pipeline": d.dataset, "argv": sys.argv[1:], "args": vars(args), "loop": loop.to_dict(),
+              "stage": {k: v for k, v in stage_kwargs.items()}, "splits": str(splits.root)}
+
+    overrides: dict[str, dict] = {}
+    if args.sweep:
+        for method in methods:
+            base = replace(loop, method=method,
+                           epochs=args.finetune_epochs if method != "ce" and not args.from_scratch else args.epochs)
+            res = sweep.run(splits, sweep.SweepConfig(
+                base=train.TrainStageConfig(out=str(out), loop=base, **{**stage_kwargs, "overwrite": False}),
+                num_samples=args.sweep, seed=args.seed))
+            overrides[method] = res.best_config
+            print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}")
+        clock.stage(f"sweeps ({args.sweep} trials per method)")
+    config["sweep_best"] = overrides
+    from stages import _io
+
+    _io.write_json(json.loads(json.dumps(config, default=str)), out / "config.json")
+
+    results = train.fit_methods(splits, str(out), methods, loop=loop, finetune_epochs=args.finetune_epochs,
+                                from_scratch=args.from_scratch, overrides=overrides, **stage_kwargs)
+    for m, r in results.items():
+        fm = r.final_metrics
+        note = "reused" if r.reused else (f"resumed from epoch {r.resumed_from_epoch}" if r.resumed_from_epoch else "")
+        print(f"trained {m:13s} val acc {fm.get('val_accuracy', float('nan')):.3f} "
+              f"val size {fm.get('val_size', float('nan')):.2f} {note}")
+    clock.stage("training")
+
+    infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu))
+    clock.stage("inference")
+    ev = evaluate.run(evaluate.EvalConfig(run_dir=out, methods=tuple(results), alphas=tuple(args.alpha),
+                                          n_splits=args.n_splits, seed=args.seed))
+    clock.stage("evaluation and report")
+    print_summary(ev.summary)
+    print(f"\nreport: {ev.report_path}\nsummary: {ev.summary_path}")
+    return {"out": out, "splits": splits, "train": results, "eval": ev}
+
+
+def print_summary(summary) -> None:
+    """One table per alpha: every method side by side for each score and predictor (means over the splits)."""
+    import polars as pl
+
+    order = {m: i for i, m in enumerate(METHODS)}
+    cols = ["score", "predictor", "method", "accuracy", "coverage_mean", "size_mean", "covgap_mean",
+            "few_size_mean"]
+    with pl.Config(tbl_rows=500, tbl_cols=20, float_precision=3, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True, tbl_width_chars=160):
+        for alpha in summary["alpha"].unique(maintain_order=True):
+            block = (summary.filter(pl.col("alpha") == alpha)
+                     .with_columns(pl.col("method").replace_strict(order, default=99).alias("_o"))
+                     .sort("score", "predictor", "_o").select(cols))
+            print(f"\nalpha = {alpha} (target coverage {1 - alpha:.2f}); CovGap in points, sizes in classes")
+            print(block)

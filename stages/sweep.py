@@ -1,0 +1,155 @@
+"""Sweep stage: Ray Tune over the training config of one method, with ASHA early stopping.
+
+One Tune trial launches one Ray Train run (the Train V2 way: the trial function builds a ``TorchTrainer``
+through :func:`stages.train.fit` with ``TuneReportCallback``). Trials are ranked on the validation split only
+(never on the pool that evaluation uses): ``val_objective`` = validation set size, plus a penalty of
+10·K per unit of coverage shortfall below 1 - alpha, so a config cannot win by under-covering.
+
+Results: ``<out>/sweep/<method>/results.parquet`` (one row per trial: config, final validation metrics, epochs
+run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFrame.
+
+>>> sorted(default_search_space("conftr"))
+['conftr_lambda', 'lr', 'temperature']
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from cact_ops.training import TrainConfig, val_objective  # noqa: F401  (re-exported)
+
+from . import _io
+from .train import TrainStageConfig, _splits
+
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def default_search_space(method: str) -> dict:
+    """Each method's own knobs (so every method gets the same trial budget over its own hyper-parameters)."""
+    from ray import tune
+
+    space: dict[str, Any] = {"lr": tune.loguniform(1e-3, 1e-1)}
+    if method in ("conftr", "conftr_class"):
+        space |= {"conftr_lambda": tune.loguniform(1e-2, 10.0), "temperature": tune.choice([0.1, 0.5, 1.0])}
+    elif method in ("cact", "cact_uniform"):
+        space |= {"temperature": tune.choice([0.1, 0.5, 1.0]), "eta": tune.choice([1.0, 1.5, 2.0]),
+                  "rho_init": tune.loguniform(0.1, 10.0), "rho_step": tune.choice([0, 5, 10]),
+                  "lambda_max": tune.choice([1.0, 10.0, 1e6]), "val_cal_fraction": tune.choice([0.2, 0.3])}
+    else:
+        space |= {"weight_decay": tune.loguniform(1e-5, 1e-3)}
+    return space
+
+
+@dataclass
+class SweepConfig:
+    """One Tune sweep of one method. ``base`` is the stage config every trial starts from."""
+
+    base: TrainStageConfig = field(default_factory=TrainStageConfig)
+    num_samples: int = 8  # trials
+    search_space: dict | None = None  # TrainConfig field -> tune domain or value; None: default_search_space
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: int | None = None  # None: derived from the cluster's GPUs (or CPUs) per trial
+    trial_cpus: float = 0.1  # the trial function itself only waits on its TorchTrainer
+    seed: int = 0  # seeds the search algorithm's sampling
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        unknown = set(self.search_space or {}) - TRAIN_FIELDS
+        if unknown:
+            raise ValueError(f"search_space keys {sorted(unknown)} are not TrainConfig fields; known: {sorted(TRAIN_FIELDS)}")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    method: str
+    results: pl.DataFrame  # one row per trial
+    best_config: dict  # the TrainConfig overrides of the best trial
+    best_objective: float
+    path: Path
+
+
+def _concurrency(config: SweepConfig, per_worker_cpus: float) -> int:
+    import ray
+
+    if config.max_concurrent_trials:
+        return config.max_concurrent_trials
+    res = ray.cluster_resources()
+    base = config.base
+    if base.use_gpu:
+        return max(1, int(res.get("GPU", 0) // base.num_workers))
+    per_trial = config.trial_cpus + base.num_workers * per_worker_cpus
+    return max(1, int(res.get("CPU", 1) // per_trial))
+
+
+def run(splits, config: SweepConfig) -> SweepResult:
+    """Run the sweep and return its results; the best config is the lowest final ``val_objective``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    splits = _splits(splits)
+    base = config.base
+    method = base.method
+    space = dict(config.search_space or default_search_space(method))
+    out = Path(base.out) / "sweep" / method
+    if not ray.is_initialized():
+        ray.init()
+    # Workers get a fraction of a CPU so that several trials (and their data reads) fit on a small machine.
+    per_worker_cpus = base.cpus_per_worker or (0.5 if not base.use_gpu else 1.0)
+    concurrency = _concurrency(config, per_worker_cpus)
+    base_dict = base.to_dict()
+    splits_root = str(Path(splits.root).resolve())
+
+    def trial(params: dict) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from . import train as train_stage
+
+        ctx = tune.get_context()
+        loop = dataclasses.replace(TrainConfig(**base_dict["loop"]), **params)
+        stage = TrainStageConfig(**{**base_dict, "loop": loop, "out": str(out / "trials" / ctx.get_trial_id()),
+                                    "cpus_per_worker": per_worker_cpus, "verbose": False, "storage_path": None,
+                                    "run_name": None})
+        train_stage.fit(splits_root, stage, callbacks=[TuneReportCallback()])
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": config.trial_cpus}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="val_objective", mode="min", num_samples=config.num_samples,
+            max_concurrent_trials=concurrency,
+            scheduler=ASHAScheduler(max_t=base.loop.epochs, grace_period=config.grace_period,
+                                    reduction_factor=config.reduction_factor),
+            search_alg=tune.search.BasicVariantGenerator(random_state=config.seed),
+        ),
+        run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve())),
+    )
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id"), "method": method, "status": "error" if r.error else "ok",
+               "epochs_run": m.get("training_iteration", 0)}
+        row |= {f"config.{k}": v for k, v in (r.config or {}).items()}
+        for k in ("val_objective", "val_size", "val_coverage", "val_accuracy", "lambda_max"):
+            row[k] = m.get(k, math.nan)
+        rows.append(row)
+    df = pl.DataFrame(rows).sort("val_objective", nulls_last=True)
+    if df.filter(pl.col("status") == "ok").height == 0:
+        raise RuntimeError(f"every trial of the {method} sweep failed; see {out / 'tune'}")
+    best = df.row(0, named=True)
+    best_config = {k.removeprefix("config."): v for k, v in best.items() if k.startswith("config.")}
+    _io.write_parquet(df.to_arrow(), out / "results.parquet")
+    _io.write_json({"method": method, "best_config": best_config, "val_objective": best["val_objective"],
+                    "num_samples": config.num_samples, "metric": "val_objective (validation split only)"},
+                   out / "best.json")
+    return SweepResult(method=method, results=df, best_config=best_config,
+                       best_objective=float(best["val_objective"]), path=out / "results.parquet")
