@@ -45,7 +45,10 @@ class TrainConfig:
     # Conformal training (ConfTr and CaCT)
     alpha: float = 0.1  # miscoverage level of the training-time threshold
     temperature: float = 1.0  # T of the soft sets
-    regularization_strength: float = 0.1  # epsilon of torchsort's soft sort
+    # epsilon of torchsort's soft sort. torchsort's l2 soft sort equals the hard sort whenever neighbouring
+    # values are further apart than the strength, so 0.1 (ConfTr's value, in other units) leaves the quantile
+    # hard on log-prob scores and its gradient on two samples; 1.0 smooths it (tests/cact_ops/test_cact_longtail)
+    regularization_strength: float = 1.0
     cal_fraction: float = 0.5  # fraction of each mini-batch used as B_cal
     stratified_split: bool = False
     # ConfTr
@@ -54,7 +57,9 @@ class TrainConfig:
     size_transform: str = "none"  # none | log
     coverage_weight: float = 0.0
     # CaCT (augmented Lagrangian)
-    eta: float = 1.0  # target soft size per class (1 = singleton)
+    # target soft size per class. With T = 1 on log-probs a confident correct singleton already has a soft size
+    # of about 1.2, so eta = 1 is violated by every class and the multipliers grow without end.
+    eta: float = 1.2
     reduction: str = "sample"  # sample | class
     lambda_init: float = 1e-6
     lambda_min: float = 1e-6

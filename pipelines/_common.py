@@ -62,9 +62,12 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, default=d.image_size, help="resize images to this side")
     t.add_argument("--train-alpha", type=float, default=0.1, help="alpha of the training-time threshold")
     t.add_argument("--temperature", type=float, default=1.0, help="T of the soft sets")
-    t.add_argument("--eta", type=float, default=1.0, help="CaCT's target soft set size per class")
-    t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", 10.0),
-                   help="cap of the multipliers lambda_k (CALS uses 1e6; a tight cap keeps fine-tuning stable)")
+    t.add_argument("--eta", type=float, default=TrainConfig.eta,
+                   help="CaCT's target soft set size per class (about 1.2 is a confident singleton at T=1)")
+    t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", TrainConfig.lambda_max),
+                   help="cap of the multipliers lambda_k (CALS's 1e6 by default)")
+    t.add_argument("--regularization-strength", type=float, default=TrainConfig.regularization_strength,
+                   help="torchsort soft-sort strength of the smooth quantile")
     t.add_argument("--conftr-lambda", type=float, default=d.loop_overrides.get("conftr_lambda", 1.0),
                    help="ConfTr's global size-penalty weight")
     t.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and data order")
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
         method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
         weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
         alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, lambda_max=args.lambda_max,
+        regularization_strength=args.regularization_strength,
         conftr_lambda=args.conftr_lambda, seed=args.seed,
         **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,

@@ -1,0 +1,29 @@
+"""CaCT on CIFAR-10-LT: the official python pickles (cifar-10-batches-py/) or a Parquet image table.
+
+The defaults follow the LDAM-DRW protocol (ResNet-32, SGD 0.1 with 5 warm-up epochs, decay at 160 and 180,
+200 epochs, batch 128, crop + flip): a GPU job. On a CPU, shorten it (e.g. --epochs 5).
+
+    python pipelines/cifar10_lt.py --data-root ~/data/cifar-10-batches-py --use-gpu
+    python pipelines/cifar10_lt.py --data-root ../shared/data/cifar10-jpeg --imbalance-factor 10
+"""
+from pathlib import Path
+
+from _common import Defaults, parser, run
+
+DEFAULTS = Defaults(dataset="cifar10", imbalance_factor=100, epochs=200, finetune_epochs=20, batch_size=128,
+                    lr=0.1, weight_decay=2e-4, schedule="step", warmup_epochs=5, augment="crop_flip",
+                    model="cifar_resnet32", loop_overrides={"milestones": (160, 180)})
+
+
+def source(data_root: str, dataset: str) -> dict:
+    """The official pickles, or a Parquet image table (train.parquet/test.parquet) such as cifar10-jpeg."""
+    root = Path(data_root)
+    if (root / "train.parquet").is_file():
+        return {"dataset": "parquet", "data_root": data_root}
+    return {"dataset": dataset, "data_root": data_root}
+
+
+if __name__ == "__main__":
+    p = parser(__doc__.splitlines()[0], DEFAULTS)
+    args = p.parse_args()
+    run(args, DEFAULTS, source(args.data_root, "cifar10"))

@@ -1,0 +1,12 @@
+"""CaCT on MNIST-LT: the official idx files (gzipped or not), exponential long tail over the 10 digits.
+
+    python pipelines/mnist_lt.py --data-root ../shared/data/mnist --imbalance-factor 100
+"""
+from _common import Defaults, parser, run
+
+DEFAULTS = Defaults(dataset="mnist", imbalance_factor=100, epochs=10, finetune_epochs=5, batch_size=128, lr=0.05,
+                    model="small_cnn")
+
+if __name__ == "__main__":
+    args = parser(__doc__.splitlines()[0], DEFAULTS).parse_args()
+    run(args, DEFAULTS, {"dataset": "mnist", "data_root": args.data_root})
