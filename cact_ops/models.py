@@ -135,14 +135,25 @@ MODEL_FAMILIES = {
 
 
 def build_model(family: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build a backbone by family name; ``kwargs`` go to its constructor and are stored in checkpoints.
+    """Build a backbone by family name, or ``"package.module:Class"`` for your own model (called as
+    ``Class(num_classes=..., **kwargs)``); ``kwargs`` go to its constructor and are stored in checkpoints.
 
     >>> m = build_model("small_cnn", 10, in_channels=1)
     >>> m(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])
     """
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known families: {sorted(MODEL_FAMILIES)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if ":" in family:  # "package.module:Class": a user's model, importable wherever the stage runs
+        import importlib
+
+        module, _, attr = family.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"model family {family!r}: cannot import {attr!r} from module {module!r} ({e})") from e
+        return factory(num_classes=num_classes, **kwargs)
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known families: {sorted(MODEL_FAMILIES)} "
+                         "or 'package.module:Class'")
     return MODEL_FAMILIES[family](num_classes=num_classes, **kwargs)
