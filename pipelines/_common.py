@@ -77,6 +77,8 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     r.add_argument("--storage-path", default=None,
                    help="Ray Train storage for checkpoints (shared storage such as s3://... on a cluster)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    r.add_argument("--autoscale", action="store_true",
+                   help="the cluster adds nodes on demand: wait for workers instead of refusing when it is short")
     r.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="run N Ray Tune trials per method on the validation split first and train with the best")
     r.add_argument("--no-resume", dest="resume", action="store_false",
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
         conftr_lambda=args.conftr_lambda, seed=args.seed,
         **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
-                        model_family=args.model, image_size=args.image_size, overwrite=not args.resume)
+                        model_family=args.model, image_size=args.image_size, overwrite=not args.resume,
+                        check_resources=not args.autoscale)
     config = {"pipeline": d.dataset, "argv": sys.argv[1:], "args": vars(args), "loop": loop.to_dict(),
               "stage": {k: v for k, v in stage_kwargs.items()}, "splits": str(splits.root)}
 

@@ -51,7 +51,7 @@ class SweepConfig:
     """One Tune sweep of one method. ``base`` is the stage config every trial starts from."""
 
     base: TrainStageConfig = field(default_factory=TrainStageConfig)
-    num_samples: int = 8  # trials
+    num_samples: int = 8  # trials (times the number of grid points when the space has a grid_search)
     search_space: dict | None = None  # TrainConfig field -> tune domain or value; None: default_search_space
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
@@ -125,10 +125,10 @@ def run(splits, config: SweepConfig) -> SweepResult:
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_objective", mode="min", num_samples=config.num_samples,
-            max_concurrent_trials=concurrency,
             scheduler=ASHAScheduler(max_t=base.loop.epochs, grace_period=config.grace_period,
                                     reduction_factor=config.reduction_factor),
-            search_alg=tune.search.BasicVariantGenerator(random_state=config.seed),
+            # seeded sampling; the generator itself bounds concurrency (Tune ignores max_concurrent_trials here)
+            search_alg=tune.search.BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency),
         ),
         run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve())),
     )

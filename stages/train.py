@@ -51,6 +51,8 @@ from cact_ops.training import EpochLoop, TrainConfig, format_epoch, val_cal_mask
 from . import _io
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# An explicit namespace: a driver, a Tune trial and the Train workers each run in their own namespace otherwise.
+COORDINATOR_NAMESPACE = "cact"
 
 
 @dataclass
@@ -75,6 +77,8 @@ class TrainStageConfig:
     materialize_bytes: int = 2 << 30  # train splits up to this size on disk are cached in the object store
     overwrite: bool = False  # retrain even when <out>/train/<method>/model.pt exists for the same config
     verbose: bool = True  # one progress line per epoch
+    check_resources: bool = True  # refuse at once if the cluster cannot place the workers now (False on an
+    #                               autoscaling cluster that adds nodes on demand: the run then waits for them)
     fail_at_epoch: int | None = None  # fault injection for tests: SIGKILL rank 0 once at this epoch
 
     def __post_init__(self):
@@ -215,7 +219,8 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
         ray.init(log_to_driver=config.verbose)
     total_cpu = ray.cluster_resources().get("CPU", 1)
     cpus = config.cpus_per_worker or min(1.0, total_cpu / (config.num_workers + 1))
-    _check_resources(config, cpus)
+    if config.check_resources:
+        _check_resources(config, cpus)
 
     name = _run_name(config, splits, spec)
     storage = config.storage_path or str((Path(config.out) / "ray_storage").resolve())
@@ -223,7 +228,8 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
     coordinator_name = f"cact-dual-{name}"
     coordinator, coord_history = None, None
     if needs_dual:
-        coordinator = DualCoordinator.options(name=coordinator_name, get_if_exists=True).remote(
+        coordinator = DualCoordinator.options(name=coordinator_name, namespace=COORDINATOR_NAMESPACE,
+                                              get_if_exists=True).remote(
             spec["num_classes"], dataclasses.asdict(config.loop.dual_config))
 
     from ray.data import ExecutionOptions
@@ -513,7 +519,7 @@ def _train_loop_per_worker(cfg: dict) -> None:
     model = build_stage_model(cfg["spec"], stage.init_from, stage.finetune)
     model = ray.train.torch.prepare_model(model)
     comm = TorchDistComm(device)
-    coordinator = ray.get_actor(cfg["coordinator"]) if cfg["coordinator"] else None
+    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
 
     def dual_update(dual, grad_sums, counts, h_means, epoch):
         state = None

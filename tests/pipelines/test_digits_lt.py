@@ -1,0 +1,53 @@
+"""The embedded-default recipe, run through its real command line with small overrides (torchtune style)."""
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+pytestmark = pytest.mark.ray
+
+SCRIPT = Path(__file__).resolve().parents[2] / "pipelines" / "digits_lt.py"
+
+
+def _run(argv: list[str], monkeypatch, capsys) -> str:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--methods", "ce,conftr,cact", "--epochs", "3", "--finetune-epochs", "2",
+            "--n-splits", "5", "--alpha", "0.1", "0.2"]
+    printed = _run(argv, monkeypatch, capsys)
+    summary = pl.read_parquet(out / "eval" / "summary.parquet")
+    # 3 methods x 3 scores x 2 predictors x 2 alphas, every one a measured row
+    assert summary.height == 36
+    assert set(summary["method"]) == {"ce", "conftr", "cact"}
+    assert summary["n_splits"].unique().to_list() == [5]
+    # The pool holds ~716 points, so the test half ~358: one split's coverage has sd <= ~0.03 and the mean over
+    # 5 splits sits within 0.06 of its target with ample margin. Split CP must hold for every method.
+    std = summary.filter(pl.col("predictor") == "standard")
+    assert (std["coverage_mean"] >= 1 - std["alpha"] - 0.06).all()
+    assert (std["size_mean"] >= 0.5).all() and (std["size_mean"] <= 10).all()
+    # what a user reads at the end
+    assert "report:" in printed and (out / "report.md").is_file()
+    assert "alpha = 0.1" in printed and "cact" in printed
+    assert any((out / "plots").glob("*.png"))
+    hist = pl.read_parquet(out / "train" / "cact" / "history.parquet")
+    assert hist.height == 2 * 10 and hist["lambda"].is_finite().all()
+    # A rerun reuses every finished stage: nothing retrained, nothing appended.
+    printed = _run(argv, monkeypatch, capsys)
+    assert printed.count("reused") >= 3
+    assert pl.read_parquet(out / "eval" / "summary.parquet").equals(summary)
+    assert pl.read_parquet(out / "train" / "cact" / "history.parquet").height == 20
+
+
+def test_bad_method_name_is_refused(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit, match="unknown \\['bogus'\\]"):
+        _run(["--out", str(tmp_path), "--methods", "ce,bogus"], monkeypatch, capsys)
