@@ -53,3 +53,10 @@ def test_build_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="depth must be 6n\\+2"):
         CifarResNet(10, depth=30)
     assert {"linear", "small_cnn", "cifar_resnet32", "cifar_resnet18", "imagenet_resnet50", "text"} <= set(MODEL_FAMILIES)
+
+
+def test_build_model_imports_a_user_model_by_module_path():
+    m = build_model("cact_ops.models:SmallCNN", 4, in_channels=1)
+    assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(ValueError, match="cannot import 'Nope'"):
+        build_model("cact_ops.models:Nope", 4)
