@@ -273,7 +273,7 @@ def train_dataset(splits, materialize_bytes: int = 2 << 30):
     path = Path(_splits(splits).path("train"))
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*.parquet")))
     # Fractional CPUs per read task: reads must run beside workers (or other trials) holding the CPUs.
-    ds = ray.data.read_parquet(str(_splits(splits).path("train")), ray_remote_args={"num_cpus": 0.25})
+    ds = ray.data.read_parquet(str(_splits(splits).path("train")), num_cpus=0.25)
     return ds.materialize() if size <= materialize_bytes else ds
 
 
