@@ -1,0 +1,118 @@
+"""Two of the paper's open questions, measured on a finished pipeline run (Marani et al., Class Adaptive
+Conformal Training, arXiv 2601.09522).
+
+``temperature``: how far the smooth quantities that training sees are from the hard ones that CP uses, as a
+function of the soft-set temperature T. On a run's validation logits (``logits/<method>/val.parquet``) it repeats
+the dual step's protocol: a stratified 20% calibration part gives the hard threshold tau on the log-probability
+conformity score at the training alpha; on the other 80% it reports the hard set size and coverage and the smooth
+ones, sum_k sigmoid((E(x,k) - tau)/T) and sigmoid((E(x,y) - tau)/T), for several T. No training.
+
+``dual-source``: fine-tunes CaCT from the run's CE backbone with the multipliers estimated on the training set
+(``TrainConfig.dual_source = "train"``) instead of D_val, with every other field of the run's own CaCT config,
+into a new run folder that shares the splits; then inference and the same evaluation (R splits, alphas).
+
+    .venv/bin/python benchmarks/results/open_questions.py temperature /tmp/results-runs/mnist-lt-if100-seed0
+    .venv/bin/python benchmarks/results/open_questions.py dual-source /tmp/results-runs/mnist-lt-if100-seed0 \
+        --out /tmp/results-runs/mnist-lt-if100-seed0-dual-train
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+MEASURED = Path(__file__).resolve().parent / "measured"
+
+
+def temperature(run: Path, methods: list[str], temps: list[float], alpha: float, fraction: float, seed: int) -> str:
+    import torch
+
+    from cact_ops.scores import logprob
+    from cact_ops.cp import conformal_quantile
+    from cact_ops.training import val_cal_mask
+    from stages.evaluate import read_logits
+
+    lines = [f"| method | T | hard coverage | smooth coverage | hard size | smooth size | smooth − hard size |",
+             "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        p = read_logits(run / "logits" / method / "val.parquet")
+        conf = logprob(p.logits.double())
+        y = p.labels.long()
+        cal = val_cal_mask(y, fraction, seed)
+        tau = -float(conformal_quantile(-conf[cal].gather(1, y[cal, None]).squeeze(1), alpha))
+        rest, yr = conf[~cal], y[~cal]
+        hard = rest >= tau
+        hcov = float(hard.gather(1, yr[:, None]).double().mean())
+        hsize = float(hard.sum(1).double().mean())
+        for t in temps:
+            soft = torch.sigmoid((rest - tau) / t)
+            scov = float(soft.gather(1, yr[:, None]).mean())
+            ssize = float(soft.sum(1).mean())
+            lines.append(f"| {method} | {t:g} | {hcov:.3f} | {scov:.3f} | {hsize:.2f} | {ssize:.2f} | {ssize - hsize:+.2f} |")
+    return "\n".join(lines)
+
+
+def dual_source(run: Path, out: Path) -> dict:
+    import dataclasses
+
+    import ray
+
+    from cact_ops.training import TrainConfig
+    from stages import evaluate, infer, train
+
+    src = json.loads((run / "train" / "cact" / "config.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    loop = TrainConfig(**{**src["loop"], "dual_source": "train"})
+    stage = {k: v for k, v in src.items() if k in {f.name for f in dataclasses.fields(train.TrainStageConfig)}}
+    stage.update(out=str(out), loop=loop, storage_path=None, run_name=None, overwrite=True)
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False)
+    t0 = time.time()
+    splits = run / "splits"
+    res = train.fit(str(splits), train.TrainStageConfig(**stage))
+    infer.run(infer.InferConfig(run_dir=out, splits_root=splits, methods=("cact",)))
+    ev = evaluate.run(evaluate.EvalConfig(run_dir=out, splits_root=splits, methods=("cact",),
+                                          alphas=tuple(cfg["args"]["alpha"]), n_splits=cfg["args"]["n_splits"],
+                                          seed=cfg["args"]["seed"], report=False))
+    return {"wall_s": round(time.time() - t0, 1), "summary": str(ev.summary_path), "train": str(res.model_path)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("temperature")
+    t.add_argument("run", type=Path)
+    t.add_argument("--methods", default="ce,conftr,cact")
+    t.add_argument("--temperatures", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0])
+    t.add_argument("--alpha", type=float, default=0.1)
+    t.add_argument("--fraction", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save", default=None, help="write the table to measured/<name>/temperature.md")
+    d = sub.add_parser("dual-source")
+    d.add_argument("run", type=Path)
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--save", default=None, help="copy the summary to measured/<name>/")
+    a = p.parse_args(argv)
+    if a.cmd == "temperature":
+        text = temperature(a.run, a.methods.split(","), a.temperatures, a.alpha, a.fraction, a.seed)
+        print(text)
+        if a.save:
+            (MEASURED / a.save).mkdir(parents=True, exist_ok=True)
+            (MEASURED / a.save / "temperature.md").write_text(text + "\n")
+        return 0
+    info = dual_source(a.run, a.out)
+    print(json.dumps(info))
+    if a.save:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from run_quality import collect
+
+        collect(a.save, a.out, None, {**info, "command": "benchmarks/results/open_questions.py " + " ".join(sys.argv[1:])})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Issue 7, first slice: run the real pipelines, keep what they measured, and write docs/RESULTS.md's tables.
+
+Two sub-commands:
+
+    # run named runs one after the other (outputs under --root, never in the repo); each run's command, wall
+    # time and printed summary are kept in benchmarks/results/measured/<name>/
+    .venv/bin/python benchmarks/results/run_quality.py run mnist-if100-s0 newsgroups-if10-s0 --root /tmp/results-runs
+
+    # rebuild the generated part of docs/RESULTS.md from the measured files (no training)
+    .venv/bin/python benchmarks/results/run_quality.py report
+
+``measured/<name>/`` holds: ``meta.json`` (command, start/end UTC, wall seconds, return code),
+``summary.csv`` (a copy of the run's ``eval/summary.csv``), ``lambda.csv`` (the last-epoch multipliers of
+``train/cact*/history.parquet`` per class), ``val_metrics.csv`` (last-epoch validation metrics of every method
+from ``train/<method>/metrics.parquet``) and ``stdout_tail.txt`` (the summary the pipeline printed). The report
+reads only these files, so docs/RESULTS.md is regenerated from measured outputs, not typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MEASURED = Path(__file__).resolve().parent / "measured"
+RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+PY = str(ROOT / ".venv" / "bin" / "python")
+DATA = "/work/shared/data"
+
+ALL5 = "ce,conftr,conftr_class,cact_uniform,cact"
+
+# name -> (title, argv after the python binary, output folder name under --root)
+RUNS: dict[str, dict] = {}
+
+
+def _add(name, title, script, args, out):
+    RUNS[name] = {"title": title, "argv": [script, *args], "out": out}
+
+
+for seed in (0, 1, 2):
+    _add(f"mnist-if100-s{seed}", f"MNIST-LT IF=100, seed {seed}", "pipelines/mnist_lt.py",
+         ["--data-root", f"{DATA}/mnist", "--imbalance-factor", "100", "--seed", str(seed)],
+         f"mnist-lt-if100-seed{seed}")
+_add("mnist-if10-s0", "MNIST-LT IF=10, seed 0", "pipelines/mnist_lt.py",
+     ["--data-root", f"{DATA}/mnist", "--imbalance-factor", "10", "--seed", "0", "--epochs", "5",
+      "--finetune-epochs", "3"], "mnist-lt-if10-seed0")  # half the default budget: the 2-core machine was shared
+for seed in (0, 1, 2):
+    _add(f"newsgroups-if10-s{seed}", f"20 Newsgroups-LT IF=10, seed {seed}", "pipelines/newsgroups_lt.py",
+         ["--data-root", f"{DATA}/20news-bydate.tar.gz", "--imbalance-factor", "10", "--seed", str(seed)],
+         f"newsgroups-lt-if10-seed{seed}")
+_add("cifar10-if100-s0", "CIFAR-10-LT IF=100, seed 0 (small CPU budget)", "pipelines/cifar10_lt.py",
+     ["--data-root", f"{DATA}/cifar10-jpeg", "--imbalance-factor", "100", "--seed", "0", "--epochs", "8",
+      "--finetune-epochs", "3"], "cifar10-lt-if100-seed0")
+# DeepMind's ConfTr MNIST linear setting: see benchmarks/results/conftr_mnist_linear.py (two invocations)
+for part in ("ce", "conftr"):
+    _add(f"conftr-linear-{part}", f"ConfTr MNIST linear reproduction, {part}, seed 0",
+         "benchmarks/results/conftr_mnist_linear.py", ["--part", part], f"conftr-mnist-linear-{part}")
+    for seed in (1, 2):
+        _add(f"conftr-linear-{part}-s{seed}", f"ConfTr MNIST linear reproduction, {part}, seed {seed}",
+             "benchmarks/results/conftr_mnist_linear.py", ["--part", part, "--seed", str(seed)],
+             f"conftr-mnist-linear-{part}-seed{seed}")
+
+# Every run: two CPU-only workers would compete with the others' tests on a 2-core machine -> default 1 worker.
+COMMON = ["--address", "local"]
+
+
+def run_one(name: str, root: Path, extra: list[str]) -> int:
+    spec = RUNS[name]
+    out = root / spec["out"]
+    argv = [PY, *spec["argv"], "--out", str(out), *COMMON, *extra]
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    start = dt.datetime.now(dt.timezone.utc)
+    t0 = time.time()
+    print(f"[{start:%H:%M:%S}] {name}: {' '.join(argv)}", flush=True)
+    with log.open("w") as f:
+        rc = subprocess.call(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.time() - t0
+    end = dt.datetime.now(dt.timezone.utc)
+    print(f"[{end:%H:%M:%S}] {name}: rc={rc} wall={wall:.0f}s", flush=True)
+    collect(name, out, log, {"command": " ".join(argv[1:]).replace(str(ROOT) + "/", ""), "start_utc": start.isoformat(
+        timespec="seconds"), "end_utc": end.isoformat(timespec="seconds"), "wall_s": round(wall, 1), "rc": rc,
+        "out": str(out)})
+    return rc
+
+
+def collect(name: str, out: Path, log: Path | None, meta: dict) -> None:
+    """Copy what a finished run measured into measured/<name>/."""
+    import polars as pl
+
+    dest = MEASURED / name
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if log is not None and log.is_file():
+        text = log.read_text(errors="replace").splitlines()
+        keep = [ln for ln in text if ln.startswith(("==", "splits:", "trained", "alpha =", "report:", "summary:",
+                                                      "│", "┌", "└", "╞", "├", "Traceback", "  File"))
+                or "Error" in ln]
+        (dest / "stdout_tail.txt").write_text("\n".join(keep[-400:]) + "\n")
+    summary = out / "eval" / "summary.csv"
+    if summary.is_file():
+        shutil.copy(summary, dest / "summary.csv")
+    lam = []
+    for hist in sorted((out / "train").glob("cact*/history.parquet")):
+        h = pl.read_parquet(hist)
+        if h.height:
+            last = h.filter(pl.col("epoch") == h["epoch"].max())
+            lam.append(last.with_columns(pl.lit(int(h["epoch"].max())).alias("last_epoch"),
+                                         pl.col("lambda").cast(pl.Float64)))
+            lam.append(h.group_by("method", "class").agg(pl.col("lambda").max().alias("lambda_max_over_epochs"))
+                       .with_columns(pl.lit(-1).alias("epoch")).select("method", "class", "lambda_max_over_epochs",
+                                                                       "epoch"))
+    if lam:
+        last = pl.concat([x for x in lam if "lambda" in x.columns], how="diagonal")
+        mx = pl.concat([x for x in lam if "lambda_max_over_epochs" in x.columns], how="diagonal").drop("epoch")
+        last.join(mx, on=["method", "class"], how="left").write_csv(dest / "lambda.csv")
+    vals = []
+    for met in sorted((out / "train").glob("*/metrics.parquet")):
+        m = pl.read_parquet(met)
+        if m.height and "epoch" in m.columns:
+            vals.append(m.filter(pl.col("epoch") == m["epoch"].max()).with_columns(
+                pl.lit(met.parent.name).alias("trained_method")))
+    if vals:
+        pl.concat(vals, how="diagonal_relaxed").write_csv(dest / "val_metrics.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+ORDER = ["ce", "conftr", "conftr_class", "cact_uniform", "cact"]
+
+
+def _pm(m, s, f="{:.3f}"):
+    return f"{f.format(m)} ± {f.format(s)}"
+
+
+def table(summary, score: str, predictor: str, alpha: float) -> list[str]:
+    import polars as pl
+
+    t = summary.filter((pl.col("score") == score) & (pl.col("predictor") == predictor)
+                       & ((pl.col("alpha") - alpha).abs() < 1e-9))
+    if not t.height:
+        return []
+    rows = {r["method"]: r for r in t.iter_rows(named=True)}
+    lines = ["| method | accuracy | coverage | size | CovGap (pts) | many / med / few size |",
+             "|---|---|---|---|---|---|"]
+    best_size = min(r["size_mean"] for r in rows.values())
+    best_gap = min(r["covgap_mean"] for r in rows.values())
+    for m in [m for m in ORDER if m in rows] + [m for m in rows if m not in ORDER]:
+        r = rows[m]
+        size = _pm(r["size_mean"], r["size_std"], "{:.3f}")
+        gap = _pm(r["covgap_mean"], r["covgap_std"], "{:.2f}")
+        if abs(r["size_mean"] - best_size) < 1e-12:
+            size = f"**{size}**"
+        if abs(r["covgap_mean"] - best_gap) < 1e-12:
+            gap = f"**{gap}**"
+        lines.append(f"| {m} | {r['accuracy']:.3f} | {_pm(r['coverage_mean'], r['coverage_std'])} | {size} | {gap} | "
+                     f"{r['many_size_mean']:.2f} / {r['medium_size_mean']:.2f} / {r['few_size_mean']:.2f} |")
+    return lines
+
+
+def seed_table(names: list[str], score: str, predictor: str, alpha: float) -> list[str]:
+    """Mean ± std over training seeds of the per-seed means (accuracy, coverage, size, CovGap, few-shot size)."""
+    import polars as pl
+
+    frames = []
+    for n in names:
+        p = MEASURED / n / "summary.csv"
+        if p.is_file():
+            frames.append(pl.read_csv(p).with_columns(pl.lit(n).alias("run")))
+    if len(frames) < 2:
+        return []
+    s = pl.concat(frames).filter((pl.col("score") == score) & (pl.col("predictor") == predictor)
+                                 & ((pl.col("alpha") - alpha).abs() < 1e-9))
+    cols = ("accuracy", "coverage_mean", "size_mean", "covgap_mean", "many_size_mean", "medium_size_mean",
+            "few_size_mean")
+    g = s.group_by("method").agg(pl.len().alias("n"), *[pl.col(c).mean().alias(c + "_m") for c in cols],
+                                 *[pl.col(c).std().alias(c + "_s") for c in cols])
+    rows = {r["method"]: r for r in g.iter_rows(named=True)}
+    lines = ["| method | seeds | accuracy | coverage | size | CovGap (pts) | many / med / few size |",
+             "|---|---|---|---|---|---|---|"]
+    for m in [m for m in ORDER if m in rows]:
+        r = rows[m]
+        lines.append(f"| {m} | {r['n']} | {_pm(r['accuracy_m'], r['accuracy_s'])} | "
+                     f"{_pm(r['coverage_mean_m'], r['coverage_mean_s'])} | {_pm(r['size_mean_m'], r['size_mean_s'])} | "
+                     f"{_pm(r['covgap_mean_m'], r['covgap_mean_s'], '{:.2f}')} | "
+                     f"{r['many_size_mean_m']:.2f} / {r['medium_size_mean_m']:.2f} / {r['few_size_mean_m']:.2f} |")
+    return lines
+
+
+def lambda_lines(name: str) -> list[str]:
+    import polars as pl
+
+    p = MEASURED / name / "lambda.csv"
+    if not p.is_file():
+        return []
+    lam = pl.read_csv(p).sort("method", "class")
+    out = []
+    for method in lam["method"].unique(maintain_order=True):
+        sub = lam.filter(pl.col("method") == method)
+        vals = ", ".join(f"{v:.3g}" for v in sub["lambda"])
+        mx = ", ".join(f"{v:.3g}" for v in sub["lambda_max_over_epochs"])
+        cons = ", ".join(f"{v:+.2f}" for v in sub["constraint"]) if "constraint" in sub.columns else "–"
+        out.append(f"- `{method}` last epoch ({int(sub['last_epoch'][0])}): λ_k = [{vals}]; max over epochs = [{mx}]; "
+                   f"constraint on the dual-step data (D_val, or the training set when dual_source = train) E[S|Y=k] − η = [{cons}]")
+    return out
+
+
+def val_lines(name: str) -> list[str]:
+    """Last-epoch validation metrics of training. ``val_soft_size`` in metrics.parquet is the mean of
+    h = S(x) - eta (cact_ops.training.ValStats.summary sums h, not S), so the smooth size is val_soft_size + eta."""
+    import polars as pl
+
+    from cact_ops.training import TrainConfig
+
+    p = MEASURED / name / "val_metrics.csv"
+    if not p.is_file():
+        return []
+    v = pl.read_csv(p)
+    if "val_soft_size" not in v.columns:
+        return []
+    eta = TrainConfig.eta
+    lines = ["| trained method | val accuracy | val hard coverage | val hard size | val smooth size (training T) | smooth − hard size |",
+             "|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(ORDER)}
+    for r in sorted(v.iter_rows(named=True), key=lambda r: order.get(r["trained_method"], 99)):
+        soft = r["val_soft_size"] + eta
+        lines.append(f"| {r['trained_method']} | {r['val_accuracy']:.3f} | {r['val_coverage']:.3f} | "
+                     f"{r['val_size']:.2f} | {soft:.2f} | {soft - r['val_size']:+.2f} |")
+    return lines
+
+
+def report(names: list[str] | None = None) -> str:
+    import polars as pl
+
+    names = names or [n for n in RUNS if (MEASURED / n / "summary.csv").is_file() and not n.startswith("conftr-linear")]
+    out = ["<!-- BEGIN GENERATED by benchmarks/results/run_quality.py report: do not edit by hand -->", ""]
+    for name in names:
+        spec = RUNS[name]
+        meta = json.loads((MEASURED / name / "meta.json").read_text())
+        summary = pl.read_csv(MEASURED / name / "summary.csv")
+        out += [f"### {spec['title']}", "",
+                f"`{meta['command']}` — wall {meta['wall_s'] / 60:.1f} min, finished {meta['end_utc']}, rc {meta['rc']}; "
+                f"R = {int(summary['n_splits'][0])} calibration/test splits of the pool; mean ± std over the splits.",
+                ""]
+        for alpha in sorted(summary["alpha"].unique().to_list(), reverse=True):
+            for score in ("lac", "aps"):
+                for pred in ("standard", "classwise"):
+                    t = table(summary, score, pred, alpha)
+                    if t:
+                        out += [f"**α = {alpha:g}, {score.upper()}, {pred}**", "", *t, ""]
+        lam = lambda_lines(name)
+        if lam:
+            out += ["Multipliers (from `train/cact*/history.parquet`):", "", *lam, ""]
+        val = val_lines(name)
+        if val:
+            out += ["Last-epoch validation metrics of training (`train/<method>/metrics.parquet`):", "", *val, ""]
+    for prefix, title in (("mnist-if100", "MNIST-LT IF=100"), ("newsgroups-if10", "20 Newsgroups-LT IF=10")):
+        seeds = [f"{prefix}-s{i}" for i in range(3) if (MEASURED / f"{prefix}-s{i}" / "summary.csv").is_file()]
+        if len(seeds) < 2:
+            continue
+        out += [f"### {title} over training seeds ({', '.join(seeds)})", "",
+                "Mean ± std over training seeds (each seed: its own splits, backbone and fine-tunes) of each seed's "
+                "mean over the R = 20 calibration/test splits.", ""]
+        for alpha in (0.1, 0.05):
+            for score in ("lac", "aps"):
+                for pred in ("standard", "classwise"):
+                    t = seed_table(seeds, score, pred, alpha)
+                    if t:
+                        out += [f"**α = {alpha:g}, {score.upper()}, {pred}**", "", *t, ""]
+    out += conftr_linear_section()
+    out += open_question_sections()
+    out.append("<!-- END GENERATED -->")
+    return "\n".join(out)
+
+
+DEEPMIND = {"ce": (0.923990, 0.990830, 2.238840), "conftr": (0.903780, 0.990230, 2.147300)}
+
+
+def conftr_linear_section() -> list[str]:
+    """DeepMind's ConfTr MNIST linear numbers next to ours (alpha 0.01), per seed and mean ± std over seeds."""
+    import polars as pl
+
+    rows = []
+    for part in ("ce", "conftr"):
+        for name in (f"conftr-linear-{part}", f"conftr-linear-{part}-s1", f"conftr-linear-{part}-s2"):
+            f = MEASURED / name / "summary.csv"
+            if f.is_file():
+                meta = json.loads((MEASURED / name / "meta.json").read_text())
+                seed = 0 if not name[-3:-1] == "-s" else int(name[-1])
+                rows.append(pl.read_csv(f).with_columns(pl.lit(part).alias("part"), pl.lit(seed).alias("seed"),
+                                                        pl.lit(meta.get("wall_s", float("nan"))).alias("wall_s")))
+    if not rows:
+        return []
+    s = pl.concat(rows, how="diagonal_relaxed").filter((pl.col("alpha") - 0.01).abs() < 1e-9)
+    out = ["### ConfTr MNIST linear reproduction (balanced MNIST, α = 0.01)", "",
+           "DeepMind's README (one training trial, 10 random 5000/5000 calibration/test splits of the test set, THR "
+           "on softmax = our LAC, standard predictor) next to ours (R = 10 stratified 4000/4000 splits of the 8000-image "
+           "pool). Per training seed: mean ± std over the R splits.", "",
+           "| model | source | seed | accuracy | coverage | LAC size | APS size | LAC class-wise size | wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for part in ("ce", "conftr"):
+        a, c, z = DEEPMIND[part]
+        out.append(f"| {part} | DeepMind README | 0 | {a:.4f} | {c:.4f} | {z:.3f} | – | – | – |")
+        sub = s.filter(pl.col("part") == part)
+        for seed in sorted(sub["seed"].unique().to_list()):
+            r = sub.filter(pl.col("seed") == seed)
+            lac = r.filter((pl.col("score") == "lac") & (pl.col("predictor") == "standard")).row(0, named=True)
+            aps = r.filter((pl.col("score") == "aps") & (pl.col("predictor") == "standard")).row(0, named=True)
+            lcw = r.filter((pl.col("score") == "lac") & (pl.col("predictor") == "classwise")).row(0, named=True)
+            out.append(f"| {part} | ours | {seed} | {lac['accuracy']:.4f} | {_pm(lac['coverage_mean'], lac['coverage_std'], '{:.4f}')} | "
+                       f"{_pm(lac['size_mean'], lac['size_std'])} | {_pm(aps['size_mean'], aps['size_std'])} | "
+                       f"{_pm(lcw['size_mean'], lcw['size_std'])} | {lac['wall_s']:.0f} |")
+        lacs = sub.filter((pl.col("score") == "lac") & (pl.col("predictor") == "standard"))
+        if lacs.height >= 2:
+            out.append(f"| {part} | ours, mean ± std over {lacs.height} seeds | – | {_pm(lacs['accuracy'].mean(), lacs['accuracy'].std(), '{:.4f}')} | "
+                       f"{_pm(lacs['coverage_mean'].mean(), lacs['coverage_mean'].std(), '{:.4f}')} | "
+                       f"{_pm(lacs['size_mean'].mean(), lacs['size_mean'].std())} | – | – | – |")
+    return out + [""]
+
+
+def open_question_sections() -> list[str]:
+    import polars as pl
+
+    out = []
+    temps = [n for n in sorted(p.name for p in MEASURED.iterdir()) if (MEASURED / n / "temperature.md").is_file()]
+    if temps:
+        out += ["### Temperature T vs the smooth/hard gap on validation", "",
+                "From each run's validation logits (`open_questions.py temperature`): hard threshold τ from a stratified "
+                "20% of D_val at α = 0.1 on the log-probability score; hard and smooth (sigmoid((E − τ)/T)) coverage and "
+                "size on the other 80%. Training used T = 1.", ""]
+        for n in temps:
+            out += [f"**{RUNS[n]['title'] if n in RUNS else n}**", "", (MEASURED / n / "temperature.md").read_text().strip(), ""]
+    for base, alt in (("newsgroups-if10-s0", "newsgroups-if10-s0-dual-train"), ("mnist-if100-s0", "mnist-if100-s0-dual-train")):
+        if not (MEASURED / alt / "summary.csv").is_file():
+            continue
+        a = pl.read_csv(MEASURED / base / "summary.csv").filter(pl.col("method") == "cact").with_columns(
+            pl.lit("val (default)").alias("dual_source"))
+        b = pl.read_csv(MEASURED / alt / "summary.csv").with_columns(pl.lit("train").alias("dual_source"))
+        both = pl.concat([a, b], how="diagonal_relaxed")
+        out += [f"### Multipliers estimated on the training set vs on D_val ({RUNS[base]['title']})", "",
+                "CaCT fine-tuned from the same CE backbone with the same config, only `dual_source` differs "
+                "(`open_questions.py dual-source`).", "",
+                "| dual_source | α | score | predictor | accuracy | coverage | size | CovGap (pts) | many / med / few size |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in both.filter(pl.col("score") != "raps").sort("alpha", "score", "predictor", "dual_source",
+                                                             descending=[True, False, True, False]).iter_rows(named=True):
+            out.append(f"| {r['dual_source']} | {r['alpha']:g} | {r['score']} | {r['predictor']} | {r['accuracy']:.3f} | "
+                       f"{_pm(r['coverage_mean'], r['coverage_std'])} | {_pm(r['size_mean'], r['size_std'])} | "
+                       f"{_pm(r['covgap_mean'], r['covgap_std'], '{:.2f}')} | {r['many_size_mean']:.2f} / "
+                       f"{r['medium_size_mean']:.2f} / {r['few_size_mean']:.2f} |")
+        lam = MEASURED / alt / "lambda.csv"
+        if lam.is_file():
+            out += ["", *lambda_lines(alt)]
+        out.append("")
+    return out
+
+
+def write_report() -> None:
+    text = report()
+    md = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Results\n\n<!-- BEGIN GENERATED -->\n<!-- END GENERATED -->\n"
+    a = md.index("<!-- BEGIN GENERATED")
+    b = md.index("<!-- END GENERATED -->") + len("<!-- END GENERATED -->")
+    RESULTS_MD.write_text(md[:a] + text + md[b:])
+    print(f"wrote {RESULTS_MD}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run named runs one after the other")
+    r.add_argument("names", nargs="+", choices=sorted(RUNS))
+    r.add_argument("--root", default="/tmp/results-runs", help="where run folders and logs go (never the repo)")
+    r.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra pipeline flags for every run")
+    c = sub.add_parser("collect", help="collect an already finished run folder (no training)")
+    c.add_argument("name", choices=sorted(RUNS))
+    c.add_argument("--root", default="/tmp/results-runs")
+    c.add_argument("--meta", default=None, help="JSON with command/start_utc/end_utc/wall_s/rc")
+    sub.add_parser("report", help="rebuild the generated part of docs/RESULTS.md")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        rc = 0
+        for n in a.names:
+            rc |= run_one(n, Path(a.root), a.extra)
+        return rc
+    if a.cmd == "collect":
+        root = Path(a.root)
+        meta = json.loads(Path(a.meta).read_text()) if a.meta else {}
+        collect(a.name, root / RUNS[a.name]["out"], root / "logs" / f"{a.name}.log", meta)
+        return 0
+    write_report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
