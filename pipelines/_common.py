@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     out = Path(args.out or f"runs/{d.dataset}-lt-if{args.imbalance_factor:g}-seed{args.seed}")
     clock = _Clock()
     if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=args.address, log_to_driver=True)
     clock.stage("ray ready")
 
     splits = longtail.build(longtail.LongTailConfig(

@@ -18,7 +18,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # The dashboard hosts the state API that Ray Train's PlacementGroupCleaner needs: without it the placement
+        # group of a controller that dies early (a finished Tune trial) is never removed and its CPUs leak.
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import polars as pl
 import pytest
@@ -28,6 +29,17 @@ def test_sweep_ranks_trials_on_validation_and_writes_results(ray_cluster, tmp_pa
     best = json.loads((res.path.parent / "best.json").read_text())
     assert best["best_config"] == res.best_config and res.best_config["lr"] in (0.02, 0.05)
     assert "validation" in best["metric"]
+    # Finished trials leave no placement group behind (Ray Train's cleaner removes them through the state
+    # API): otherwise their CPUs stay reserved and the next fit on this cluster waits forever.
+    from ray.util import placement_group_table
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        live = [v for v in placement_group_table().values() if v["state"] != "REMOVED"]
+        if not live:
+            break
+        time.sleep(1)
+    assert not live, f"placement groups left after the sweep: {live}"
 
 
 def test_sweep_rejects_unknown_search_keys():
