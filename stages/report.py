@@ -71,9 +71,9 @@ def markdown_table(df: pl.DataFrame) -> str:
     | cact | 0.700 | 0.910 ± 0.010 | **2.00** ± 0.10 |
     """
     cols = [c for c in _COLUMNS if c[0] in df.columns]
-    best = {}
-    for name, _, lower, _ in cols:
-        values = [v for v in df[name].to_list() if v is not None and not math.isnan(v)]
+    best = {}  # on the values as displayed: equal-looking cells are marked alike
+    for name, _, lower, fmt in cols:
+        values = [float(fmt.format(v)) for v in df[name].to_list() if v is not None and not math.isnan(v)]
         if lower is not None and len(values) > 1:
             best[name] = min(values) if lower else max(values)
     lines = ["| method | " + " | ".join(h for _, h, _, _ in cols) + " |",
@@ -82,7 +82,7 @@ def markdown_table(df: pl.DataFrame) -> str:
         cells = []
         for name, _, _, fmt in cols:
             cell = _fmt(row[name], fmt)
-            if name in best and row[name] == best[name]:
+            if name in best and cell != "–" and float(cell) == best[name]:
                 cell = f"**{cell}**"
             std = _STD.get(name)
             if std in row and row[std] is not None and not math.isnan(row[std]):
@@ -90,6 +90,24 @@ def markdown_table(df: pl.DataFrame) -> str:
             cells.append(cell)
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compact_json(obj, indent: int = 0) -> str:
+    """JSON with one line per object key and lists kept on one line (a config reads better that way).
+
+    >>> print(compact_json({"b": {"alphas": [0.1, 0.05]}, "a": 1}))
+    {
+      "a": 1,
+      "b": {
+        "alphas": [0.1, 0.05]
+      }
+    }
+    """
+    if not isinstance(obj, dict) or not obj:
+        return json.dumps(obj)
+    pad = "  " * (indent + 1)
+    items = [f"{pad}{json.dumps(str(k))}: {compact_json(v, indent + 1)}" for k, v in sorted(obj.items())]
+    return "{\n" + ",\n".join(items) + "\n" + "  " * indent + "}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,9 +176,10 @@ def plot_lambda(histories: dict[str, pl.DataFrame], train_counts: Sequence[int],
 
     usable = {m: h for m, h in histories.items() if {"epoch", "class", "lambda"} <= set(h.columns)
               and h["lambda"].drop_nulls().len()}
-    # Methods without a dual step (ce, conftr) carry a constant lambda: only show them when nothing varies.
+    # Methods without a dual step (ce, conftr) carry a constant lambda: show the methods whose multipliers move,
+    # else the CaCT ones (whose multipliers then stayed put, which is worth seeing), else all.
     varying = {m: h for m, h in usable.items() if h["lambda"].drop_nulls().n_unique() > 1}
-    usable = varying or usable
+    usable = varying or {m: h for m, h in usable.items() if m.startswith("cact")} or usable
     if not usable:
         return None
     fig, axes = _figure(len(usable), width=5.0)
@@ -186,6 +205,9 @@ def plot_lambda(histories: dict[str, pl.DataFrame], train_counts: Sequence[int],
         ax.set_xlabel("epoch")
         ax.set_ylabel("multiplier lambda_k")
         ax.set_title(m)
+        if h["lambda"].n_unique() == 1:
+            ax.text(0.5, 0.6, f"constant: lambda = {lam[0]:g}\nfor every class and epoch", transform=ax.transAxes,
+                    ha="center", fontsize=10, bbox={"facecolor": "white", "alpha": 0.8})
         ax.grid(True, which="both", alpha=0.3)
     from matplotlib.cm import ScalarMappable
 
@@ -285,7 +307,8 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
     lines += ["## Configuration", ""]
     config_path = run_dir / "config.json"
     if config_path.is_file():
-        lines += ["Pipeline (`config.json`):", "", "```json", config_path.read_text().strip(), "```", ""]
+        lines += ["Pipeline (`config.json`):", "", "```json", compact_json(json.loads(config_path.read_text())),
+                  "```", ""]
     else:
         lines += ["No `config.json` in the run folder.", ""]
     if eval_config:
