@@ -57,8 +57,9 @@ class TrainConfig:
     size_transform: str = "none"  # none | log
     coverage_weight: float = 0.0
     # CaCT (augmented Lagrangian)
-    # target soft size per class. With T = 1 on log-probs a confident correct singleton already has a soft size
-    # of about 1.2, so eta = 1 is violated by every class and the multipliers grow without end.
+    # target soft size per class. A confident correct sample has a soft size of about sigmoid(-tau / T), which
+    # depends on the hard threshold tau: eta = 1 was unattainable on the synthetic long-tail test (1.2 worked),
+    # while on MNIST-LT soft sizes sit near 0.6 (docs/DESIGN.md section 4, docs/RESULTS.md).
     eta: float = 1.2
     reduction: str = "sample"  # sample | class
     lambda_init: float = 1e-6

@@ -63,7 +63,7 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     t.add_argument("--train-alpha", type=float, default=0.1, help="alpha of the training-time threshold")
     t.add_argument("--temperature", type=float, default=1.0, help="T of the soft sets")
     t.add_argument("--eta", type=float, default=TrainConfig.eta,
-                   help="CaCT's target soft set size per class (about 1.2 is a confident singleton at T=1)")
+                   help="CaCT's target soft set size per class (compare with `constraint` in train/cact/history.parquet)")
     t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", TrainConfig.lambda_max),
                    help="cap of the multipliers lambda_k (CALS's 1e6 by default)")
     t.add_argument("--regularization-strength", type=float, default=TrainConfig.regularization_strength,
