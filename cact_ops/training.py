@@ -51,6 +51,7 @@ class TrainConfig:
     regularization_strength: float = 1.0
     cal_fraction: float = 0.5  # fraction of each mini-batch used as B_cal
     stratified_split: bool = False
+    ce_weight: float = 1.0  # weight of cross-entropy beside the conformal penalty (0: DeepMind's ConfTr without CE)
     # ConfTr
     conftr_lambda: float = 1.0  # the global lambda of ConfTr's size penalty
     kappa: float = 1.0
@@ -99,7 +100,8 @@ class TrainConfig:
 def build_loss(cfg: TrainConfig, dual: DualState | None, generator: torch.Generator | None = None) -> nn.Module:
     """The loss module of ``cfg.method``; CaCT methods read lambda, rho from ``dual``."""
     common = dict(alpha=cfg.alpha, temperature=cfg.temperature, regularization_strength=cfg.regularization_strength,
-                  cal_fraction=cfg.cal_fraction, stratified=cfg.stratified_split, generator=generator)
+                  cal_fraction=cfg.cal_fraction, stratified=cfg.stratified_split, ce_weight=cfg.ce_weight,
+                  generator=generator)
     if cfg.method == "ce":
         return CELoss()
     if cfg.method in ("conftr", "conftr_class"):
@@ -181,6 +183,7 @@ class ValStats:
     size_sums: torch.Tensor  # hard-set size sum per class
     correct: torch.Tensor  # top-1 correct count per class
     tau: float  # hard threshold on the log-prob conformity score
+    eta: float = 0.0  # the size target the constraint values h = S - eta refer to
 
     @property
     def h_means(self) -> torch.Tensor:
@@ -189,7 +192,8 @@ class ValStats:
     def summary(self) -> dict:
         n = float(self.counts.sum().clamp(min=1))
         return {"val_accuracy": float(self.correct.sum()) / n, "val_coverage": float(self.covered.sum()) / n,
-                "val_size": float(self.size_sums.sum()) / n, "val_soft_size": float(self.h_sums.sum()) / n,
+                "val_size": float(self.size_sums.sum()) / n, "val_constraint": float(self.h_sums.sum()) / n,
+                "val_soft_size": float(self.h_sums.sum()) / n + self.eta,
                 "val_tau": self.tau}
 
 
@@ -296,7 +300,7 @@ class EpochLoop:
         size_sums = z.clone().index_add_(0, y, hard.sum(1).double())
         correct = z.clone().index_add_(0, y, (conf.argmax(1) == y).double()) if conf.numel() else z.clone()
         packed = self.comm.all_reduce_sum(torch.stack([grad_sums, counts, h_sums, covered, size_sums, correct]))
-        return ValStats(*packed.unbind(0), tau=tau)
+        return ValStats(*packed.unbind(0), tau=tau, eta=cfg.eta)
 
     def end_epoch(self, train_metrics: dict, stats: ValStats) -> dict:
         """Dual step (CaCT methods), lr schedule, and the epoch's history rows. Returns the epoch metrics."""

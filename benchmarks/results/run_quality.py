@@ -213,8 +213,8 @@ def lambda_lines(name: str) -> list[str]:
 
 
 def val_lines(name: str) -> list[str]:
-    """Last-epoch validation metrics of training. ``val_soft_size`` in metrics.parquet is the mean of
-    h = S(x) - eta (cact_ops.training.ValStats.summary sums h, not S), so the smooth size is val_soft_size + eta."""
+    """Last-epoch validation metrics of training. Older records' ``val_soft_size`` is the mean of h = S(x) - eta
+    (fixed since: ``val_constraint`` is that mean and ``val_soft_size`` the mean of S), so eta is added back there."""
     import polars as pl
 
     from cact_ops.training import TrainConfig
@@ -230,7 +230,8 @@ def val_lines(name: str) -> list[str]:
              "|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(ORDER)}
     for r in sorted(v.iter_rows(named=True), key=lambda r: order.get(r["trained_method"], 99)):
-        soft = r["val_soft_size"] + eta
+        # records made before val_constraint existed hold the mean of S - eta under the name val_soft_size
+        soft = r["val_soft_size"] if "val_constraint" in r else r["val_soft_size"] + eta
         lines.append(f"| {r['trained_method']} | {r['val_accuracy']:.3f} | {r['val_coverage']:.3f} | "
                      f"{r['val_size']:.2f} | {soft:.2f} | {soft - r['val_size']:+.2f} |")
     return lines
