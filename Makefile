@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.cact-installed
 NO_NVCC_PATH := $(shell echo "$$PATH" | tr ':' '\n' | grep -vx /usr/local/bin | grep -vx /usr/local/cuda/bin | paste -sd:)
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test clean
 
 install: $(STAMP)
 
@@ -27,9 +27,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
-
-bench: install
-	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
