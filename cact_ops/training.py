@@ -12,7 +12,7 @@ size S at the same temperature T; per-class sums of P'(h_i), counts and sums of 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterable
 
 import torch

@@ -14,7 +14,6 @@ run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFram
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path

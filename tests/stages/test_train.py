@@ -4,7 +4,6 @@ Every Ray Train fit costs ~15-25 s here, so the fits are few and each test asser
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
