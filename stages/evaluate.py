@@ -38,10 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -337,6 +337,21 @@ def _numpy_path(t: torch.Tensor) -> bool:
     return _NUMPY_ON_CPU and t.device.type == "cpu"
 
 
+def _in_threads(fn, n: int, min_block: int = 1024) -> None:
+    """Run ``fn(slice)`` over up to ``torch.get_num_threads()`` contiguous blocks of ``range(n)`` in threads.
+
+    NumPy releases the GIL in sorts, ufuncs and reductions, so blocks run in parallel (NumPy itself is
+    single-threaded); with one thread, or fewer than two blocks of ``min_block``, it is a plain call.
+    """
+    parts = max(1, min(torch.get_num_threads(), n // max(min_block, 1)))
+    if parts == 1:
+        fn(slice(0, n))
+        return
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(fn, [slice(bounds[i], bounds[i + 1]) for i in range(parts)]))
+
+
 def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> RankedPool:
     """Sort each row of ``probs`` once, largest first (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere)."""
     labels = labels.to(probs.device)
@@ -344,10 +359,16 @@ def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> Ra
     if cpu:
         neg = np.negative(probs.numpy())  # ascending sort of -p = descending p, without a reversed copy
         if need_order:
-            order = torch.from_numpy(np.argsort(neg, axis=1))
+            order_np = np.empty(neg.shape, dtype=np.int64)
+
+            def argsort_rows(rows: slice):
+                order_np[rows] = np.argsort(neg[rows], axis=1)
+
+            _in_threads(argsort_rows, neg.shape[0])
+            order = torch.from_numpy(order_np)
             desc = probs.gather(1, order)
         else:
-            neg.sort(axis=1)  # in place: np.sort would copy first
+            _in_threads(lambda rows: neg[rows].sort(axis=1), neg.shape[0])  # in place: np.sort would copy
             desc, order = torch.from_numpy(np.negative(neg, out=neg)), None
     else:
         desc, order = probs.sort(dim=1, descending=True)
@@ -390,13 +411,17 @@ def classwise_sizes(s_class: torch.Tensor, test: torch.Tensor, q: torch.Tensor) 
         return out
     s_np, q_np, test_np = s_class.numpy(), q.numpy(), test.numpy()
     out = np.empty((r_, a_, m), dtype=np.int64)
-    rows = np.empty((m, s_np.shape[1]), dtype=s_np.dtype)
-    mask = np.empty(rows.shape, dtype=bool)
-    for r in range(r_):
-        np.take(s_np, test_np[r], axis=0, out=rows)
-        for a in range(a_):
-            np.less_equal(rows, q_np[r, a], out=mask)
-            out[r, a] = mask.sum(axis=1, dtype=np.int32)
+
+    def splits(block: slice):  # one thread per block of splits, each with its own buffers
+        rows = np.empty((m, s_np.shape[1]), dtype=s_np.dtype)
+        mask = np.empty(rows.shape, dtype=bool)
+        for r in range(block.start, block.stop):
+            np.take(s_np, test_np[r], axis=0, out=rows)
+            for a in range(a_):
+                np.less_equal(rows, q_np[r, a], out=mask)
+                out[r, a] = mask.sum(axis=1, dtype=np.int32)
+
+    _in_threads(splits, r_, min_block=1 if m * s_np.shape[1] >= 1 << 20 else r_)  # threads for big splits only
     return torch.from_numpy(out)
 
 

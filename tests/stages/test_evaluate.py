@@ -394,3 +394,21 @@ def test_torch_path_equals_numpy_path(monkeypatch):
     for a, b in zip(res_np, res_t):
         for name, v in a.metrics.items():
             torch.testing.assert_close(v, b.metrics[name], equal_nan=True, rtol=0, atol=0)
+
+
+def test_threads_do_not_change_results():
+    """Row blocks sorted in threads and splits counted in threads give the single-thread numbers."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4096, 512, generator=g), torch.randint(0, 512, (4096,), generator=g)
+    kw = dict(train_counts=list(range(1, 513)), n_splits=2, alphas=(0.1,), scores=("lac", "aps"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = E.evaluate_pool(x, y, **kw)
+        torch.set_num_threads(2)
+        _, two = E.evaluate_pool(x, y, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        for name, v in a.metrics.items():
+            torch.testing.assert_close(v, b.metrics[name], equal_nan=True, rtol=0, atol=0)

@@ -1,8 +1,6 @@
 """Report: report.md content (config, tables with the best marked, warnings) and the four PNG plots."""
 from __future__ import annotations
 
-import json
-
 import polars as pl
 import pytest
 
