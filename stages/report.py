@@ -122,24 +122,45 @@ def _figure(ncols: int, width: float = 6.0, height: float = 4.2):
     return fig, axes
 
 
+# Above this many classes, per-class lines become noise: the plots show group means of consecutive classes
+# (ordered by training count) over the faint per-class values.
+_MAX_LINES = 50
+_GROUPS = 20
+
+
+def _grouped(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Means of x and y over ``_GROUPS`` groups of consecutive entries (NaN-aware)."""
+    parts = [idx for idx in np.array_split(np.arange(len(x)), _GROUPS) if len(idx)]
+    with np.errstate(invalid="ignore"):
+        return (np.array([np.nanmean(x[i]) for i in parts]), np.array([np.nanmean(y[i]) for i in parts]))
+
+
 def plot_class_size(per_class: pl.DataFrame, score: str, alpha: float, colors: dict, path: Path) -> Path:
     """Per-class mean set size vs training count (log x), one line per method, one panel per predictor."""
     df = per_class.filter((pl.col("score") == score) & (pl.col("alpha") == alpha))
     predictors = df["predictor"].unique(maintain_order=True).to_list()
+    many = df["class"].n_unique() > _MAX_LINES
     fig, axes = _figure(len(predictors))
     for ax, pred in zip(axes, predictors):
         for m in colors:
             d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m)).sort("train_count", "class")
-            if d.height:
-                ax.plot(d["train_count"].to_numpy(), d["size_mean"].to_numpy(), marker="o" if d.height <= 50 else None,
-                        ms=3, lw=1.2, color=colors[m], label=m)
+            if not d.height:
+                continue
+            x, y = d["train_count"].to_numpy().astype(float), d["size_mean"].to_numpy()
+            if many:
+                ax.scatter(x, y, s=3, color=colors[m], alpha=0.15, linewidths=0)
+                gx, gy = _grouped(x, y)
+                ax.plot(gx, gy, marker="o", ms=4, lw=1.8, color=colors[m], label=m)
+            else:
+                ax.plot(x, y, marker="o", ms=3, lw=1.2, color=colors[m], label=m)
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class (log scale)")
         ax.set_ylabel("mean prediction set size")
         ax.set_title(f"{pred} CP, {score.upper()}, alpha={alpha:g}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="method")
-    fig.suptitle("Per-class set size vs training count (tail classes on the left)")
+    note = f" (lines: means of {_GROUPS} groups of classes; dots: classes)" if many else ""
+    fig.suptitle(f"Per-class set size vs training count, tail classes on the left{note}")
     fig.savefig(path, dpi=110)
     return path
 
@@ -148,21 +169,29 @@ def plot_class_coverage(per_class: pl.DataFrame, score: str, alpha: float, color
     """Per-class coverage, classes ordered head -> tail, with the 1 - alpha target line."""
     df = per_class.filter((pl.col("score") == score) & (pl.col("alpha") == alpha))
     predictors = df["predictor"].unique(maintain_order=True).to_list()
+    many = df["class"].n_unique() > _MAX_LINES
     fig, axes = _figure(len(predictors))
     for ax, pred in zip(axes, predictors):
         for m in colors:
             d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m))
             d = d.sort(["train_count", "class"], descending=[True, False])
-            if d.height:
-                ax.plot(np.arange(d.height), d["coverage_mean"].to_numpy(), marker="o" if d.height <= 50 else None,
-                        ms=3, lw=1.0, color=colors[m], label=m)
+            if not d.height:
+                continue
+            x, y = np.arange(d.height, dtype=float), d["coverage_mean"].to_numpy()
+            if many:
+                ax.scatter(x, y, s=3, color=colors[m], alpha=0.15, linewidths=0)
+                gx, gy = _grouped(x, y)
+                ax.plot(gx, gy, marker="o", ms=4, lw=1.8, color=colors[m], label=m)
+            else:
+                ax.plot(x, y, marker="o", ms=3, lw=1.0, color=colors[m], label=m)
         ax.axhline(1 - alpha, color="black", ls="--", lw=1.2, label=f"1 - alpha = {1 - alpha:g}")
         ax.set_xlabel("class, ordered by training count (head -> tail)")
         ax.set_ylabel("coverage of the class (mean over splits)")
         ax.set_title(f"{pred} CP, {score.upper()}, alpha={alpha:g}")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower left")
-    fig.suptitle("Per-class coverage")
+    note = f" (lines: means of {_GROUPS} groups of classes; dots: classes)" if many else ""
+    fig.suptitle(f"Per-class coverage{note}")
     fig.savefig(path, dpi=110)
     return path
 
@@ -182,7 +211,15 @@ def plot_lambda(histories: dict[str, pl.DataFrame], train_counts: Sequence[int],
     usable = varying or {m: h for m, h in usable.items() if m.startswith("cact")} or usable
     if not usable:
         return None
-    fig, axes = _figure(len(usable), width=5.0)
+    from matplotlib.figure import Figure
+
+    ncols = min(len(usable), 3)
+    nrows = -(-len(usable) // ncols)
+    fig = Figure(figsize=(5.0 * ncols, 4.2 * nrows), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in grid[len(usable):]:
+        ax.set_visible(False)
+    axes = grid[: len(usable)]
     counts = np.maximum(np.asarray(train_counts, dtype=float), 1)
     norm = LogNorm(vmin=counts.min(), vmax=max(counts.max(), counts.min() * 1.01))
     cmap = colormaps["viridis"]
@@ -211,7 +248,7 @@ def plot_lambda(histories: dict[str, pl.DataFrame], train_counts: Sequence[int],
         ax.grid(True, which="both", alpha=0.3)
     from matplotlib.cm import ScalarMappable
 
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="training images of the class")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(grid), label="training images of the class")
     fig.suptitle("Class multipliers lambda_k over epochs (one line per class)")
     fig.savefig(path, dpi=110)
     return path

@@ -55,3 +55,14 @@ def test_markdown_table_marks_best():
     lines = R.markdown_table(df).splitlines()
     assert lines[2] == "| ce | **0.800** | 3.00 | – |"  # ties are all best; NaN std and missing values shown plainly
     assert lines[3] == "| cact | **0.800** | **2.00** ± 0.10 | 4.00 |"
+
+
+def test_report_many_classes_and_many_panels(tmp_path):
+    """Above 50 classes the per-class plots draw group means; five methods with multipliers wrap into rows."""
+    k = 60
+    methods = ("ce", "conftr", "conftr_class", "cact_uniform", "cact")
+    run = make_run(tmp_path, methods=methods, counts=[6] * k, train_counts=[500 - 8 * c for c in range(k)],
+                   classes=[f"c{c}" for c in range(k)], history=True)
+    res = E.run(E.EvalConfig(run, n_splits=2, alphas=(0.2,), scores=("lac",)))
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(R.PLOTS)
+    assert res.report_path.read_text().count("| cact_uniform |") == 2  # one table per predictor
