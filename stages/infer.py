@@ -75,13 +75,10 @@ def discover_models(run_dir: str | Path) -> tuple[str, ...]:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a ``model.pt`` through :func:`cact_ops.models.build_model` (``weights_only``: no pickle), eval mode."""
-    from cact_ops.models import build_model
+    """Rebuild a ``model.pt`` (:func:`stages.train.load_model`, ``weights_only``: no pickle), in eval mode."""
+    from .train import load_model as _load
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    spec = blob["model_spec"]
-    model = build_model(spec["family"], spec["num_classes"], **spec.get("kwargs", {}))
-    model.load_state_dict(blob["model"])
+    model, blob = _load(path)
     return model.to(device).eval(), blob
 
 
