@@ -494,6 +494,12 @@ def _inject_fault(marker: Path) -> None:
     """SIGKILL this worker once (a real process crash), after the epoch's dual step and before its checkpoint:
     the restarted group replays the epoch and the coordinator must answer with the step it already applied."""
     if not marker.exists():
+        import ray.train
+
+        # Ray Train's controller polls reports; a crash before it has taken the previous epoch's report loses
+        # that checkpoint and the run restarts from scratch. Wait until every report so far is committed, so the
+        # test of "resume from the last checkpoint" does not race the poll (CI failed once on exactly this).
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         os.kill(os.getpid(), signal.SIGKILL)
