@@ -5,7 +5,8 @@ class; every payload a real 8x8 JPEG of ~0.3 KB, so the build's corrupt-image ch
 image; labels interleaved at random so every row group holds selected rows), then builds an exponential
 IF=256 split from it (ImageNet-LT's n_max/n_min = 1280/5) in a fresh child process and reports the child's
 peak RSS (``VmHWM``), wall time and rows per second. A second build into the same folder shows the
-reuse path (plan + checksum check, no writes).
+reuse path (plan + checksum check, no writes). The alternative, in a third child: load both tables whole with
+pyarrow, select the same rows with NumPy, write the splits (what a short script would do).
 
     .venv/bin/python benchmarks/longtail_memory.py                       # full size (about 2 minutes)
     .venv/bin/python benchmarks/longtail_memory.py --classes 100 --json out.json
@@ -99,8 +100,42 @@ def child(config: dict) -> None:
                       "min_count": min(s.train_counts), "out_bytes": out_bytes}))
 
 
-def run_child(**config) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps(config)]
+def naive_child(config: dict) -> None:
+    """The alternative: the usual script that loads both tables whole with pyarrow, selects the same rows with
+    NumPy and writes the three splits (no image check, no manifest). Same counts as ``build``; prints JSON."""
+    sys.path.insert(0, str(ROOT))
+    rss0 = peak_rss_bytes()
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from stages.longtail import _rng, class_rank, exponential_counts, largest_n_max
+
+    t0 = time.perf_counter()
+    src, out = Path(config["data_root"]), Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = pq.read_table(src / "train.parquet"), pq.read_table(src / "test.parquet")
+    y, yt = train["label"].to_numpy(), test["label"].to_numpy()
+    K = int(max(y.max(), yt.max())) + 1
+    IF = config["imbalance_factor"]
+    counts = np.asarray(exponential_counts(largest_n_max(np.bincount(y, minlength=K).tolist(), "exponential", IF),
+                                           K, IF))
+    keep = class_rank(y, K) < counts[y]
+    n_val = np.floor(0.2 * np.bincount(yt, minlength=K) + 0.5).astype(np.int64)
+    is_val = class_rank(yt, K, _rng(0, 1)) < n_val[yt]
+    totals = {}
+    for name, table, mask in (("train", train, keep), ("val", test, is_val), ("pool", test, ~is_val)):
+        part = table.filter(mask)
+        pq.write_table(part, out / f"{name}.parquet")
+        totals[name] = part.num_rows
+    wall = time.perf_counter() - t0
+    out_bytes = sum(p.stat().st_size for p in out.iterdir())
+    print(json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss_bytes(), "interpreter_rss_bytes": rss0,
+                      "totals": totals, "n_max": int(counts[0]), "min_count": int(counts.min()),
+                      "out_bytes": out_bytes}))
+
+
+def run_child(naive: bool = False, **config) -> dict:
+    cmd = [sys.executable, __file__, "--naive-child" if naive else "--child", json.dumps(config)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"build failed ({config}):\n{r.stderr[-4000:]}")
@@ -137,10 +172,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--real-data", type=Path, default=None,
                     help="folder like ../shared/data: also time builds of the real datasets found there")
+    ap.add_argument("--skip-naive", action="store_true", help="do not run the in-memory pyarrow alternative")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--naive-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.naive_child:
+        naive_child(json.loads(args.naive_child))
         return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cact-longtail-bench-"))
     try:
@@ -169,6 +209,16 @@ def main() -> None:
         print(f"        {result['source_rows_per_s']:,} source rows/s, {result['written_rows_per_s']:,} written rows/s")
         print(f"reuse:  {reuse['wall_s']:.1f} s, peak RSS {reuse['peak_rss_bytes'] / mib:.0f} MiB")
         print(f"peak RSS under 2 GiB: {result['under_2_gib']}")
+        if not args.skip_naive:
+            shutil.rmtree(work / "naive", ignore_errors=True)
+            naive = run_child(naive=True, **{**cfg, "out": str(work / "naive")})
+            result["naive"] = naive
+            if naive["totals"] != first["totals"]:
+                print(f"WARNING: the in-memory alternative wrote {naive['totals']}, ours {first['totals']}")
+            print(f"alternative (whole tables in memory with pyarrow, select, write; no image check): "
+                  f"{naive['wall_s']:.1f} s, peak RSS {naive['peak_rss_bytes'] / mib:.0f} MiB; "
+                  f"ours / alternative: memory {first['peak_rss_bytes'] / naive['peak_rss_bytes']:.2f}, "
+                  f"time {first['wall_s'] / naive['wall_s']:.2f}")
         if args.real_data:
             result["real"] = real_data(args.real_data, work)
         if args.json:

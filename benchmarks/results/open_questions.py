@@ -7,17 +7,20 @@ the dual step's protocol: a stratified 20% calibration part gives the hard thres
 conformity score at the training alpha; on the other 80% it reports the hard set size and coverage and the smooth
 ones, sum_k sigmoid((E(x,k) - tau)/T) and sigmoid((E(x,y) - tau)/T), for several T. No training.
 
-``dual-source``: fine-tunes CaCT from the run's CE backbone with the multipliers estimated on the training set
-(``TrainConfig.dual_source = "train"``) instead of D_val, with every other field of the run's own CaCT config,
-into a new run folder that shares the splits; then inference and the same evaluation (R splits, alphas).
+``refit``: fine-tunes one method again from the run's CE backbone with some ``TrainConfig`` fields changed
+(``--set temperature=0.25 --set eta=0.6``) and every other field of the run's own config for that method, into a
+new run folder that shares the splits; then inference and the same evaluation (R splits, alphas). This is how T
+is varied *in training*, and how the multipliers are estimated on the training set instead of D_val
+(``--set dual_source=train``; ``dual-source`` is the old name of exactly that refit).
 
     .venv/bin/python benchmarks/results/open_questions.py temperature /tmp/results-runs/mnist-lt-if100-seed0
-    .venv/bin/python benchmarks/results/open_questions.py dual-source /tmp/results-runs/mnist-lt-if100-seed0 \
-        --out /tmp/results-runs/mnist-lt-if100-seed0-dual-train
+    .venv/bin/python benchmarks/results/open_questions.py refit /tmp/results-runs/newsgroups-lt-if10-seed0 \
+        --set temperature=0.25 --out /tmp/results-runs/newsgroups-lt-if10-seed0-T0.25 --save newsgroups-if10-s0-T0.25
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,17 +59,33 @@ def temperature(run: Path, methods: list[str], temps: list[float], alpha: float,
     return "\n".join(lines)
 
 
-def dual_source(run: Path, out: Path) -> dict:
-    import dataclasses
+def parse_overrides(items: list[str]) -> dict:
+    """``["eta=0.6", "dual_source=train"]`` -> ``{"eta": 0.6, "dual_source": "train"}`` (JSON values, else text);
+    names are checked against TrainConfig so that a typo fails before any training."""
+    from cact_ops.training import TrainConfig
 
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME a TrainConfig field ({sorted(fields)})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def refit(run: Path, out: Path, method: str, overrides: dict) -> dict:
     import ray
 
     from cact_ops.training import TrainConfig
     from stages import evaluate, infer, train
 
-    src = json.loads((run / "train" / "cact" / "config.json").read_text())
+    src = json.loads((run / "train" / method / "config.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
-    loop = TrainConfig(**{**src["loop"], "dual_source": "train"})
+    loop = TrainConfig(**{**src["loop"], **overrides})
     stage = {k: v for k, v in src.items() if k in {f.name for f in dataclasses.fields(train.TrainStageConfig)}}
     stage.update(out=str(out), loop=loop, storage_path=None, run_name=None, overwrite=True)
     if not ray.is_initialized():
@@ -74,11 +93,12 @@ def dual_source(run: Path, out: Path) -> dict:
     t0 = time.time()
     splits = run / "splits"
     res = train.fit(str(splits), train.TrainStageConfig(**stage))
-    infer.run(infer.InferConfig(run_dir=out, splits_root=splits, methods=("cact",)))
-    ev = evaluate.run(evaluate.EvalConfig(run_dir=out, splits_root=splits, methods=("cact",),
+    infer.run(infer.InferConfig(run_dir=out, splits_root=splits, methods=(method,)))
+    ev = evaluate.run(evaluate.EvalConfig(run_dir=out, splits_root=splits, methods=(method,),
                                           alphas=tuple(cfg["args"]["alpha"]), n_splits=cfg["args"]["n_splits"],
                                           seed=cfg["args"]["seed"], report=False))
-    return {"wall_s": round(time.time() - t0, 1), "summary": str(ev.summary_path), "train": str(res.model_path)}
+    return {"wall_s": round(time.time() - t0, 1), "summary": str(ev.summary_path), "train": str(res.model_path),
+            "base_run": str(run), "method": method, "overrides": overrides}
 
 
 def main(argv=None) -> int:
@@ -92,10 +112,14 @@ def main(argv=None) -> int:
     t.add_argument("--fraction", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save", default=None, help="write the table to measured/<name>/temperature.md")
-    d = sub.add_parser("dual-source")
-    d.add_argument("run", type=Path)
-    d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--save", default=None, help="copy the summary to measured/<name>/")
+    for name in ("refit", "dual-source"):
+        d = sub.add_parser(name)
+        d.add_argument("run", type=Path)
+        d.add_argument("--out", type=Path, required=True)
+        d.add_argument("--method", default="cact")
+        d.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                       help="TrainConfig field to change (repeatable)")
+        d.add_argument("--save", default=None, help="copy the summary to measured/<name>/")
     a = p.parse_args(argv)
     if a.cmd == "temperature":
         text = temperature(a.run, a.methods.split(","), a.temperatures, a.alpha, a.fraction, a.seed)
@@ -104,7 +128,8 @@ def main(argv=None) -> int:
             (MEASURED / a.save).mkdir(parents=True, exist_ok=True)
             (MEASURED / a.save / "temperature.md").write_text(text + "\n")
         return 0
-    info = dual_source(a.run, a.out)
+    overrides = parse_overrides(a.overrides + (["dual_source=train"] if a.cmd == "dual-source" else []))
+    info = refit(a.run, a.out, a.method, overrides)
     print(json.dumps(info))
     if a.save:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
