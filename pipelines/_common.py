@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -147,14 +147,8 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
 
     overrides: dict[str, dict] = {}
     if args.sweep:
-        for method in methods:
-            base = replace(loop, method=method,
-                           epochs=args.finetune_epochs if method != "ce" and not args.from_scratch else args.epochs)
-            res = sweep.run(splits, sweep.SweepConfig(
-                base=train.TrainStageConfig(out=str(out), loop=base, **{**stage_kwargs, "overwrite": False}),
-                num_samples=args.sweep, seed=args.seed))
-            overrides[method] = res.best_config
-            print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}")
+        overrides = sweep.run_methods(splits, str(out), methods, loop, args.sweep, args.finetune_epochs,
+                                      args.from_scratch, args.seed, **stage_kwargs)
         clock.stage(f"sweeps ({args.sweep} trials per method)")
     config["sweep_best"] = overrides
     from stages import _io

@@ -135,24 +135,34 @@ def _grouped(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (np.array([np.nanmean(x[i]) for i in parts]), np.array([np.nanmean(y[i]) for i in parts]))
 
 
-def plot_class_size(per_class: pl.DataFrame, score: str, alpha: float, colors: dict, path: Path) -> Path:
-    """Per-class mean set size vs training count (log x), one line per method, one panel per predictor."""
+def _draw_classes(ax, x: np.ndarray, y: np.ndarray, color, label: str, many: bool, lw: float) -> None:
+    """One method's per-class values: a line, or with many classes faint dots under the group means."""
+    if many:
+        ax.scatter(x, y, s=3, color=color, alpha=0.15, linewidths=0)
+        gx, gy = _grouped(x, y)
+        ax.plot(gx, gy, marker="o", ms=4, lw=1.8, color=color, label=label)
+    else:
+        ax.plot(x, y, marker="o", ms=3, lw=lw, color=color, label=label)
+
+
+def _per_class_panels(per_class: pl.DataFrame, score: str, alpha: float):
+    """The rows of one score and alpha, its predictors (one panel each), whether to group classes, the figure."""
     df = per_class.filter((pl.col("score") == score) & (pl.col("alpha") == alpha))
     predictors = df["predictor"].unique(maintain_order=True).to_list()
-    many = df["class"].n_unique() > _MAX_LINES
     fig, axes = _figure(len(predictors))
+    return df, predictors, df["class"].n_unique() > _MAX_LINES, fig, axes
+
+
+def plot_class_size(per_class: pl.DataFrame, score: str, alpha: float, colors: dict, path: Path) -> Path:
+    """Per-class mean set size vs training count (log x), one line per method, one panel per predictor."""
+    df, predictors, many, fig, axes = _per_class_panels(per_class, score, alpha)
     for ax, pred in zip(axes, predictors):
         for m in colors:
             d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m)).sort("train_count", "class")
             if not d.height:
                 continue
-            x, y = d["train_count"].to_numpy().astype(float), d["size_mean"].to_numpy()
-            if many:
-                ax.scatter(x, y, s=3, color=colors[m], alpha=0.15, linewidths=0)
-                gx, gy = _grouped(x, y)
-                ax.plot(gx, gy, marker="o", ms=4, lw=1.8, color=colors[m], label=m)
-            else:
-                ax.plot(x, y, marker="o", ms=3, lw=1.2, color=colors[m], label=m)
+            _draw_classes(ax, d["train_count"].to_numpy().astype(float), d["size_mean"].to_numpy(), colors[m], m,
+                          many, lw=1.2)
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class (log scale)")
         ax.set_ylabel("mean prediction set size")
@@ -167,23 +177,15 @@ def plot_class_size(per_class: pl.DataFrame, score: str, alpha: float, colors: d
 
 def plot_class_coverage(per_class: pl.DataFrame, score: str, alpha: float, colors: dict, path: Path) -> Path:
     """Per-class coverage, classes ordered head -> tail, with the 1 - alpha target line."""
-    df = per_class.filter((pl.col("score") == score) & (pl.col("alpha") == alpha))
-    predictors = df["predictor"].unique(maintain_order=True).to_list()
-    many = df["class"].n_unique() > _MAX_LINES
-    fig, axes = _figure(len(predictors))
+    df, predictors, many, fig, axes = _per_class_panels(per_class, score, alpha)
     for ax, pred in zip(axes, predictors):
         for m in colors:
             d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m))
             d = d.sort(["train_count", "class"], descending=[True, False])
             if not d.height:
                 continue
-            x, y = np.arange(d.height, dtype=float), d["coverage_mean"].to_numpy()
-            if many:
-                ax.scatter(x, y, s=3, color=colors[m], alpha=0.15, linewidths=0)
-                gx, gy = _grouped(x, y)
-                ax.plot(gx, gy, marker="o", ms=4, lw=1.8, color=colors[m], label=m)
-            else:
-                ax.plot(x, y, marker="o", ms=3, lw=1.0, color=colors[m], label=m)
+            _draw_classes(ax, np.arange(d.height, dtype=float), d["coverage_mean"].to_numpy(), colors[m], m, many,
+                          lw=1.0)
         ax.axhline(1 - alpha, color="black", ls="--", lw=1.2, label=f"1 - alpha = {1 - alpha:g}")
         ax.set_xlabel("class, ordered by training count (head -> tail)")
         ax.set_ylabel("coverage of the class (mean over splits)")

@@ -158,6 +158,38 @@ def run(splits, config: SweepConfig) -> SweepResult:
                        best_objective=float(best["val_objective"]), path=out / "results.parquet")
 
 
+def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, finetune_epochs: int | None = None,
+                from_scratch: bool = False, seed: int = 0, **stage_kwargs) -> dict[str, dict]:
+    """Sweep every method with the same trial budget, as :func:`stages.train.fit_methods` will train it, and
+    return ``{method: best_config}`` for its ``overrides``.
+
+    Two-stage protocol (the default): CE is swept first (``loop.epochs``, from scratch); the CE backbone is then
+    trained with CE's best config, and each conformal method is swept *as a fine-tune from that backbone*
+    (``finetune_epochs``, init_from the backbone, the fine-tune lr as the starting point), which is exactly what
+    its best config is later used for. ``from_scratch=True`` sweeps every method from scratch for ``loop.epochs``.
+    Every objective is measured on the validation split only.
+    """
+    from . import train as train_stage
+
+    overrides: dict[str, dict] = {}
+    backbone = None
+    for method in sorted(methods, key=lambda m: m != "ce"):  # CE first: the fine-tunes start from its best model
+        init_from = None
+        if method == "ce" or from_scratch:
+            base = dataclasses.replace(loop, method=method)
+        else:
+            if backbone is None:
+                backbone = train_stage.fit_methods(splits, out, ("ce",), loop=loop, overrides=overrides,
+                                                   **stage_kwargs)["ce"].model_path
+            base, init_from = train_stage.finetune_config(loop, method, finetune_epochs), str(backbone)
+        res = run(splits, SweepConfig(base=TrainStageConfig(out=out, loop=base, init_from=init_from,
+                                                            **{**stage_kwargs, "overwrite": False}),
+                                      num_samples=num_samples, seed=seed))
+        overrides[method] = res.best_config
+        print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}", flush=True)
+    return overrides
+
+
 def _release_trial_placement_groups(before: set, per_worker_cpus: float, use_gpu: bool) -> None:
     """Remove the worker placement groups that finished trials left behind.
 

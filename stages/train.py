@@ -344,9 +344,8 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
             cfg = dataclasses.replace(loop, method=method, **overrides.get(method, {}))
             configs.append(TrainStageConfig(out=out, loop=cfg, **stage_kwargs))
         else:
-            ft = dataclasses.replace(loop, method=method, epochs=finetune_epochs or loop.epochs,
-                                     lr=finetune_lr if finetune_lr is not None else loop.lr / 10, warmup_epochs=0,
-                                     milestones=(), **overrides.get(method, {}))
+            ft = dataclasses.replace(finetune_config(loop, method, finetune_epochs, finetune_lr),
+                                     **overrides.get(method, {}))
             configs.append(TrainStageConfig(out=out, loop=ft, init_from=str(results["ce"].model_path),
                                             **stage_kwargs))
     if parallel and len(configs) > 1:
@@ -354,6 +353,21 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     else:
         results |= {c.method: fit(splits, c, dataset=dataset) for c in configs}
     return {m: results[m] for m in methods if m in results}
+
+
+def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None = None,
+                    finetune_lr: float | None = None) -> TrainConfig:
+    """The second stage of the two-stage protocol: ``method`` fine-tuned from the CE backbone for
+    ``finetune_epochs`` (default ``loop.epochs``) at ``finetune_lr`` (default a tenth of ``loop.lr``), no warm-up,
+    no step milestones (they count the backbone's epochs).
+
+    >>> c = finetune_config(TrainConfig(lr=0.1, epochs=200, milestones=(160, 180)), "cact", 20)
+    >>> c.method, c.epochs, c.lr, c.milestones
+    ('cact', 20, 0.01, ())
+    """
+    return dataclasses.replace(loop, method=method, epochs=finetune_epochs or loop.epochs,
+                               lr=finetune_lr if finetune_lr is not None else loop.lr / 10, warmup_epochs=0,
+                               milestones=())
 
 
 def _fit_parallel(splits, configs: list[TrainStageConfig], dataset) -> dict[str, TrainResult]:

@@ -45,3 +45,38 @@ def test_sweep_ranks_trials_on_validation_and_writes_results(ray_cluster, tmp_pa
 def test_sweep_rejects_unknown_search_keys():
     with pytest.raises(ValueError, match="not TrainConfig fields"):
         sweep.SweepConfig(search_space={"learning_rate": 0.1})
+
+
+def test_run_methods_sweeps_fine_tunes_from_the_swept_backbone(monkeypatch, tmp_path):
+    """Two-stage protocol: CE is swept first, the backbone is trained with CE's best config, and every conformal
+    method is swept as the fine-tune it will be (init_from the backbone, fine-tune epochs and lr). No Ray needed:
+    the sweep and the fit are replaced by recorders."""
+    swept, fitted = [], []
+
+    def fake_run(splits, config):
+        swept.append(config.base)
+        return sweep.SweepResult(method=config.base.method, results=None, best_config={"lr": 0.5},
+                                 best_objective=1.0, path=tmp_path)
+
+    def fake_fit_methods(splits, out, methods, loop, overrides, **kw):
+        fitted.append((methods, dict(overrides)))
+        return {"ce": train.TrainResult(method="ce", method_dir=tmp_path, model_path=tmp_path / "model.pt",
+                                        history_path=tmp_path, metrics_path=tmp_path, final_metrics={})}
+
+    monkeypatch.setattr(sweep, "run", fake_run)
+    monkeypatch.setattr(train, "fit_methods", fake_fit_methods)
+    loop = TrainConfig(epochs=30, lr=0.1, warmup_epochs=5, milestones=(20, 25))
+    best = sweep.run_methods("splits", str(tmp_path), ("cact", "ce", "conftr"), loop, num_samples=3,
+                             finetune_epochs=4)
+    assert [b.method for b in swept] == ["ce", "cact", "conftr"]  # CE first, whatever the order given
+    ce, cact, conftr = swept
+    assert ce.init_from is None and ce.loop.epochs == 30 and ce.loop.lr == 0.1
+    assert fitted == [(("ce",), {"ce": {"lr": 0.5}})]  # the backbone is trained once, with CE's best config
+    for b in (cact, conftr):
+        assert b.init_from == str(tmp_path / "model.pt")
+        assert (b.loop.epochs, b.loop.lr, b.loop.warmup_epochs, b.loop.milestones) == (4, 0.01, 0, ())
+    assert best == {m: {"lr": 0.5} for m in ("ce", "cact", "conftr")}
+    # from scratch: no backbone, every method swept for the full epochs
+    swept.clear(), fitted.clear()
+    sweep.run_methods("splits", str(tmp_path), ("cact",), loop, num_samples=3, finetune_epochs=4, from_scratch=True)
+    assert fitted == [] and swept[0].init_from is None and swept[0].loop.epochs == 30
