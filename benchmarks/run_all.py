@@ -95,6 +95,9 @@ def rows_ray(res: dict, mach: str, cmd: str) -> list[dict]:
             s["ray1"]["per_epoch_s"], s["inproc"]["per_epoch_s"], "in-process EpochLoop", "s", "<= 1.15", mach, cmd),
         row(f"epoch, Ray Train 2 workers vs 1 worker (same run; s per epoch; {os.cpu_count()} CPUs in all)",
             s["ray2"]["per_epoch_s"], s["ray1"]["per_epoch_s"], "1 worker", "s", "< 1 (scaling)", mach, cmd),
+        row("epoch CPU seconds, Ray Train 1 worker (every process of the Ray session) vs in-process (same run)",
+            s["ray1"]["per_epoch_cpu_s"]["median"], s["inproc"]["per_epoch_cpu_s"]["median"], "in-process EpochLoop",
+            "s", "<= 1.15", mach, cmd),
         row("Ray Train start-up (s, before the first epoch)", s["ray1"]["startup_s"]["median"], None,
             "-", "s", "-", mach, cmd, 1),
     ]
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller workloads (about 5 min on 2 CPUs)")
     ap.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS), help="run these benchmarks")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="JSON, logs and the table go here")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: rebuild the table from the JSON files of an earlier run in --out")
     ap.add_argument("--bench-site", type=Path, default=ROOT / ".bench-site",
                     help="folder with TorchCP and MAPIE (pip --target); added to PYTHONPATH of the CP benchmark")
     a = ap.parse_args(argv)
@@ -189,6 +194,14 @@ def main(argv=None) -> int:
     cmds = commands(a.quick, out, demo_out)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     rows, raw = [], {}
+    if a.table_only:
+        raw = json.loads((out / "perf_table.json").read_text())["runs"]
+        for name in (n for n in a.only if n in raw and not raw[n]["error"]):
+            res = {"wall_s": next(r["ours"] for r in json.loads((out / "perf_table.json").read_text())["rows"]
+                                  if r["what"].startswith("main job"))} if name == "demo" else \
+                json.loads((out / f"{name}.json").read_text())
+            rows += ROWS[name](res, raw[name]["machine"], raw[name]["command"])
+        a.only = []
     try:
         for name in a.only:
             e = env
@@ -205,8 +218,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(demo_out, ignore_errors=True)
     table = markdown(rows)
-    header = (f"Performance suite, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-              f"{'--quick' if a.quick else 'full size'}; {platform.platform()}, Python {platform.python_version()}. "
+    when = "table rebuilt from an earlier run" if a.table_only else ("--quick" if a.quick else "full size")
+    header = (f"Performance suite, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {when}; {platform.platform()}, Python {platform.python_version()}. "
               f"OUT = {out}\n\n")
     (out / "perf_table.md").write_text(header + table)
     (out / "perf_table.json").write_text(json.dumps({"rows": rows, "runs": raw}, indent=1, default=str) + "\n")
