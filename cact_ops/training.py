@@ -62,6 +62,10 @@ class TrainConfig:
     # depends on the hard threshold tau: eta = 1 was unattainable on the synthetic long-tail test (1.2 worked),
     # while on MNIST-LT soft sizes sit near 0.6 (docs/DESIGN.md section 4, docs/RESULTS.md).
     eta: float = 1.2
+    # eta relative to the starting model instead: eta = eta_relative x the mean soft size of the initial model
+    # (the CE backbone when fine-tuning) on the dual-step data, measured once before the first epoch. 0.9 asks
+    # every class for sets 10% smaller than the backbone's average, whatever the accuracy, alpha and T. CaCT only.
+    eta_relative: float | None = None
     reduction: str = "sample"  # sample | class
     lambda_init: float = 1e-6
     lambda_min: float = 1e-6
@@ -84,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
+        if self.eta_relative is not None and not self.eta_relative > 0:
+            raise ValueError(f"TrainConfig.eta_relative must be None or > 0, got {self.eta_relative!r}")
         if not 0 < self.val_cal_fraction < 1:
             raise ValueError(f"val_cal_fraction must lie in (0, 1), got {self.val_cal_fraction}")
         self.milestones = tuple(self.milestones)
@@ -228,6 +234,7 @@ class EpochLoop:
         self.loss_fn = build_loss(cfg, self.dual, self.generator)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
         self.dual_update = dual_update or (lambda dual, s, c, h, epoch: dual.update(s, c, h, epoch=epoch))
+        self.eta = cfg.eta  # the size target in use (resolve_eta replaces it when cfg.eta_relative is set)
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []  # one row per (epoch, class)
         self.metrics: list[dict] = []  # one row per epoch
@@ -291,7 +298,7 @@ class EpochLoop:
         tau = -float(conformal_quantile(-cal.double(), cfg.alpha))
         conf = torch.cat(rest_conf) if rest_conf else torch.empty(0, K)
         y = torch.cat(rest_y).long() if rest_y else torch.empty(0, dtype=torch.long)
-        h = soft_size(conf.double(), tau, cfg.temperature) - cfg.eta
+        h = soft_size(conf.double(), tau, cfg.temperature) - self.eta
         stat_dual = self.dual or DualState(K)  # methods without a dual still report the constraint
         grad_sums, counts, h_sums = stat_dual.statistics(h, y)
         hard = conf >= tau
@@ -300,7 +307,18 @@ class EpochLoop:
         size_sums = z.clone().index_add_(0, y, hard.sum(1).double())
         correct = z.clone().index_add_(0, y, (conf.argmax(1) == y).double()) if conf.numel() else z.clone()
         packed = self.comm.all_reduce_sum(torch.stack([grad_sums, counts, h_sums, covered, size_sums, correct]))
-        return ValStats(*packed.unbind(0), tau=tau, eta=cfg.eta)
+        return ValStats(*packed.unbind(0), tau=tau, eta=self.eta)
+
+    def resolve_eta(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+        """With ``cfg.eta_relative`` (CaCT methods, before the first epoch): eta = eta_relative x the current
+        model's mean soft size on the dual-step ``batches`` (same protocol as the dual step, all workers).
+        Otherwise, or once training has started, the eta in use is kept. Returns it."""
+        if self.cfg.eta_relative is None or self.dual is None or self.epoch > 0:
+            return self.eta
+        soft = self.validation_statistics(batches).summary()["val_soft_size"]
+        self.eta = self.cfg.eta_relative * soft
+        self.loss_fn.eta = self.eta
+        return self.eta
 
     def end_epoch(self, train_metrics: dict, stats: ValStats) -> dict:
         """Dual step (CaCT methods), lr schedule, and the epoch's history rows. Returns the epoch metrics."""
@@ -323,7 +341,7 @@ class EpochLoop:
                                  "rho": rho[k], "constraint": c[k] if present else float("nan"),
                                  "val_coverage": cov[k] if present else float("nan"),
                                  "val_size": size[k] if present else float("nan")})
-        metrics = {"epoch": epoch, **train_metrics, **stats.summary(), "lambda_max": max(lam),
+        metrics = {"epoch": epoch, **train_metrics, **stats.summary(), "eta": self.eta, "lambda_max": max(lam),
                    "lambda_min": min(lam), "lr": self.optimizer.param_groups[0]["lr"]}
         metrics["val_objective"] = val_objective(metrics, self.cfg.alpha, K)
         self.metrics.append(metrics)
@@ -336,7 +354,8 @@ class EpochLoop:
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "history": list(self.history), "metrics": list(self.metrics), "config": self.cfg.to_dict()}
+                "history": list(self.history), "metrics": list(self.metrics), "config": self.cfg.to_dict(),
+                "eta": self.eta}
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -354,6 +373,9 @@ class EpochLoop:
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
         self.metrics = list(state["metrics"])
+        self.eta = float(state.get("eta", self.cfg.eta))
+        if hasattr(self.loss_fn, "eta"):
+            self.loss_fn.eta = self.eta
 
 
 def iterate_tensors(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
@@ -380,6 +402,7 @@ def fit_in_process(model: nn.Module, cfg: TrainConfig, train: tuple[torch.Tensor
     loop = EpochLoop(model, cfg, num_classes, device)
     dual_x, dual_y = train if cfg.dual_source == "train" else val
     is_cal = val_cal_mask(dual_y, cfg.val_cal_fraction, cfg.seed)
+    loop.resolve_eta(iterate_tensors(dual_x, dual_y, 512, False, extra=is_cal))
     for _ in range(cfg.epochs):
         tm = loop.train_epoch(iterate_tensors(*train, cfg.batch_size, True, loop.generator))
         stats = loop.validation_statistics(iterate_tensors(dual_x, dual_y, 512, False, extra=is_cal))

@@ -64,6 +64,8 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=1.0, help="T of the soft sets")
     t.add_argument("--eta", type=float, default=TrainConfig.eta,
                    help="CaCT's target soft set size per class (compare with `constraint` in train/cact/history.parquet)")
+    t.add_argument("--eta-relative", type=float, default=None, metavar="FACTOR",
+                   help="CaCT: eta = FACTOR x the backbone's mean soft size on D_val (e.g. 0.9), instead of --eta")
     t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", TrainConfig.lambda_max),
                    help="cap of the multipliers lambda_k (CALS's 1e6 by default)")
     t.add_argument("--regularization-strength", type=float, default=TrainConfig.regularization_strength,
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     loop = TrainConfig(
         method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
         weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
-        alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, lambda_max=args.lambda_max,
+        alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, eta_relative=args.eta_relative, lambda_max=args.lambda_max,
         regularization_strength=args.regularization_strength,
         conftr_lambda=args.conftr_lambda, seed=args.seed,
         **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
@@ -165,7 +167,8 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
         if m.startswith("cact") and fm.get("lambda_max", 0.0) < 1e-3:
             # Say it when it happens: otherwise identical rows in the table look like a bug.
             print(f"  note: every lambda of {m} stayed below 1e-3: the backbone already meets each class's size "
-                  f"constraint (soft size <= eta={loop.eta}) on D_val, so {m} reduces to CE fine-tuning here")
+                  f"constraint (soft size <= eta={fm.get('eta', loop.eta):.3g}) on D_val, so {m} reduces to CE "
+                  f"fine-tuning here (--eta-relative 0.9 sets eta below the backbone's own soft size)")
     clock.stage("training")
 
     infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu))

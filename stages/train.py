@@ -559,6 +559,8 @@ def _train_loop_per_worker(cfg: dict) -> None:
 
     dual_table = splits.read_table("train" if loop_cfg.dual_source == "train" else "val")
     is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)
+    # eta relative to the starting model: measured once, before the first epoch, by every worker together
+    loop.resolve_eta(_val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
     shard = ray.train.get_dataset_shard("train")
     local_batch = max(2, loop_cfg.batch_size // world)  # the global batch stays the configured one
 

@@ -94,6 +94,37 @@ def test_dual_source_train_estimates_multipliers_on_the_training_set():
     assert sum(counts) == TRAIN[1].shape[0] - n_cal  # the non-calibration part of the training set
 
 
+def test_eta_relative_is_a_fraction_of_the_starting_models_soft_size_and_survives_a_resume():
+    from cact_ops.scores import logprob
+    from cact_ops.smooth import soft_size
+
+    cfg = tiny_cfg("cact", epochs=2, eta_relative=0.8, temperature=0.5)
+    model = linear_model(0)
+    # the starting model's mean soft size on the non-calibration part of D_val, at the dual step's threshold
+    is_cal = val_cal_mask(VAL[1], cfg.val_cal_fraction, cfg.seed)
+    with torch.no_grad():
+        conf = logprob(model(VAL[0])).double()
+    q = calibrate(-conf[is_cal], VAL[1][is_cal], cfg.alpha)
+    expected = 0.8 * float(soft_size(conf[~is_cal], -float(q), 0.5).mean())
+    loop = fit_in_process(model, cfg, TRAIN, VAL)
+    assert loop.eta == pytest.approx(expected, rel=1e-9)
+    assert loop.loss_fn.eta == loop.eta  # the training penalty and the dual step use the same target
+    assert all(m["eta"] == loop.eta for m in loop.metrics)
+    # h = S - eta: the recorded soft size minus the constraint gives back the resolved eta
+    m = loop.metrics[-1]
+    assert m["val_soft_size"] - m["val_constraint"] == pytest.approx(loop.eta)
+    # a resumed loop keeps the resolved eta (it is not measured again on the trained model)
+    state = loop.state_dict()
+    resumed = EpochLoop(linear_model(5), cfg, K)
+    resumed.load_state_dict(state)
+    assert resumed.resolve_eta(iterate_tensors(*VAL, 25, False, extra=is_cal)) == loop.eta
+    assert resumed.loss_fn.eta == loop.eta
+    # other methods have no size target to resolve; the absolute eta stays the default
+    assert fit_in_process(linear_model(0), tiny_cfg("conftr", eta_relative=0.8), TRAIN, VAL).eta == cfg.eta
+    with pytest.raises(ValueError, match="eta_relative must be None or > 0"):
+        TrainConfig(eta_relative=0.0)
+
+
 def test_validation_statistics_match_hard_split_cp():
     loop = fit_in_process(linear_model(), tiny_cfg("cact", epochs=1), TRAIN, VAL)
     is_cal = val_cal_mask(VAL[1], 0.2, 3)

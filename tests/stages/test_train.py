@@ -65,7 +65,10 @@ def test_two_workers_give_the_statistics_and_multipliers_of_one(ray_cluster, dig
 
 
 def test_killed_worker_resumes_and_matches_an_unbroken_run(ray_cluster, digits_splits, tmp_path):
-    cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=10.0, rho_step=2, seed=7)
+    # eta_relative: eta is measured once on the starting model; the restarted run must take it from the
+    # checkpoint, not measure it again on the trained model
+    cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=10.0, rho_step=2, seed=7,
+                      eta_relative=0.9)
     unbroken = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "a"), loop=cfg, verbose=False))
     broken = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "b"), loop=cfg, fail_at_epoch=1,
                                                              max_failures=1, verbose=False))
@@ -73,6 +76,7 @@ def test_killed_worker_resumes_and_matches_an_unbroken_run(ray_cluster, digits_s
     assert broken.resumed_from_epoch == 1  # restarted from the epoch-0 checkpoint, not from scratch
     # same seed, same data order: the replayed run reaches exactly the same multipliers (determinism on CPU)
     assert _dual_history(broken) == _dual_history(unbroken)
+    assert broken.final_metrics["eta"] == unbroken.final_metrics["eta"] != TrainConfig.eta
     a, b = pl.read_parquet(unbroken.history_path), pl.read_parquet(broken.history_path)
     assert a.equals(b)
     # a rerun of a finished run reuses it instead of training again (no duplicated rows)
