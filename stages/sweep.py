@@ -131,11 +131,10 @@ def run(splits, config: SweepConfig) -> SweepResult:
         ),
         run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve())),
     )
-    from ray.util.placement_group import placement_group_table
-
-    before = set(placement_group_table())
     grid = tuner.fit()
-    _release_trial_placement_groups(before, per_worker_cpus, base.use_gpu)
+    # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller removes
+    # its workers' placement group: without this the group's CPUs stay reserved for the rest of the job.
+    _release_after_trials()
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -190,29 +189,16 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
     return overrides
 
 
-def _release_trial_placement_groups(before: set, per_worker_cpus: float, use_gpu: bool) -> None:
-    """Remove the worker placement groups that finished trials left behind.
-
-    When a trial function returns, Tune kills the trial actor and with it the Ray Train controller, before the
-    controller removes its workers' placement group; Ray Train's backup cleaner needs the state API and a single
-    Ray instance per machine to do it. A leaked group keeps its CPUs reserved for good (the next fit on a small
-    cluster then waits forever). Only groups created during this sweep, with exactly the trials' worker
-    bundle, are removed.
-    """
+def _release_after_trials(wait_s: float = 10.0) -> None:
+    """Remove the placement groups of the trials' dead controllers (see train.release_orphaned_placement_groups);
+    a killed actor is marked dead by the GCS a moment later, so look again for a few seconds."""
     import time
 
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-    from ray._raylet import PlacementGroupID
+    from .train import release_orphaned_placement_groups
 
-    shape = {"CPU": per_worker_cpus, **({"GPU": 1.0} if use_gpu else {})}
-    time.sleep(2)  # give controllers that did exit cleanly the time to remove their own groups
-    for pg_id, info in placement_group_table().items():
-        bundles = list(info.get("bundles", {}).values())
-        if pg_id in before or info.get("state") == "REMOVED" or not bundles:
-            continue
-        if all({k: float(v) for k, v in b.items()} == shape for b in bundles):
-            try:
-                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
-            except Exception:  # removed meanwhile
-                pass
-
+    deadline = time.time() + wait_s
+    while True:
+        release_orphaned_placement_groups()
+        if time.time() > deadline:
+            return
+        time.sleep(1.0)

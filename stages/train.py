@@ -33,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -250,12 +251,14 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
     t0 = time.time()
+    release_orphaned_placement_groups()  # e.g. left by an earlier attempt of this fit that was killed
     try:
         result = trainer.fit()
     finally:
         if coordinator is not None:
             coord_history = _safe_get(coordinator.history.remote())
             ray.kill(coordinator)
+        release_orphaned_placement_groups()
     if result.checkpoint is None:
         raise RuntimeError(f"training {config.method} produced no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
@@ -274,6 +277,38 @@ def train_dataset(splits, materialize_bytes: int = 2 << 30):
     # Fractional CPUs per read task: reads must run beside workers (or other trials) holding the CPUs.
     ds = ray.data.read_parquet(str(_splits(splits).path("train")), num_cpus=0.25)
     return ds.materialize() if size <= materialize_bytes else ds
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor has died; returns how many.
+
+    Ray keeps a placement group until its creator actor *and* its job are both gone. A Ray Train controller that
+    dies without cleaning up (Tune kills a finished trial's actor first; a fit's driver task is OOM-killed and
+    retried) leaves its workers' group behind for the rest of the job with its CPUs reserved, and on a small
+    cluster the next fit or the inference actors then wait forever. Only groups of this job whose creator actor
+    is dead are touched: no live actor can use them. Reads Ray's GCS table through a private accessor; where that
+    differs (another Ray version) it warns and removes nothing.
+    """
+    try:
+        from ray._private.state import state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        job = ray.get_runtime_context().get_job_id()
+        removed = 0
+        for blob in state._connect_and_get_accessor().get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+            actor = pg.creator_actor_id
+            by_actor = bool(actor) and actor != b"\xff" * len(actor) and actor != b"\x00" * len(actor)  # not nil
+            if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not by_actor
+                    or not pg.creator_actor_dead or pg.creator_job_id.hex() != job):
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        return removed
+    except Exception as e:  # noqa: BLE001 - a clean-up must never fail a run
+        warnings.warn(f"could not look for orphaned placement groups ({type(e).__name__}: {e})", stacklevel=2)
+        return 0
 
 
 def _safe_get(ref):

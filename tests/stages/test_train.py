@@ -128,3 +128,33 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
     with pytest.raises(ValueError, match="3 classes.*10"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "c"), init_from=str(path)))
     assert not (tmp_path / "c" / "train").exists()
+
+
+def test_orphaned_placement_groups_are_released_and_others_kept(ray_cluster):
+    """A group whose creator actor died (a killed Ray Train controller) is removed; the driver's own groups and
+    those of live actors are not."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self):
+            pg = placement_group([{"CPU": 0.01}])
+            ray.get(pg.ready(), timeout=60)
+            return pg.id.hex()
+
+    dead, alive = Creator.remote(), Creator.remote()
+    dead_pg, alive_pg = ray.get(dead.make.remote()), ray.get(alive.make.remote())
+    own = placement_group([{"CPU": 0.01}])
+    ray.get(own.ready(), timeout=60)
+    ray.kill(dead)
+    deadline = time.time() + 30
+    removed = 0
+    while time.time() < deadline and placement_group_table()[dead_pg]["state"] != "REMOVED":
+        removed += train.release_orphaned_placement_groups()
+        time.sleep(0.2)
+    table = placement_group_table()
+    assert removed >= 1 and table[dead_pg]["state"] == "REMOVED"
+    assert table[alive_pg]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
+    remove_placement_group(own)
+    ray.kill(alive)
