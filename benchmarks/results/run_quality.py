@@ -241,14 +241,17 @@ def val_lines(name: str) -> list[str]:
     if "val_soft_size" not in v.columns:
         return []
     eta = TrainConfig.eta
-    lines = ["| trained method | val accuracy | val hard coverage | val hard size | val smooth size (training T) | smooth − hard size |",
-             "|---|---|---|---|---|---|"]
+    has_eta = "eta" in v.columns
+    lines = ["| trained method | val accuracy | val hard coverage | val hard size | val smooth size (training T) | smooth − hard size |"
+             + (" η in use |" if has_eta else ""), "|---|---|---|---|---|---|" + ("---|" if has_eta else "")]
     order = {m: i for i, m in enumerate(ORDER)}
     for r in sorted(v.iter_rows(named=True), key=lambda r: order.get(r["trained_method"], 99)):
         # records made before val_constraint existed hold the mean of S - eta under the name val_soft_size
         soft = r["val_soft_size"] if "val_constraint" in r else r["val_soft_size"] + eta
         lines.append(f"| {r['trained_method']} | {r['val_accuracy']:.3f} | {r['val_coverage']:.3f} | "
-                     f"{r['val_size']:.2f} | {soft:.2f} | {soft - r['val_size']:+.2f} |")
+                     f"{r['val_size']:.2f} | {soft:.2f} | {soft - r['val_size']:+.2f} |"
+                     + ((f" {r['eta']:.3f} |" if r["eta"] is not None and r["trained_method"].startswith("cact") else " – |")
+                        if has_eta else ""))
     return lines
 
 
