@@ -65,7 +65,8 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     t.add_argument("--eta", type=float, default=TrainConfig.eta,
                    help="CaCT's target soft set size per class (compare with `constraint` in train/cact/history.parquet)")
     t.add_argument("--eta-relative", type=float, default=None, metavar="FACTOR",
-                   help="CaCT: eta = FACTOR x the backbone's mean soft size on D_val (e.g. 0.9), instead of --eta")
+                   help="CaCT: eta = FACTOR x the starting model's mean soft size on the dual-step data (the CE "
+                        "backbone on D_val by default), measured before the first epoch; instead of --eta")
     t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", TrainConfig.lambda_max),
                    help="cap of the multipliers lambda_k (CALS's 1e6 by default)")
     t.add_argument("--regularization-strength", type=float, default=TrainConfig.regularization_strength,
@@ -148,8 +149,9 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
               "stage": {k: v for k, v in stage_kwargs.items()}, "splits": str(splits.root)}
 
     overrides: dict[str, dict] = {}
+    backbone = None  # the CE model the sweeps fine-tuned from: trained once, not again below
     if args.sweep:
-        overrides = sweep.run_methods(splits, str(out), methods, loop, args.sweep, args.finetune_epochs,
+        overrides, backbone = sweep.run_methods(splits, str(out), methods, loop, args.sweep, args.finetune_epochs,
                                       args.from_scratch, args.seed, **stage_kwargs)
         clock.stage(f"sweeps ({args.sweep} trials per method)")
     config["sweep_best"] = overrides
@@ -158,7 +160,8 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     _io.write_json(json.loads(json.dumps(config, default=str)), out / "config.json")
 
     results = train.fit_methods(splits, str(out), methods, loop=loop, finetune_epochs=args.finetune_epochs,
-                                from_scratch=args.from_scratch, overrides=overrides, **stage_kwargs)
+                                from_scratch=args.from_scratch, overrides=overrides, backbone=backbone,
+                                **stage_kwargs)
     for m, r in results.items():
         fm = r.final_metrics
         note = "reused" if r.reused else (f"resumed from epoch {r.resumed_from_epoch}" if r.resumed_from_epoch else "")

@@ -29,17 +29,25 @@ from .train import TrainStageConfig, _splits
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
-def default_search_space(method: str) -> dict:
-    """Each method's own knobs (so every method gets the same trial budget over its own hyper-parameters)."""
+def default_search_space(method: str, loop: TrainConfig | None = None) -> dict:
+    """Each method's own knobs (so every method gets the same trial budget over its own hyper-parameters).
+
+    ``loop`` is the config the trials start from: the lr range spans a factor 10 either side of its lr (so a
+    fine-tune is searched around the fine-tune lr, AdamW around AdamW's), and with ``eta_relative`` set CaCT's
+    relative target is searched instead of the absolute eta (which eta_relative replaces)."""
     from ray import tune
 
-    space: dict[str, Any] = {"lr": tune.loguniform(1e-3, 1e-1)}
+    lr = (loop or TrainConfig()).lr
+    space: dict[str, Any] = {"lr": tune.loguniform(lr / 10, lr * 10)}
     if method in ("conftr", "conftr_class"):
         space |= {"conftr_lambda": tune.loguniform(1e-2, 10.0), "temperature": tune.choice([0.1, 0.5, 1.0])}
     elif method in ("cact", "cact_uniform"):
         space |= {"temperature": tune.choice([0.1, 0.5, 1.0]), "eta": tune.choice([1.0, 1.5, 2.0]),
                   "rho_init": tune.loguniform(0.1, 10.0), "rho_step": tune.choice([0, 5, 10]),
                   "lambda_max": tune.choice([1.0, 10.0, 1e6]), "val_cal_fraction": tune.choice([0.2, 0.3])}
+        if loop is not None and loop.eta_relative is not None:
+            del space["eta"]
+            space["eta_relative"] = tune.choice([0.7, 0.8, 0.9, 1.0])
     else:
         space |= {"weight_decay": tune.loguniform(1e-5, 1e-3)}
     return space
@@ -97,7 +105,7 @@ def run(splits, config: SweepConfig) -> SweepResult:
     splits = _splits(splits)
     base = config.base
     method = base.method
-    space = dict(config.search_space or default_search_space(method))
+    space = dict(config.search_space or default_search_space(method, base.loop))
     out = Path(base.out) / "sweep" / method
     if not ray.is_initialized():
         ray.init()
@@ -131,10 +139,12 @@ def run(splits, config: SweepConfig) -> SweepResult:
         ),
         run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve())),
     )
-    grid = tuner.fit()
-    # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller removes
-    # its workers' placement group: without this the group's CPUs stay reserved for the rest of the job.
-    _release_after_trials()
+    try:
+        grid = tuner.fit()
+    finally:
+        # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller
+        # removes its workers' placement group: without this the group's CPUs stay reserved for the whole job.
+        _release_after_trials()
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -158,14 +168,15 @@ def run(splits, config: SweepConfig) -> SweepResult:
 
 
 def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, finetune_epochs: int | None = None,
-                from_scratch: bool = False, seed: int = 0, **stage_kwargs) -> dict[str, dict]:
-    """Sweep every method with the same trial budget, as :func:`stages.train.fit_methods` will train it, and
-    return ``{method: best_config}`` for its ``overrides``.
+                from_scratch: bool = False, seed: int = 0, **stage_kwargs) -> tuple[dict[str, dict], "TrainResult | None"]:
+    """Sweep every method with the same trial budget, as :func:`stages.train.fit_methods` will train it.
+    Returns ``({method: best_config}, backbone)``: the ``overrides`` and ``backbone`` arguments of
+    ``fit_methods`` (backbone: the CE result the fine-tunes were swept from, None from scratch).
 
     Two-stage protocol (the default): CE is swept first (``loop.epochs``, from scratch); the CE backbone is then
     trained with CE's best config, and each conformal method is swept *as a fine-tune from that backbone*
-    (``finetune_epochs``, init_from the backbone, the fine-tune lr as the starting point), which is exactly what
-    its best config is later used for. ``from_scratch=True`` sweeps every method from scratch for ``loop.epochs``.
+    (``finetune_epochs``, init_from the backbone; its lr range is centred on the fine-tune lr), which is exactly
+    what its best config is later used for. ``from_scratch=True`` sweeps every method from scratch for ``loop.epochs``.
     Every objective is measured on the validation split only.
     """
     from . import train as train_stage
@@ -179,14 +190,14 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
         else:
             if backbone is None:
                 backbone = train_stage.fit_methods(splits, out, ("ce",), loop=loop, overrides=overrides,
-                                                   **stage_kwargs)["ce"].model_path
-            base, init_from = train_stage.finetune_config(loop, method, finetune_epochs), str(backbone)
+                                                   **stage_kwargs)["ce"]
+            base, init_from = train_stage.finetune_config(loop, method, finetune_epochs), str(backbone.model_path)
         res = run(splits, SweepConfig(base=TrainStageConfig(out=out, loop=base, init_from=init_from,
                                                             **{**stage_kwargs, "overwrite": False}),
                                       num_samples=num_samples, seed=seed))
         overrides[method] = res.best_config
         print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}", flush=True)
-    return overrides
+    return overrides, backbone
 
 
 def _release_after_trials(wait_s: float = 10.0) -> None:
@@ -194,11 +205,11 @@ def _release_after_trials(wait_s: float = 10.0) -> None:
     a killed actor is marked dead by the GCS a moment later, so look again for a few seconds."""
     import time
 
-    from .train import release_orphaned_placement_groups
+    from .train import actor_placement_groups, release_orphaned_placement_groups
 
     deadline = time.time() + wait_s
     while True:
         release_orphaned_placement_groups()
-        if time.time() > deadline:
+        if not actor_placement_groups() or time.time() > deadline:  # none left whose controller may still die
             return
         time.sleep(1.0)

@@ -162,10 +162,24 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, 
     return model, blob
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A saved config.json with the fields added since it was written filled in at their defaults, so that a
+    run finished by an older version is still recognised (and reused) as the same run."""
+    def defaults(cls) -> dict:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+    stage = {k: v for k, v in _jsonable(defaults(TrainStageConfig)).items() if k != "loop"}
+    return {**stage, **saved, "loop": {**_jsonable(defaults(TrainConfig)), **saved.get("loop", {})}}
+
+
 def _run_name(config: TrainStageConfig, splits, spec: dict) -> str:
     if config.run_name:
         return config.run_name
-    key = json.dumps({"loop": config.loop.to_dict(), "spec": spec, "splits": str(Path(splits.root).resolve()),
+    # Optional fields left at None are dropped: adding such a field to TrainConfig keeps older runs' names.
+    loop = {k: v for k, v in config.loop.to_dict().items() if v is not None}
+    key = json.dumps({"loop": loop, "spec": spec, "splits": str(Path(splits.root).resolve()),
                       "init_from": config.init_from, "finetune": config.finetune, "image_size": config.image_size,
                       "workers": config.num_workers}, sort_keys=True, default=str)
     return f"{config.method}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -202,7 +216,7 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
     method_dir = config.method_dir
     saved_config = method_dir / "config.json"
     if (method_dir / "model.pt").is_file() and not config.overwrite:
-        if saved_config.is_file() and json.loads(saved_config.read_text()) == _jsonable(config.to_dict()):
+        if saved_config.is_file() and _with_defaults(json.loads(saved_config.read_text())) == _jsonable(config.to_dict()):
             return _result_from_disk(config, reused=True)
         raise ValueError(
             f"{method_dir} already holds a trained {config.method} model with another config; "
@@ -279,6 +293,32 @@ def train_dataset(splits, materialize_bytes: int = 2 << 30):
     return ds.materialize() if size <= materialize_bytes else ds
 
 
+def _job_actor_placement_groups() -> list:
+    """This job's live placement groups created by an actor (a Ray Train controller), as GCS table entries.
+    Reads Ray's GCS table through a private accessor: Ray's public table hides the creator."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    out = []
+    for blob in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        actor = pg.creator_actor_id
+        by_actor = bool(actor) and actor != b"\xff" * len(actor) and actor != b"\x00" * len(actor)  # not nil
+        if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached and by_actor \
+                and pg.creator_job_id.hex() == job:
+            out.append(pg)
+    return out
+
+
+def actor_placement_groups() -> int:
+    """How many of this job's placement groups an actor created and nobody removed yet (0 if unreadable)."""
+    try:
+        return len(_job_actor_placement_groups())
+    except Exception:  # noqa: BLE001 - only used to stop waiting early
+        return 0
+
+
 def release_orphaned_placement_groups() -> int:
     """Remove this job's placement groups whose creator actor has died; returns how many.
 
@@ -286,29 +326,24 @@ def release_orphaned_placement_groups() -> int:
     dies without cleaning up (Tune kills a finished trial's actor first; a fit's driver task is OOM-killed and
     retried) leaves its workers' group behind for the rest of the job with its CPUs reserved, and on a small
     cluster the next fit or the inference actors then wait forever. Only groups of this job whose creator actor
-    is dead are touched: no live actor can use them. Reads Ray's GCS table through a private accessor; where that
-    differs (another Ray version) it warns and removes nothing.
+    is dead are touched: no live actor can use them. Where Ray's private GCS accessor differs (another Ray
+    version) it warns and removes nothing.
     """
-    try:
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-        job = ray.get_runtime_context().get_job_id()
-        removed = 0
-        for blob in state._connect_and_get_accessor().get_placement_group_table():
-            pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
-            actor = pg.creator_actor_id
-            by_actor = bool(actor) and actor != b"\xff" * len(actor) and actor != b"\x00" * len(actor)  # not nil
-            if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not by_actor
-                    or not pg.creator_actor_dead or pg.creator_job_id.hex() != job):
-                continue
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-        return removed
+    try:
+        orphans = [pg for pg in _job_actor_placement_groups() if pg.creator_actor_dead]
     except Exception as e:  # noqa: BLE001 - a clean-up must never fail a run
         warnings.warn(f"could not look for orphaned placement groups ({type(e).__name__}: {e})", stacklevel=2)
         return 0
+    removed = 0
+    for pg in orphans:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        except Exception:  # noqa: BLE001 - removed meanwhile
+            pass
+    return removed
 
 
 def _safe_get(ref):
@@ -353,14 +388,15 @@ def _result_from_disk(config: TrainStageConfig, reused: bool = False, resumed_fr
 
 def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = None, ce_epochs: int | None = None,
                 finetune_epochs: int | None = None, finetune_lr: float | None = None, from_scratch: bool = False,
-                overrides: dict[str, dict] | None = None, parallel: bool = True,
+                overrides: dict[str, dict] | None = None, parallel: bool = True, backbone: TrainResult | None = None,
                 **stage_kwargs) -> dict[str, TrainResult]:
     """Train every method. By default the two-stage protocol: a CE backbone trained once, then every conformal
     method fine-tuned from it (``from_scratch=True`` trains each method from scratch instead).
 
     ``loop`` is the base TrainConfig (its method is replaced); ``ce_epochs`` / ``finetune_epochs`` default to
     ``loop.epochs``; ``finetune_lr`` defaults to a tenth of ``loop.lr``; ``overrides[method]`` replaces
-    TrainConfig fields of one method (e.g. the best config of a sweep). ``parallel`` runs the methods that do not
+    TrainConfig fields of one method (e.g. the best config of a sweep); ``backbone``: a CE result already trained
+    (by :func:`stages.sweep.run_methods`) to fine-tune from instead of training CE here. ``parallel`` runs the methods that do not
     depend on each other at the same time, each driven by a zero-CPU Ray task (a short fit is mostly start-up
     latency, so this is several times faster on a small machine). Extra keyword arguments go to every
     :class:`TrainStageConfig`.
@@ -370,8 +406,11 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     results: dict[str, TrainResult] = {}
     splits = _splits(splits)
     dataset = train_dataset(splits)  # read once, shared by every fit
-    if "ce" in methods or not from_scratch:
-        ce_cfg = dataclasses.replace(loop, method="ce", epochs=ce_epochs or loop.epochs, **overrides.get("ce", {}))
+    if backbone is not None and not from_scratch:
+        results["ce"] = backbone
+    elif "ce" in methods or not from_scratch:
+        ce_cfg = dataclasses.replace(loop, method="ce", epochs=ce_epochs or loop.epochs, eta_relative=None,
+                                     **overrides.get("ce", {}))  # eta_relative means nothing to CE
         results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs), dataset=dataset)
     configs = []
     for method in (m for m in methods if m != "ce"):

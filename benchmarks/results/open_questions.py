@@ -83,6 +83,8 @@ def refit(run: Path, out: Path, method: str, overrides: dict) -> dict:
     from cact_ops.training import TrainConfig
     from stages import evaluate, infer, train
 
+    if method == "ce":
+        raise SystemExit("refit: ce is the backbone, trained from scratch; refit a method fine-tuned from it")
     src = json.loads((run / "train" / method / "config.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     loop = TrainConfig(**{**src["loop"], **overrides})

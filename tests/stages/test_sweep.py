@@ -66,8 +66,9 @@ def test_run_methods_sweeps_fine_tunes_from_the_swept_backbone(monkeypatch, tmp_
     monkeypatch.setattr(sweep, "run", fake_run)
     monkeypatch.setattr(train, "fit_methods", fake_fit_methods)
     loop = TrainConfig(epochs=30, lr=0.1, warmup_epochs=5, milestones=(20, 25))
-    best = sweep.run_methods("splits", str(tmp_path), ("cact", "ce", "conftr"), loop, num_samples=3,
-                             finetune_epochs=4)
+    best, backbone = sweep.run_methods("splits", str(tmp_path), ("cact", "ce", "conftr"), loop, num_samples=3,
+                                       finetune_epochs=4)
+    assert backbone.model_path == tmp_path / "model.pt"  # handed to fit_methods, which then does not retrain CE
     assert [b.method for b in swept] == ["ce", "cact", "conftr"]  # CE first, whatever the order given
     ce, cact, conftr = swept
     assert ce.init_from is None and ce.loop.epochs == 30 and ce.loop.lr == 0.1
@@ -78,5 +79,16 @@ def test_run_methods_sweeps_fine_tunes_from_the_swept_backbone(monkeypatch, tmp_
     assert best == {m: {"lr": 0.5} for m in ("ce", "cact", "conftr")}
     # from scratch: no backbone, every method swept for the full epochs
     swept.clear(), fitted.clear()
-    sweep.run_methods("splits", str(tmp_path), ("cact",), loop, num_samples=3, finetune_epochs=4, from_scratch=True)
-    assert fitted == [] and swept[0].init_from is None and swept[0].loop.epochs == 30
+    _, backbone = sweep.run_methods("splits", str(tmp_path), ("cact",), loop, num_samples=3, finetune_epochs=4,
+                                    from_scratch=True)
+    assert fitted == [] and backbone is None and swept[0].init_from is None and swept[0].loop.epochs == 30
+
+
+def test_default_search_space_follows_the_starting_config():
+    lo_hi = lambda d: (d.lower, d.upper)  # noqa: E731
+    assert lo_hi(sweep.default_search_space("ce", TrainConfig(lr=0.1))["lr"]) == pytest.approx((0.01, 1.0))
+    ft = train.finetune_config(TrainConfig(lr=0.1), "cact")  # a fine-tune is searched around lr / 10
+    space = sweep.default_search_space("cact", ft)
+    assert lo_hi(space["lr"]) == pytest.approx((0.001, 0.1)) and "eta" in space and "eta_relative" not in space
+    rel = sweep.default_search_space("cact", TrainConfig(eta_relative=0.9))
+    assert "eta" not in rel and set(rel["eta_relative"].categories) <= {0.7, 0.8, 0.9, 1.0}

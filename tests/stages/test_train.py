@@ -158,3 +158,13 @@ def test_orphaned_placement_groups_are_released_and_others_kept(ray_cluster):
     assert table[alive_pg]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
     remove_placement_group(own)
     ray.kill(alive)
+
+
+def test_a_run_saved_before_a_field_was_added_is_still_the_same_run():
+    """config.json written by an older version lacks fields added since (at their defaults): still reused."""
+    cfg = train.TrainStageConfig(out="runs/x", loop=TrainConfig(method="cact", epochs=3))
+    saved = json.loads(json.dumps(train._jsonable(cfg.to_dict())))
+    del saved["loop"]["eta_relative"], saved["materialize_bytes"]
+    assert train._with_defaults(saved) == train._jsonable(cfg.to_dict())
+    changed = {**saved, "loop": {**saved["loop"], "epochs": 4}}
+    assert train._with_defaults(changed) != train._jsonable(cfg.to_dict())
