@@ -294,6 +294,7 @@ def report(names: list[str] | None = None) -> str:
                     t = seed_table(seeds, score, pred, alpha)
                     if t:
                         out += [f"**α = {alpha:g}, {score.upper()}, {pred}**", "", *t, ""]
+    out += compact_section()
     out += conftr_linear_section()
     out += open_question_sections()
     out.append("<!-- END GENERATED -->")
@@ -381,6 +382,49 @@ def open_question_sections() -> list[str]:
         val = val_lines(alt)
         if val:
             out += ["", *val]
+        out.append("")
+    return out
+
+
+def compact_section(alpha: float = 0.1) -> list[str]:
+    """One small table per run that has refits: every method of the run and every refit variant, mean set size
+    of the four (score, predictor) cells at ``alpha``, accuracy and LAC-standard CovGap; smallest size in bold."""
+    import polars as pl
+
+    by_base: dict[str, list] = {}
+    for base, alt, method, overrides in refits():
+        by_base.setdefault(base, []).append((alt, method, overrides))
+    if not by_base:
+        return []
+    cells = [("lac", "standard"), ("lac", "classwise"), ("aps", "standard"), ("aps", "classwise")]
+    out = [f"### Every method and every refit side by side (α = {alpha:g}, mean over the R splits)", "",
+           "Rows: the run's own methods, then each refit (`open_questions.py refit`) of one method from the same "
+           "CE backbone with the fields shown changed. Same pool and the same R splits in every row of a table. "
+           "Bold: the smallest size of each column.", ""]
+    for base in [n for n in RUNS if n in by_base]:
+        rows = []
+        summ = pl.read_csv(MEASURED / base / "summary.csv")
+        for m in [m for m in ORDER if m in summ["method"].to_list()]:
+            rows.append((m, summ.filter(pl.col("method") == m)))
+        for alt, method, overrides in by_base[base]:
+            label = f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
+            rows.append((label, pl.read_csv(MEASURED / alt / "summary.csv").filter(pl.col("method") == method)))
+        table = []
+        for label, df in rows:
+            d = df.filter((pl.col("alpha") - alpha).abs() < 1e-9)
+            vals = []
+            for sc, pr in cells:
+                r = d.filter((pl.col("score") == sc) & (pl.col("predictor") == pr))
+                vals.append(float(r["size_mean"][0]) if r.height else float("nan"))
+            lac = d.filter((pl.col("score") == "lac") & (pl.col("predictor") == "standard"))
+            table.append((label, float(d["accuracy"][0]), vals, float(lac["covgap_mean"][0])))
+        best = [min(t[2][i] for t in table) for i in range(len(cells))]
+        out += [f"**{RUNS[base]['title']}**", "",
+                "| method | accuracy | LAC size | LAC class-wise size | APS size | APS class-wise size | LAC CovGap (pts) |",
+                "|---|---|---|---|---|---|---|"]
+        for label, acc, vals, gap in table:
+            sizes = [f"**{v:.3f}**" if abs(v - b) < 1e-12 else f"{v:.3f}" for v, b in zip(vals, best)]
+            out.append(f"| {label} | {acc:.3f} | " + " | ".join(sizes) + f" | {gap:.2f} |")
         out.append("")
     return out
 
