@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class SweepConfig:
     max_concurrent_trials: int | None = None  # None: derived from the cluster's GPUs (or CPUs) per trial
     trial_cpus: float = 0.1  # the trial function itself only waits on its TorchTrainer
     seed: int = 0  # seeds the search algorithm's sampling
+    time_budget_s: float | None = None  # stop every trial after this many seconds of sweep (None: no limit)
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -131,7 +133,7 @@ def run(splits, config: SweepConfig) -> SweepResult:
         tune.with_resources(trial, {"CPU": config.trial_cpus}),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric="val_objective", mode="min", num_samples=config.num_samples,
+            metric="val_objective", mode="min", num_samples=config.num_samples, time_budget_s=config.time_budget_s,
             scheduler=ASHAScheduler(max_t=base.loop.epochs, grace_period=config.grace_period,
                                     reduction_factor=config.reduction_factor),
             # seeded sampling; the generator itself bounds concurrency (Tune ignores max_concurrent_trials here)
@@ -139,11 +141,17 @@ def run(splits, config: SweepConfig) -> SweepResult:
         ),
         run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve())),
     )
+    # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller removes
+    # its workers' placement group: the group's CPUs stay reserved, and on a small cluster the next trials wait
+    # for them forever (a 2-CPU sweep of 4 trials hung on the 4th). So orphans are removed while trials run.
+    stop = threading.Event()
+    reaper = threading.Thread(target=_reap_orphans, args=(stop,), name="cact-orphan-reaper", daemon=True)
+    reaper.start()
     try:
         grid = tuner.fit()
     finally:
-        # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller
-        # removes its workers' placement group: without this the group's CPUs stay reserved for the whole job.
+        stop.set()
+        reaper.join()
         _release_after_trials()
     rows = []
     for r in grid:
@@ -198,6 +206,13 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
         overrides[method] = res.best_config
         print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}", flush=True)
     return overrides, backbone
+
+
+def _reap_orphans(stop: threading.Event, every_s: float = 2.0) -> None:
+    from .train import release_orphaned_placement_groups
+
+    while not stop.wait(every_s):
+        release_orphaned_placement_groups()
 
 
 def _release_after_trials(wait_s: float = 10.0) -> None:

@@ -19,15 +19,19 @@ def test_sweep_ranks_trials_on_validation_and_writes_results(ray_cluster, tmp_pa
                                                     imbalance_factor=10))
     base = train.TrainStageConfig(out=str(tmp_path / "run"), loop=TrainConfig(method="cact", epochs=2,
                                                                               batch_size=64), verbose=False)
-    res = sweep.run(splits, sweep.SweepConfig(base=base, num_samples=1,
-                                              search_space={"lr": tune.grid_search([0.02, 0.05])}))
+    # 4 trials on 2 CPUs: 3 run at once (0.6 CPU each), the 4th only starts if the finished trials' worker
+    # placement groups are released (Tune kills their controllers first; it used to wait forever here)
+    lrs = [0.01, 0.02, 0.05, 0.1]
+    res = sweep.run(splits, sweep.SweepConfig(base=base, num_samples=1, search_space={"lr": tune.grid_search(lrs)},
+                                              time_budget_s=900))  # a regression fails here instead of hanging CI
     df = pl.read_parquet(res.path)
-    assert df.height == 2 and set(df["config.lr"]) == {0.02, 0.05}
+    assert df.height == 4 and set(df["config.lr"]) == set(lrs)
+    assert (df["epochs_run"] >= 1).all()  # every trial ran (a trial stopped by the time budget before it started: 0)
     assert (df["status"] == "ok").all()
     # the best trial is the one with the lowest validation objective, and it is what best.json records
     assert res.best_objective == df["val_objective"].min()
     best = json.loads((res.path.parent / "best.json").read_text())
-    assert best["best_config"] == res.best_config and res.best_config["lr"] in (0.02, 0.05)
+    assert best["best_config"] == res.best_config and res.best_config["lr"] in lrs
     assert "validation" in best["metric"]
     # Finished trials leave no placement group behind (Ray Train's cleaner removes them through the state
     # API): otherwise their CPUs stay reserved and the next fit on this cluster waits forever.
