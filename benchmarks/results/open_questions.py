@@ -137,7 +137,10 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from run_quality import collect
 
-        collect(a.save, a.out, None, {**info, "command": "benchmarks/results/open_questions.py " + " ".join(sys.argv[1:])})
+        import datetime as dt
+
+        collect(a.save, a.out, None, {**info, "command": "benchmarks/results/open_questions.py " + " ".join(sys.argv[1:]),
+                                      "end_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     return 0
 
 

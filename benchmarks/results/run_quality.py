@@ -294,6 +294,7 @@ def report(names: list[str] | None = None) -> str:
                     t = seed_table(seeds, score, pred, alpha)
                     if t:
                         out += [f"**α = {alpha:g}, {score.upper()}, {pred}**", "", *t, ""]
+    out += commands_section()
     out += compact_section()
     out += conftr_linear_section()
     out += open_question_sections()
@@ -386,6 +387,22 @@ def open_question_sections() -> list[str]:
     return out
 
 
+def commands_section() -> list[str]:
+    """The exact command, end time and wall time of every measured run (from its meta.json)."""
+    out = ["### Every measured run: command, end time, wall time", "",
+           "Outputs went to `/tmp/results-runs/` (outside the repo); `measured/<name>/` keeps what they measured. "
+           "Wall times are on the shared 2-core machine, often with two runs at once.", "",
+           "| measured/ | command | finished (UTC) | wall |", "|---|---|---|---|"]
+    for d in sorted(MEASURED.iterdir()):
+        f = d / "meta.json"
+        if not f.is_file() or not (d / "summary.csv").is_file():
+            continue
+        meta = json.loads(f.read_text())
+        end = meta.get("end_utc", "–")
+        out.append(f"| {d.name} | `{meta.get('command', '?')}` | {end} | {meta.get('wall_s', float('nan')) / 60:.1f} min |")
+    return out + [""]
+
+
 def compact_section(alpha: float = 0.1) -> list[str]:
     """One small table per run that has refits: every method of the run and every refit variant, mean set size
     of the four (score, predictor) cells at ``alpha``, accuracy and LAC-standard CovGap; smallest size in bold."""
@@ -425,6 +442,51 @@ def compact_section(alpha: float = 0.1) -> list[str]:
         for label, acc, vals, gap in table:
             sizes = [f"**{v:.3f}**" if abs(v - b) < 1e-12 else f"{v:.3f}" for v, b in zip(vals, best)]
             out.append(f"| {label} | {acc:.3f} | " + " | ".join(sizes) + f" | {gap:.2f} |")
+        out.append("")
+    return out + compact_over_seeds()
+
+
+def compact_over_seeds(alpha: float = 0.1) -> list[str]:
+    """Mean ± std over training seeds of the compact table's sizes, for benchmarks measured on several seeds:
+    every method of the runs, and each refit variant measured on every one of those seeds."""
+    import polars as pl
+
+    cells = [("lac", "standard"), ("lac", "classwise"), ("aps", "standard"), ("aps", "classwise")]
+    by_base: dict[str, list] = {}
+    for base, alt, method, overrides in refits():
+        by_base.setdefault(base, []).append((alt, method, overrides))
+    out = []
+    for prefix, title in (("mnist-if100", "MNIST-LT IF=100"), ("mnist-if10", "MNIST-LT IF=10"),
+                          ("newsgroups-if10", "20 Newsgroups-LT IF=10")):
+        seeds = [f"{prefix}-s{i}" for i in range(3) if (MEASURED / f"{prefix}-s{i}" / "summary.csv").is_file()]
+        if len(seeds) < 2:
+            continue
+        per_label: dict[str, list] = {}
+        for run in seeds:
+            summ = pl.read_csv(MEASURED / run / "summary.csv")
+            rows = [(m, summ.filter(pl.col("method") == m)) for m in ORDER if m in summ["method"].to_list()]
+            for alt, method, overrides in by_base.get(run, []):
+                label = f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
+                rows.append((label, pl.read_csv(MEASURED / alt / "summary.csv").filter(pl.col("method") == method)))
+            for label, df in rows:
+                d = df.filter((pl.col("alpha") - alpha).abs() < 1e-9)
+                vals = [float(d.filter((pl.col("score") == sc) & (pl.col("predictor") == pr))["size_mean"][0])
+                        for sc, pr in cells]
+                per_label.setdefault(label, []).append([float(d["accuracy"][0]), *vals])
+        keep = {k: v for k, v in per_label.items() if len(v) == len(seeds)}
+        if not any("," in k for k in keep):
+            continue
+        import numpy as np
+
+        stats = {k: (np.mean(v, axis=0), np.std(v, axis=0, ddof=1)) for k, v in keep.items()}
+        best = [min(m[i] for m, _ in stats.values()) for i in range(1, 5)]
+        out += [f"**{title}, mean ± std over training seeds {', '.join(s[-2:] for s in seeds)} (α = {alpha:g})**", "",
+                "| method | accuracy | LAC size | LAC class-wise size | APS size | APS class-wise size |",
+                "|---|---|---|---|---|---|"]
+        for label, (m, sd) in stats.items():
+            cells_txt = [(f"**{m[i]:.3f} ± {sd[i]:.3f}**" if abs(m[i] - best[i - 1]) < 1e-12 else f"{m[i]:.3f} ± {sd[i]:.3f}")
+                         for i in range(1, 5)]
+            out.append(f"| {label} | {m[0]:.3f} ± {sd[0]:.3f} | " + " | ".join(cells_txt) + " |")
         out.append("")
     return out
 
