@@ -296,6 +296,7 @@ def report(names: list[str] | None = None) -> str:
                         out += [f"**α = {alpha:g}, {score.upper()}, {pred}**", "", *t, ""]
     out += commands_section()
     out += compact_section()
+    out += compact_over_seeds()
     out += conftr_linear_section()
     out += open_question_sections()
     out.append("<!-- END GENERATED -->")
@@ -403,58 +404,68 @@ def commands_section() -> list[str]:
     return out + [""]
 
 
-def compact_section(alpha: float = 0.1) -> list[str]:
-    """One small table per run that has refits: every method of the run and every refit variant, mean set size
-    of the four (score, predictor) cells at ``alpha``, accuracy and LAC-standard CovGap; smallest size in bold."""
-    import polars as pl
+CELLS = [("lac", "standard"), ("lac", "classwise"), ("aps", "standard"), ("aps", "classwise")]
 
+
+def _refits_by_base() -> dict[str, list[tuple[str, str, dict]]]:
     by_base: dict[str, list] = {}
     for base, alt, method, overrides in refits():
         by_base.setdefault(base, []).append((alt, method, overrides))
+    return by_base
+
+
+def _run_rows(run: str, run_refits: list, alpha: float) -> list[tuple[str, bool, float, list[float], float]]:
+    """(label, is_refit, accuracy, sizes of the CELLS, LAC-standard CovGap) at ``alpha`` for every method of
+    ``run`` and every refit of it."""
+    import polars as pl
+
+    summ = pl.read_csv(MEASURED / run / "summary.csv")
+    frames = [(m, False, summ.filter(pl.col("method") == m)) for m in ORDER if m in summ["method"].to_list()]
+    for alt, method, overrides in run_refits:
+        label = f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
+        frames.append((label, True, pl.read_csv(MEASURED / alt / "summary.csv").filter(pl.col("method") == method)))
+    rows = []
+    for label, is_refit, df in frames:
+        d = df.filter((pl.col("alpha") - alpha).abs() < 1e-9)
+
+        def cell(score, predictor, column):
+            r = d.filter((pl.col("score") == score) & (pl.col("predictor") == predictor))
+            return float(r[column][0]) if r.height else float("nan")
+
+        rows.append((label, is_refit, float(d["accuracy"][0]), [cell(sc, pr, "size_mean") for sc, pr in CELLS],
+                     cell("lac", "standard", "covgap_mean")))
+    return rows
+
+
+def compact_section(alpha: float = 0.1) -> list[str]:
+    """One small table per run that has refits: every method of the run and every refit variant, mean set size
+    of the four (score, predictor) cells at ``alpha``, accuracy and LAC-standard CovGap; smallest size in bold."""
+    by_base = _refits_by_base()
     if not by_base:
         return []
-    cells = [("lac", "standard"), ("lac", "classwise"), ("aps", "standard"), ("aps", "classwise")]
     out = [f"### Every method and every refit side by side (α = {alpha:g}, mean over the R splits)", "",
            "Rows: the run's own methods, then each refit (`open_questions.py refit`) of one method from the same "
            "CE backbone with the fields shown changed. Same pool and the same R splits in every row of a table. "
            "Bold: the smallest size of each column.", ""]
     for base in [n for n in RUNS if n in by_base]:
-        rows = []
-        summ = pl.read_csv(MEASURED / base / "summary.csv")
-        for m in [m for m in ORDER if m in summ["method"].to_list()]:
-            rows.append((m, summ.filter(pl.col("method") == m)))
-        for alt, method, overrides in by_base[base]:
-            label = f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
-            rows.append((label, pl.read_csv(MEASURED / alt / "summary.csv").filter(pl.col("method") == method)))
-        table = []
-        for label, df in rows:
-            d = df.filter((pl.col("alpha") - alpha).abs() < 1e-9)
-            vals = []
-            for sc, pr in cells:
-                r = d.filter((pl.col("score") == sc) & (pl.col("predictor") == pr))
-                vals.append(float(r["size_mean"][0]) if r.height else float("nan"))
-            lac = d.filter((pl.col("score") == "lac") & (pl.col("predictor") == "standard"))
-            table.append((label, float(d["accuracy"][0]), vals, float(lac["covgap_mean"][0])))
-        best = [min(t[2][i] for t in table) for i in range(len(cells))]
+        table = _run_rows(base, by_base[base], alpha)
+        best = [min(t[3][i] for t in table) for i in range(len(CELLS))]
         out += [f"**{RUNS[base]['title']}**", "",
                 "| method | accuracy | LAC size | LAC class-wise size | APS size | APS class-wise size | LAC CovGap (pts) |",
                 "|---|---|---|---|---|---|---|"]
-        for label, acc, vals, gap in table:
+        for label, _, acc, vals, gap in table:
             sizes = [f"**{v:.3f}**" if abs(v - b) < 1e-12 else f"{v:.3f}" for v, b in zip(vals, best)]
             out.append(f"| {label} | {acc:.3f} | " + " | ".join(sizes) + f" | {gap:.2f} |")
         out.append("")
-    return out + compact_over_seeds()
+    return out
 
 
 def compact_over_seeds(alpha: float = 0.1) -> list[str]:
     """Mean ± std over training seeds of the compact table's sizes, for benchmarks measured on several seeds:
     every method of the runs, and each refit variant measured on every one of those seeds."""
-    import polars as pl
+    import numpy as np
 
-    cells = [("lac", "standard"), ("lac", "classwise"), ("aps", "standard"), ("aps", "classwise")]
-    by_base: dict[str, list] = {}
-    for base, alt, method, overrides in refits():
-        by_base.setdefault(base, []).append((alt, method, overrides))
+    by_base = _refits_by_base()
     out = []
     for prefix, title in (("mnist-if100", "MNIST-LT IF=100"), ("mnist-if10", "MNIST-LT IF=10"),
                           ("newsgroups-if10", "20 Newsgroups-LT IF=10")):
@@ -462,22 +473,15 @@ def compact_over_seeds(alpha: float = 0.1) -> list[str]:
         if len(seeds) < 2:
             continue
         per_label: dict[str, list] = {}
+        refit_labels: set[str] = set()
         for run in seeds:
-            summ = pl.read_csv(MEASURED / run / "summary.csv")
-            rows = [(m, summ.filter(pl.col("method") == m)) for m in ORDER if m in summ["method"].to_list()]
-            for alt, method, overrides in by_base.get(run, []):
-                label = f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
-                rows.append((label, pl.read_csv(MEASURED / alt / "summary.csv").filter(pl.col("method") == method)))
-            for label, df in rows:
-                d = df.filter((pl.col("alpha") - alpha).abs() < 1e-9)
-                vals = [float(d.filter((pl.col("score") == sc) & (pl.col("predictor") == pr))["size_mean"][0])
-                        for sc, pr in cells]
-                per_label.setdefault(label, []).append([float(d["accuracy"][0]), *vals])
+            for label, is_refit, acc, vals, _ in _run_rows(run, by_base.get(run, []), alpha):
+                per_label.setdefault(label, []).append([acc, *vals])
+                if is_refit:
+                    refit_labels.add(label)
         keep = {k: v for k, v in per_label.items() if len(v) == len(seeds)}
-        if not any("," in k for k in keep):
+        if not refit_labels & set(keep):
             continue
-        import numpy as np
-
         stats = {k: (np.mean(v, axis=0), np.std(v, axis=0, ddof=1)) for k, v in keep.items()}
         best = [min(m[i] for m, _ in stats.values()) for i in range(1, 5)]
         out += [f"**{title}, mean ± std over training seeds {', '.join(s[-2:] for s in seeds)} (α = {alpha:g})**", "",
@@ -489,9 +493,9 @@ def compact_over_seeds(alpha: float = 0.1) -> list[str]:
             out.append(f"| {label} | {m[0]:.3f} ± {sd[0]:.3f} | " + " | ".join(cells_txt) + " |")
         out.append("")
         # Paired by seed (same backbone, pool and splits): refit variant minus each of the run's methods.
-        bases = [k for k in keep if "," not in k]
+        bases = [k for k in keep if k not in refit_labels]
         lines = []
-        for label in (k for k in keep if "," in k):
+        for label in (k for k in keep if k in refit_labels):
             for b in bases:
                 d = np.array(keep[label])[:, 1:] - np.array(keep[b])[:, 1:]  # seeds x 4 cells
                 lines.append(f"| {label} | {b} | {int((d < 0).sum())} of {d.size} | {d.min():+.3f} … {d.max():+.3f} | "
