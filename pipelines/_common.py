@@ -138,8 +138,8 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     loop = TrainConfig(
         method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
         weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
-        alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, eta_relative=args.eta_relative, lambda_max=args.lambda_max,
-        regularization_strength=args.regularization_strength,
+        alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, eta_relative=args.eta_relative,
+        lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
         conftr_lambda=args.conftr_lambda, seed=args.seed,
         **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     backbone = None  # the CE model the sweeps fine-tuned from: trained once, not again below
     if args.sweep:
         overrides, backbone = sweep.run_methods(splits, str(out), methods, loop, args.sweep, args.finetune_epochs,
-                                      args.from_scratch, args.seed, **stage_kwargs)
+                                                args.from_scratch, args.seed, **stage_kwargs)
         clock.stage(f"sweeps ({args.sweep} trials per method)")
     config["sweep_best"] = overrides
     from stages import _io
