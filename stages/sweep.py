@@ -193,7 +193,9 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
     backbone = None
     for method in sorted(methods, key=lambda m: m != "ce"):  # CE first: the fine-tunes start from its best model
         init_from = None
-        if method == "ce" or from_scratch:
+        if method == "ce":
+            base = train_stage.ce_config(loop)  # keyed like the backbone fit_methods trains from its best config
+        elif from_scratch:
             base = dataclasses.replace(loop, method=method)
         else:
             if backbone is None:

@@ -409,8 +409,7 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     if backbone is not None and not from_scratch:
         results["ce"] = backbone
     elif "ce" in methods or not from_scratch:
-        ce_cfg = dataclasses.replace(loop, method="ce", epochs=ce_epochs or loop.epochs, eta_relative=None,
-                                     **overrides.get("ce", {}))  # eta_relative means nothing to CE
+        ce_cfg = dataclasses.replace(ce_config(loop), epochs=ce_epochs or loop.epochs, **overrides.get("ce", {}))
         results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs), dataset=dataset)
     configs = []
     for method in (m for m in methods if m != "ce"):
@@ -427,6 +426,26 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     else:
         results |= {c.method: fit(splits, c, dataset=dataset) for c in configs}
     return {m: results[m] for m in methods if m in results}
+
+
+# TrainConfig fields read only by the conformal losses and the dual step. CE keeps alpha, temperature and
+# val_cal_fraction: its validation metrics (hard size at alpha, soft size at T) are computed with them.
+CONFORMAL_ONLY = ("regularization_strength", "cal_fraction", "stratified_split", "ce_weight", "conftr_lambda", "kappa",
+                  "size_transform", "coverage_weight", "eta", "eta_relative", "reduction", "lambda_init",
+                  "lambda_min", "lambda_max", "rho_init", "rho_max", "rho_step", "gamma", "tau_rho", "dual_source")
+
+
+def ce_config(loop: TrainConfig) -> TrainConfig:
+    """``loop`` as the CE backbone's config: method ``ce`` and every field CE never reads at its default, so
+    that changing a conformal knob (``--eta``, ``--lambda-max``...) re-keys only the fine-tunes, and the backbone
+    they share is found and reused instead of trained again.
+
+    >>> c = ce_config(TrainConfig(method="cact", eta=0.7, eta_relative=0.9, lr=0.2, alpha=0.05))
+    >>> c.method, c.eta, c.eta_relative, c.lr, c.alpha
+    ('ce', 1.2, None, 0.2, 0.05)
+    """
+    defaults = TrainConfig()
+    return dataclasses.replace(loop, method="ce", **{k: getattr(defaults, k) for k in CONFORMAL_ONLY})
 
 
 def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None = None,

@@ -1,6 +1,7 @@
 """The sweep stage: one tiny Ray Tune run (each trial a Ray Train run) on digits-LT."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -86,6 +87,11 @@ def test_run_methods_sweeps_fine_tunes_from_the_swept_backbone(monkeypatch, tmp_
     _, backbone = sweep.run_methods("splits", str(tmp_path), ("cact",), loop, num_samples=3, finetune_epochs=4,
                                     from_scratch=True)
     assert fitted == [] and backbone is None and swept[0].init_from is None and swept[0].loop.epochs == 30
+    # CE is swept with the backbone's config: CaCT-only knobs at their defaults (train.ce_config)
+    swept.clear(), fitted.clear()
+    sweep.run_methods("splits", str(tmp_path), ("ce",), dataclasses.replace(loop, eta_relative=0.9, eta=0.7),
+                      num_samples=3)
+    assert swept[0].loop == train.ce_config(loop)
 
 
 def test_default_search_space_follows_the_starting_config():

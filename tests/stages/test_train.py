@@ -4,12 +4,14 @@ Every Ray Train fit costs ~15-25 s here, so the fits are few and each test asser
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import polars as pl
@@ -168,3 +170,23 @@ def test_a_run_saved_before_a_field_was_added_is_still_the_same_run():
     assert train._with_defaults(saved) == train._jsonable(cfg.to_dict())
     changed = {**saved, "loop": {**saved["loop"], "epochs": 4}}
     assert train._with_defaults(changed) != train._jsonable(cfg.to_dict())
+
+
+def test_changing_a_conformal_knob_keeps_the_ce_backbone(tmp_path):
+    """The CE backbone's run name ignores the fields only the conformal losses and the dual step read, so a rerun
+    with another --eta (or lambda_max, rho...) reuses the backbone instead of training it again."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(train.CONFORMAL_ONLY) <= fields
+    splits, spec = types.SimpleNamespace(root=tmp_path), {"family": "linear"}
+
+    def ce_name(**changes):
+        loop = train.ce_config(dataclasses.replace(TrainConfig(epochs=3), **changes))
+        return train._run_name(train.TrainStageConfig(out=str(tmp_path), loop=loop), splits, spec)
+
+    base = ce_name()
+    assert base.startswith("ce-")
+    for changes in ({"eta": 0.7}, {"eta_relative": 0.9}, {"lambda_max": 10.0}, {"rho_init": 10.0},
+                    {"conftr_lambda": 0.1}, {"dual_source": "train"}, {"method": "cact_uniform"}):
+        assert ce_name(**changes) == base, changes
+    for changes in ({"lr": 0.2}, {"alpha": 0.05}, {"temperature": 0.5}, {"val_cal_fraction": 0.3}, {"seed": 1}):
+        assert ce_name(**changes) != base, changes
