@@ -190,6 +190,7 @@ class ValStats:
     correct: torch.Tensor  # top-1 correct count per class
     tau: float  # hard threshold on the log-prob conformity score
     eta: float = 0.0  # the size target the constraint values h = S - eta refer to
+    n_cal: int = 0  # calibration rows the threshold tau came from (all workers)
 
     @property
     def h_means(self) -> torch.Tensor:
@@ -200,17 +201,29 @@ class ValStats:
         return {"val_accuracy": float(self.correct.sum()) / n, "val_coverage": float(self.covered.sum()) / n,
                 "val_size": float(self.size_sums.sum()) / n, "val_constraint": float(self.h_sums.sum()) / n,
                 "val_soft_size": float(self.h_sums.sum()) / n + self.eta,
-                "val_tau": self.tau}
+                "val_tau": self.tau, "val_n": int(n), "val_n_cal": int(self.n_cal)}
 
 
 def val_objective(metrics: dict, alpha: float, num_classes: int) -> float:
-    """Validation set size plus 10·K per unit of coverage shortfall below 1 - alpha (lower is better): what
-    sweeps minimise, so that a config cannot win by under-covering.
+    """Validation set size plus 10·K per unit of coverage shortfall (lower is better): what sweeps minimise, so
+    that a config cannot win by under-covering.
+
+    The shortfall counts only below 1 - alpha minus three standard deviations of split-CP coverage with
+    ``val_n_cal`` calibration and ``val_n`` test rows, sqrt(alpha (1 - alpha) (1/n_cal + 1/n)): split CP covers
+    1 - alpha on average whatever the model, so a smaller miss is sampling noise, and 10·K times that noise
+    (0.02 coverage on 20 classes = 4 classes of penalty) would rank trials by noise instead of size. Without
+    the counts the shortfall counts from 1 - alpha.
 
     >>> val_objective({"val_size": 1.4, "val_coverage": 0.92}, 0.1, 10)
     1.4
+    >>> val_objective({"val_size": 1.4, "val_coverage": 0.88, "val_n": 800, "val_n_cal": 200}, 0.1, 10)  # noise
+    1.4
+    >>> round(val_objective({"val_size": 1.4, "val_coverage": 0.80, "val_n": 800, "val_n_cal": 200}, 0.1, 10), 3)
+    4.285
     """
-    shortfall = max(0.0, (1 - alpha) - metrics["val_coverage"])
+    n, n_cal = metrics.get("val_n"), metrics.get("val_n_cal")
+    tol = 3 * math.sqrt(alpha * (1 - alpha) * (1 / n_cal + 1 / n)) if n and n_cal else 0.0
+    shortfall = max(0.0, (1 - alpha) - tol - metrics["val_coverage"])
     return metrics["val_size"] + 10 * num_classes * shortfall
 
 
@@ -307,7 +320,7 @@ class EpochLoop:
         size_sums = z.clone().index_add_(0, y, hard.sum(1).double())
         correct = z.clone().index_add_(0, y, (conf.argmax(1) == y).double()) if conf.numel() else z.clone()
         packed = self.comm.all_reduce_sum(torch.stack([grad_sums, counts, h_sums, covered, size_sums, correct]))
-        return ValStats(*packed.unbind(0), tau=tau, eta=self.eta)
+        return ValStats(*packed.unbind(0), tau=tau, eta=self.eta, n_cal=int(cal.numel()))
 
     def resolve_eta(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
         """With ``cfg.eta_relative`` (CaCT methods, before the first epoch): eta = eta_relative x the current

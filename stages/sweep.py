@@ -3,7 +3,8 @@
 One Tune trial launches one Ray Train run (the Train V2 way: the trial function builds a ``TorchTrainer``
 through :func:`stages.train.fit` with ``TuneReportCallback``). Trials are ranked on the validation split only
 (never on the pool that evaluation uses): ``val_objective`` = validation set size, plus a penalty of
-10·K per unit of coverage shortfall below 1 - alpha, so a config cannot win by under-covering.
+10·K per unit of coverage shortfall beyond sampling noise below 1 - alpha, so a config cannot win by
+under-covering. Only trials that ran every epoch can be chosen (ASHA stops the others early).
 
 Results: ``<out>/sweep/<method>/results.parquet`` (one row per trial: config, final validation metrics, epochs
 run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFrame.
@@ -99,7 +100,8 @@ def _concurrency(config: SweepConfig, per_worker_cpus: float) -> int:
 
 
 def run(splits, config: SweepConfig) -> SweepResult:
-    """Run the sweep and return its results; the best config is the lowest final ``val_objective``."""
+    """Run the sweep and return its results; the best config is the lowest final ``val_objective`` among the
+    trials that ran every epoch (among all trials only if none did)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -163,9 +165,15 @@ def run(splits, config: SweepConfig) -> SweepResult:
             row[k] = m.get(k, math.nan)
         rows.append(row)
     df = pl.DataFrame(rows).sort("val_objective", nulls_last=True)
-    if df.filter(pl.col("status") == "ok").height == 0:
+    ok = df.filter(pl.col("status") == "ok")
+    if ok.height == 0:
         raise RuntimeError(f"every trial of the {method} sweep failed; see {out / 'tune'}")
-    best = df.row(0, named=True)
+    # The best config is trained for the full epochs afterwards, so it is chosen among the trials measured at the
+    # full epochs. A trial ASHA stopped after 2 epochs is ranked on its epoch-2 metrics, which say nothing about
+    # epoch 10 (it won the first sweep of docs/RESULTS.md that way). ASHA always lets at least one trial finish;
+    # only when none did (time budget) the best of all is taken.
+    full = ok.filter(pl.col("epochs_run") >= base.loop.epochs)
+    best = (full if full.height else ok).row(0, named=True)
     best_config = {k.removeprefix("config."): v for k, v in best.items() if k.startswith("config.")}
     _io.write_parquet(df.to_arrow(), out / "results.parquet")
     _io.write_json({"method": method, "best_config": best_config, "val_objective": best["val_objective"],
