@@ -151,6 +151,26 @@ def collect(name: str, out: Path, log: Path | None, meta: dict) -> None:
                 pl.lit(met.parent.name).alias("trained_method")))
     if vals:
         pl.concat(vals, how="diagonal_relaxed").write_csv(dest / "val_metrics.csv")
+    collect_sweeps(out, dest)
+
+
+def collect_sweeps(out: Path, dest: Path) -> None:
+    """A ``--sweep`` run's trials (``sweep/<method>/results.parquet``: config, epochs run, last validation
+    metrics) and the config each method was then trained with (``best.json``), into ``sweep_trials.csv``."""
+    import polars as pl
+
+    frames = []
+    for res in sorted((out / "sweep").glob("*/results.parquet")):
+        df = pl.read_parquet(res)
+        best = json.loads((res.parent / "best.json").read_text())["best_config"]
+        cfg_cols = [c for c in df.columns if c.startswith("config.")]
+        frames.append(df.with_columns(
+            pl.struct(cfg_cols).map_elements(lambda r: json.dumps({k.removeprefix("config."): v for k, v in r.items()},
+                                                                  sort_keys=True), return_dtype=pl.String).alias("config"),
+            pl.struct(cfg_cols).map_elements(lambda r, b=best: all(r[f"config.{k}"] == v for k, v in b.items()),
+                                             return_dtype=pl.Boolean).alias("chosen")).drop(cfg_cols))
+    if frames:
+        pl.concat(frames, how="diagonal_relaxed").write_csv(dest / "sweep_trials.csv")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,6 +323,7 @@ def report(names: list[str] | None = None) -> str:
                     t = seed_table(seeds, score, pred, alpha)
                     if t:
                         out += [f"**α = {alpha:g}, {score.upper()}, {pred}**", "", *t, ""]
+    out += sweep_section()
     out += commands_section()
     out += compact_section()
     out += compact_over_seeds()
@@ -393,6 +414,31 @@ def open_question_sections() -> list[str]:
         val = val_lines(alt)
         if val:
             out += ["", *val]
+        out.append("")
+    return out
+
+
+def sweep_section() -> list[str]:
+    """Every trial of every sweep run: what each method searched, how far each trial ran, what it measured on
+    D_val, and which config the method was then trained with."""
+    import polars as pl
+
+    out = []
+    for name in [n for n in RUNS if (MEASURED / n / "sweep_trials.csv").is_file()]:
+        t = pl.read_csv(MEASURED / name / "sweep_trials.csv")
+        out += [f"**Sweep trials: {RUNS[name]['title']}**", "",
+                "Last reported validation metrics of each trial (D_val only; ASHA stops trials early, `epochs` says "
+                "how far each ran; the objective as recorded by the code of the day: runs before 2026-11-27 16:20 UTC "
+                "lack the noise tolerance and chose among all trials, not only full-length ones); ✓: the config "
+                "the method was then trained with.", "",
+                "| method | epochs | val size | val coverage | val objective | val accuracy | config | chosen |",
+                "|---|---|---|---|---|---|---|---|"]
+        order = {m: i for i, m in enumerate(ORDER)}
+        for r in sorted(t.iter_rows(named=True), key=lambda r: (order.get(r["method"], 99), r["val_objective"])):
+            cfg = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in json.loads(r["config"]).items())
+            out.append(f"| {r['method']} | {r['epochs_run']} | {r['val_size']:.3f} | {r['val_coverage']:.4f} | "
+                       f"{r['val_objective']:.3f} | {r['val_accuracy']:.3f} | {cfg} | {'✓' if r['chosen'] else ''} |")
         out.append("")
     return out
 
