@@ -9,6 +9,9 @@ Two sub-commands:
     # rebuild the generated part of docs/RESULTS.md from the measured files (no training)
     .venv/bin/python benchmarks/results/run_quality.py report
 
+    # per-benchmark plots (per-class set size, multipliers) from the run folders into docs/figures/
+    .venv/bin/python benchmarks/results/run_quality.py figures --root /tmp/results-runs
+
 ``measured/<name>/`` holds: ``meta.json`` (command, start/end UTC, wall seconds, return code),
 ``summary.csv`` (a copy of the run's ``eval/summary.csv``), ``lambda.csv`` (the last-epoch multipliers of
 ``train/cact*/history.parquet`` per class), ``val_metrics.csv`` (last-epoch validation metrics of every method
@@ -172,6 +175,63 @@ def collect_sweeps(out: Path, dest: Path) -> None:
                                              return_dtype=pl.Boolean).alias("chosen")).drop(cfg_cols))
     if frames:
         pl.concat(frames, how="diagonal_relaxed").write_csv(dest / "sweep_trials.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures (from the run folders, which stay outside the repo; the PNGs go to docs/figures/)
+
+FIGURES = ROOT / "docs" / "figures"
+# figure name -> (base run, {refit name: label}): the base run's methods plus each refit as one more line
+FIGURE_RUNS = {
+    "mnist-lt-if100": ("mnist-if100-s0", {"mnist-if100-s0-etarel0.9-rho10": "cact eta_rel 0.9, rho_init 10"}),
+    "mnist-lt-if10": ("mnist-if10-s0", {"mnist-if10-s0-etarel0.9-rho10": "cact eta_rel 0.9, rho_init 10"}),
+    "newsgroups-lt-if10": ("newsgroups-if10-s0", {"newsgroups-if10-s0-etarel0.9": "cact eta_rel 0.9"}),
+    "cifar10-lt-if100-cpu": ("cifar10-if100-s0", {"cifar10-if100-s0-etarel0.9": "cact eta_rel 0.9"}),
+    "cifar10-lt-if10-cpu": ("cifar10-if10-s0", {"cifar10-if10-s0-etarel0.9": "cact eta_rel 0.9"}),
+    "imagenette-lt-if10-cpu": ("imagenette-if10-s0", {"imagenette-if10-s0-etarel0.9": "cact eta_rel 0.9"}),
+}
+
+
+def figures(root: Path, score: str = "lac", alpha: float = 0.1) -> list[Path]:
+    """Per benchmark (seed 0): per-class set size vs training count (standard and class-wise CP) and the
+    multipliers over epochs, every method of the run plus its eta-relative refit, from the run folders under
+    ``root`` (eval/per_class.parquet, train/cact*/history.parquet), with stages.report's plot functions."""
+    import polars as pl
+
+    from stages import report
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fig_name, (base, refit_labels) in FIGURE_RUNS.items():
+        folders = {None: root / RUNS[base]["out"]}
+        for name in refit_labels:
+            meta = MEASURED / name / "meta.json"
+            if meta.is_file():
+                folders[name] = root / Path(json.loads(meta.read_text())["summary"]).parents[1].name
+        if not (folders[None] / "eval" / "per_class.parquet").is_file():
+            continue
+        per_class, histories = [], {}
+        for name, folder in folders.items():
+            pc = folder / "eval" / "per_class.parquet"
+            if not pc.is_file():
+                continue
+            df = pl.read_parquet(pc)
+            if name is not None:  # a refit: its one method becomes a line of its own
+                method = json.loads((MEASURED / name / "meta.json").read_text())["method"]
+                df = df.filter(pl.col("method") == method).with_columns(pl.lit(refit_labels[name]).alias("method"))
+                hist = folder / "train" / method / "history.parquet"
+                if hist.is_file():
+                    histories[refit_labels[name]] = pl.read_parquet(hist)
+            else:
+                histories |= {h.parent.name: pl.read_parquet(h) for h in sorted((folder / "train").glob("cact*/history.parquet"))}
+            per_class.append(df)
+        per_class = pl.concat(per_class, how="diagonal_relaxed")
+        colors = report._colors(report._method_order(per_class["method"].to_list()))
+        written.append(report.plot_class_size(per_class, score, alpha, colors, FIGURES / f"{fig_name}-class-size.png"))
+        lam = report.plot_lambda(histories, report._train_counts(per_class), FIGURES / f"{fig_name}-lambda.png")
+        if lam:
+            written.append(lam)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,7 +538,7 @@ def _run_rows(run: str, run_refits: list, alpha: float) -> list[tuple[str, bool,
     summ = pl.read_csv(MEASURED / run / "summary.csv")
     frames = [(m, False, summ.filter(pl.col("method") == m)) for m in ORDER if m in summ["method"].to_list()]
     for alt, method, overrides in run_refits:
-        label = f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
+        label = refit_label(method, overrides)
         frames.append((label, True, pl.read_csv(MEASURED / alt / "summary.csv").filter(pl.col("method") == method)))
     rows = []
     for label, is_refit, df in frames:
@@ -564,6 +624,15 @@ def compact_over_seeds(alpha: float = 0.1) -> list[str]:
     return out
 
 
+def refit_label(method: str, overrides: dict) -> str:
+    """How a refit is named in the tables. ConfTr with lambda = 0 is plain CE, fine-tuned from the backbone with
+    exactly the conformal methods' fine-tune protocol (epochs, lr): the control that separates the effect of the
+    conformal loss from that of the extra epochs."""
+    if method == "conftr" and set(overrides) == {"conftr_lambda"} and float(overrides["conftr_lambda"]) == 0:
+        return "ce fine-tuned (conftr, λ = 0)"
+    return f"{method}, " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
+
+
 def refits() -> list[tuple[str, str, str, dict]]:
     """(base run name, refit name, method, overrides) of every measured refit (open_questions.py refit)."""
     by_out = {spec["out"]: name for name, spec in RUNS.items()}
@@ -601,7 +670,13 @@ def main(argv=None) -> int:
     c.add_argument("--root", default="/tmp/results-runs")
     c.add_argument("--meta", default=None, help="JSON with command/start_utc/end_utc/wall_s/rc")
     sub.add_parser("report", help="rebuild the generated part of docs/RESULTS.md")
+    f = sub.add_parser("figures", help="per-benchmark plots from the run folders into docs/figures/")
+    f.add_argument("--root", default="/tmp/results-runs")
     a = p.parse_args(argv)
+    if a.cmd == "figures":
+        for path in figures(Path(a.root)):
+            print(path)
+        return 0
     if a.cmd == "run":
         rc = 0
         for n in a.names:
