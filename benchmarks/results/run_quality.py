@@ -83,6 +83,13 @@ for seed in (0, 1, 2):
          ["--data-root", f"{DATA}/imagenette2-128", "--imbalance-factor", "10", "--seed", str(seed), "--model",
           "small_cnn", "--image-size", "32", "--batch-size", "128", "--epochs", "15", "--finetune-epochs", "5"],
          f"imagenette-lt-if10-seed{seed}-smallcnn32")
+# The sweep protocol on an image benchmark (8 trials were too many for the CPU budget): 4 trials per method,
+# CaCT's space with eta_relative.
+_add("imagenette-if10-s0-sweep4-etarel", "Imagenette-LT IF=10, seed 0 (CPU budget), every method tuned (4 sweep "
+     "trials each, CaCT's space with eta_relative)", "pipelines/imagenet_lt.py",
+     ["--data-root", f"{DATA}/imagenette2-128", "--imbalance-factor", "10", "--seed", "0", "--model", "small_cnn",
+      "--image-size", "32", "--batch-size", "128", "--epochs", "15", "--finetune-epochs", "5", "--sweep", "4",
+      "--eta-relative", "0.9"], "imagenette-lt-if10-seed0-smallcnn32-sweep4-etarel")
 # DeepMind's ConfTr MNIST linear setting: see benchmarks/results/conftr_mnist_linear.py (two invocations)
 for part in ("ce", "conftr"):
     _add(f"conftr-linear-{part}", f"ConfTr MNIST linear reproduction, {part}, seed 0",
