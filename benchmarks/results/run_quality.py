@@ -617,10 +617,11 @@ def compact_over_seeds(alpha: float = 0.1) -> list[str]:
             out.append(f"| {label} | {m[0]:.3f} ± {sd[0]:.3f} | " + " | ".join(cells_txt) + " |")
         out.append("")
         # Paired by seed (same backbone, pool and splits): refit variant minus each of the run's methods.
-        bases = [k for k in keep if k not in refit_labels]
         lines = []
-        for label in (k for k in keep if k in refit_labels):
-            for b in bases:
+        refit_rows = [k for k in keep if k in refit_labels]
+        for i, label in enumerate(refit_rows):
+            # the run's methods, and the refits listed before this one (each pair of refits once)
+            for b in [k for k in keep if k not in refit_labels] + refit_rows[:i]:
                 d = np.array(keep[label])[:, 1:] - np.array(keep[b])[:, 1:]  # seeds x 4 cells
                 lines.append(f"| {label} | {b} | {int((d < 0).sum())} of {d.size} | {d.min():+.3f} … {d.max():+.3f} | "
                              f"{d.mean():+.3f} |")
