@@ -197,6 +197,8 @@ FIGURE_RUNS = {
     "cifar10-lt-if10-cpu": ("cifar10-if10-s0", {"cifar10-if10-s0-etarel0.9": "cact eta_rel 0.9"}),
     "imagenette-lt-if10-cpu": ("imagenette-if10-s0", {"imagenette-if10-s0-etarel0.9": "cact eta_rel 0.9"}),
 }
+for _base, _refits in FIGURE_RUNS.values():  # the CE fine-tune control (point 11 of docs/RESULTS.md), where run
+    _refits[f"{_base}-ceft"] = "ce fine-tuned (control)"
 
 
 def figures(root: Path, score: str = "lac", alpha: float = 0.1) -> list[Path]:
