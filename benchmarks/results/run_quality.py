@@ -1,6 +1,6 @@
 """Issue 7, first slice: run the real pipelines, keep what they measured, and write docs/RESULTS.md's tables.
 
-Two sub-commands:
+Sub-commands (``collect`` copies a finished run folder without running it):
 
     # run named runs one after the other (outputs under --root, never in the repo); each run's command, wall
     # time and printed summary are kept in benchmarks/results/measured/<name>/
@@ -212,21 +212,21 @@ def figures(root: Path, score: str = "lac", alpha: float = 0.1) -> list[Path]:
     FIGURES.mkdir(parents=True, exist_ok=True)
     written = []
     for fig_name, (base, refit_labels) in FIGURE_RUNS.items():
-        folders = {None: root / RUNS[base]["out"]}
+        folders = {None: (root / RUNS[base]["out"], None)}  # refit name -> (run folder, its one method)
         for name in refit_labels:
             meta = MEASURED / name / "meta.json"
             if meta.is_file():
-                folders[name] = root / Path(json.loads(meta.read_text())["summary"]).parents[1].name
-        if not (folders[None] / "eval" / "per_class.parquet").is_file():
+                m = json.loads(meta.read_text())
+                folders[name] = (root / Path(m["summary"]).parents[1].name, m["method"])
+        if not (folders[None][0] / "eval" / "per_class.parquet").is_file():
             continue
         per_class, histories = [], {}
-        for name, folder in folders.items():
+        for name, (folder, method) in folders.items():
             pc = folder / "eval" / "per_class.parquet"
             if not pc.is_file():
                 continue
             df = pl.read_parquet(pc)
             if name is not None:  # a refit: its one method becomes a line of its own
-                method = json.loads((MEASURED / name / "meta.json").read_text())["method"]
                 df = df.filter(pl.col("method") == method).with_columns(pl.lit(refit_labels[name]).alias("method"))
                 hist = folder / "train" / method / "history.parquet"
                 if hist.is_file():
@@ -276,6 +276,21 @@ def table(summary, score: str, predictor: str, alpha: float) -> list[str]:
         lines.append(f"| {m} | {r['accuracy']:.3f} | {_pm(r['coverage_mean'], r['coverage_std'])} | {size} | {gap} | "
                      f"{r['many_size_mean']:.2f} / {r['medium_size_mean']:.2f} / {r['few_size_mean']:.2f} |")
     return lines
+
+
+# Benchmarks run on several training seeds (run names <prefix>-s0, -s1, -s2): the "over training seeds" tables.
+SEED_BENCHMARKS = (("mnist-if100", "MNIST-LT IF=100"), ("mnist-if10", "MNIST-LT IF=10"),
+                   ("newsgroups-if10", "20 Newsgroups-LT IF=10"), ("imagenette-if10", "Imagenette-LT IF=10 (CPU budget)"))
+
+
+def seed_groups() -> list[tuple[str, list[str]]]:
+    """(title, measured seed runs) of every SEED_BENCHMARKS entry measured on at least two seeds."""
+    groups = []
+    for prefix, title in SEED_BENCHMARKS:
+        seeds = [f"{prefix}-s{i}" for i in range(3) if (MEASURED / f"{prefix}-s{i}" / "summary.csv").is_file()]
+        if len(seeds) >= 2:
+            groups.append((title, seeds))
+    return groups
 
 
 def seed_table(names: list[str], score: str, predictor: str, alpha: float) -> list[str]:
@@ -378,12 +393,7 @@ def report(names: list[str] | None = None) -> str:
         val = val_lines(name)
         if val:
             out += ["Last-epoch validation metrics of training (`train/<method>/metrics.parquet`):", "", *val, ""]
-    for prefix, title in (("mnist-if100", "MNIST-LT IF=100"), ("mnist-if10", "MNIST-LT IF=10"),
-                          ("newsgroups-if10", "20 Newsgroups-LT IF=10"),
-                          ("imagenette-if10", "Imagenette-LT IF=10 (CPU budget)")):
-        seeds = [f"{prefix}-s{i}" for i in range(3) if (MEASURED / f"{prefix}-s{i}" / "summary.csv").is_file()]
-        if len(seeds) < 2:
-            continue
+    for title, seeds in seed_groups():
         out += [f"### {title} over training seeds ({', '.join(seeds)})", "",
                 "Mean ± std over training seeds (each seed: its own splits, backbone and fine-tunes) of each seed's "
                 "mean over the R = 20 calibration/test splits.", ""]
@@ -592,12 +602,7 @@ def compact_over_seeds(alpha: float = 0.1) -> list[str]:
 
     by_base = _refits_by_base()
     out = []
-    for prefix, title in (("mnist-if100", "MNIST-LT IF=100"), ("mnist-if10", "MNIST-LT IF=10"),
-                          ("newsgroups-if10", "20 Newsgroups-LT IF=10"),
-                          ("imagenette-if10", "Imagenette-LT IF=10 (CPU budget)")):
-        seeds = [f"{prefix}-s{i}" for i in range(3) if (MEASURED / f"{prefix}-s{i}" / "summary.csv").is_file()]
-        if len(seeds) < 2:
-            continue
+    for title, seeds in seed_groups():
         per_label: dict[str, list] = {}
         refit_labels: set[str] = set()
         for run in seeds:
@@ -618,7 +623,7 @@ def compact_over_seeds(alpha: float = 0.1) -> list[str]:
                          for i in range(1, 5)]
             out.append(f"| {label} | {m[0]:.3f} ± {sd[0]:.3f} | " + " | ".join(cells_txt) + " |")
         out.append("")
-        # Paired by seed (same backbone, pool and splits): refit variant minus each of the run's methods.
+        # Paired by seed (same backbone, pool and splits): each refit minus the run's methods and earlier refits.
         lines = []
         refit_rows = [k for k in keep if k in refit_labels]
         for i, label in enumerate(refit_rows):
