@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cact_ops.cp import conformal_rank
-from cact_ops.losses import METHODS
+from cact_ops.methods import order_key
 from cact_ops.metrics import DEFAULT_SIZE_BINS, SHOT_GROUPS, shot_groups
 
 from . import _io
@@ -262,7 +262,7 @@ def discover_methods(run_dir: str | Path) -> tuple[str, ...]:
     """Methods with ``logits/<method>/pool.parquet``, in the canonical order (ce, conftr, ..., cact)."""
     root = Path(run_dir) / "logits"
     found = sorted(p.parent.name for p in root.glob("*/pool.parquet")) if root.is_dir() else []
-    return tuple(sorted(found, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)))
+    return tuple(sorted(found, key=order_key))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cact_ops.losses import METHODS
+from cact_ops.methods import order_key
 
 from . import _io
 
@@ -71,7 +71,7 @@ def discover_models(run_dir: str | Path) -> tuple[str, ...]:
     """Methods with ``train/<method>/model.pt``, in the canonical order (ce, conftr, ..., cact)."""
     root = Path(run_dir) / "train"
     found = [p.parent.name for p in root.glob("*/model.pt")] if root.is_dir() else []
-    return tuple(sorted(found, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)))
+    return tuple(sorted(found, key=order_key))
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:

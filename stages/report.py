@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from cact_ops.losses import METHODS
+from cact_ops.methods import order_key
 
 from . import _io
 
@@ -43,7 +43,7 @@ PLOTS = ("class_size_vs_train_count.png", "class_coverage.png", "lambda_evolutio
 
 
 def _method_order(methods) -> list[str]:
-    return sorted(set(methods), key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m))
+    return sorted(set(methods), key=order_key)
 
 
 def _colors(methods: Sequence[str]) -> dict[str, tuple]:

@@ -210,7 +210,7 @@ def test_cact_with_tiny_multipliers_and_small_sets_is_cross_entropy_up_to_a_cons
 
 
 def test_methods_registry():
-    assert METHODS == ("ce", "conftr", "conftr_class", "cact_uniform", "cact")
+    assert METHODS == ("ce", "ce_finetune", "conftr", "conftr_class", "cact_uniform", "cact")
     assert check_method("cact") == "cact"
     with pytest.raises(ValueError, match="unknown method 'dpsm'"):
         check_method("dpsm")
