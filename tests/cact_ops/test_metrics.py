@@ -16,9 +16,12 @@ from cact_ops.metrics import (
     class_size,
     coverage,
     covgap,
+    paired_difference,
     shot_group_sizes,
     shot_groups,
     sscv,
+    t_cdf,
+    t_quantile,
     undercovered_ratio,
 )
 
@@ -176,3 +179,46 @@ def test_metrics_reject_bad_inputs():
         accuracy(torch.tensor([[0.0, float("inf")]]), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         accuracy(torch.zeros(2, 2), torch.tensor([0, 5]))
+
+
+# --- paired comparisons -----------------------------------------------------------------------------------------
+
+def test_t_quantile_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 201):
+        for p in (0.5, 0.6, 0.9, 0.95, 0.975, 0.99, 0.995, 0.9995, 0.025, 0.001):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), abs=1e-4), (p, df)
+    for df in (0.5, 2.5, 1e5):  # non-integer and large df
+        assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4)
+    for t in (-40.0, -2.0, -0.1, 0.0, 0.3, 3.0, 200.0):
+        for df in (1, 4, 30, 500):
+            assert t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-10)
+
+
+def test_paired_difference_against_numpy():
+    rng = np.random.default_rng(0)
+    for r in (2, 5, 20):
+        a, b = rng.normal(size=r), rng.normal(size=r)
+        d = a - b
+        half = {2: 12.706204736, 5: 2.776445105, 20: 2.093024054}[r] * d.std(ddof=1) / np.sqrt(r)
+        mean, lo, hi = paired_difference(a, b)
+        assert (mean, lo, hi) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half), abs=1e-9)
+        mean90, lo90, hi90 = paired_difference(torch.tensor(a), torch.tensor(b), confidence=0.9)
+        assert mean90 == pytest.approx(mean) and lo < lo90 < hi90 < hi
+
+
+def test_paired_difference_edge_cases():
+    assert paired_difference([0.3, 0.5, 0.7], [0.3, 0.5, 0.7]) == (0.0, 0.0, 0.0)  # identical: zero width
+    mean, lo, hi = paired_difference([1.0, 2.0], [0.0, 1.0])  # constant difference: zero-width interval at 1
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)
+    mean, lo, hi = paired_difference([2.5], [1.0])  # R = 1: no interval
+    assert mean == 1.5 and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(v) for v in paired_difference([1.0, float("nan")], [0.0, 0.0]))
+    with pytest.raises(ValueError, match="at least one pair"):
+        paired_difference([], [])
+    with pytest.raises(ValueError, match="as many control values"):
+        paired_difference([1.0, 2.0, 3.0], [1.0])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_difference([1.0, 2.0], [0.0, 0.0], confidence=1.0)
+    with pytest.raises(ValueError, match="open interval"):
+        t_quantile(1.0, 3)
