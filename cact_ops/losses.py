@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed as _dist
 from . import methods as _methods
 from ._checks import check_alpha, check_labels, check_matrix
 from .alm import DualState, phr
@@ -29,10 +30,12 @@ def split_batch(
     cal_fraction: float = 0.5,
     stratified: bool = False,
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random indices of the calibration and prediction parts of a batch.
 
-    ``stratified`` puts round(cal_fraction * n_k) samples of each class k into calibration (vectorised: one
+    ``keys`` (one uniform random number per sample) replace the draw from ``generator``: the distributed losses
+    pass rank 0's keys so that every rank splits the global batch the same way. ``stratified`` puts round(cal_fraction * n_k) samples of each class k into calibration (vectorised: one
     sort by (label, random key), then each sample's rank inside its class).
 
     >>> cal, pred = split_batch(torch.tensor([0, 0, 1, 1]), 0.5, stratified=True, generator=torch.Generator().manual_seed(0))
@@ -50,7 +53,7 @@ def split_batch(
     n = labels.shape[0]
     if n < 2:
         raise ValueError(f"a conformal loss needs a batch of at least 2 samples, got {n}")
-    keys = torch.rand(n, generator=generator).to(labels.device)
+    keys = (torch.rand(n, generator=generator) if keys is None else keys).to(labels.device)
     if not stratified:
         perm = keys.argsort()
         n_cal = min(max(int(round(cal_fraction * n)), 1), n - 1)
@@ -82,7 +85,16 @@ class CELoss(nn.Module):
 
 
 class _ConformalLoss(nn.Module):
-    """Shared part of ConfTr and CaCT: split the batch, smooth threshold on B_cal, soft sets on B_pred."""
+    """Shared part of ConfTr and CaCT: split the batch, smooth threshold on B_cal, soft sets on B_pred.
+
+    Under ``torch.distributed`` (Ray Train, any DDP loop) the batch is the *global* batch: rank 0's random keys
+    split the union of the ranks' batches, the smooth threshold comes from the B_cal scores of every rank
+    (gathered with gradient), and every mean (CE, penalty) is taken over the global batch, so the loss, its
+    gradient and ``diag["tau"]`` are those of one process holding the whole batch, whatever the worker count
+    (``distributed=False`` keeps every rank on its own slice). ``cal_weights`` ([K]) weight each calibration
+    score by its class, e.g. 1 / (training count) so that a long-tailed B_cal stands for the balanced population
+    that calibrates at deployment (docs/DESIGN.md).
+    """
 
     def __init__(
         self,
@@ -94,6 +106,8 @@ class _ConformalLoss(nn.Module):
         classwise_tau: bool = False,
         ce_weight: float = 1.0,
         generator: torch.Generator | None = None,
+        cal_weights: torch.Tensor | None = None,
+        distributed: bool = True,
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -101,6 +115,12 @@ class _ConformalLoss(nn.Module):
             raise ValueError(f"temperature T must be > 0, got {temperature}")
         if regularization_strength <= 0:
             raise ValueError(f"regularization_strength must be > 0, got {regularization_strength}")
+        if not 0.0 < cal_fraction < 1.0:
+            raise ValueError(f"cal_fraction must lie in (0, 1), got {cal_fraction}")
+        if cal_weights is not None:
+            cal_weights = torch.as_tensor(cal_weights, dtype=torch.float64)
+            if cal_weights.dim() != 1 or not torch.isfinite(cal_weights).all() or (cal_weights <= 0).any():
+                raise ValueError("cal_weights must be a 1-D tensor of finite weights > 0, one per class")
         self.temperature = temperature
         self.regularization_strength = regularization_strength
         self.cal_fraction = cal_fraction
@@ -108,12 +128,14 @@ class _ConformalLoss(nn.Module):
         self.classwise_tau = classwise_tau
         self.ce_weight = ce_weight
         self.generator = generator
+        self.cal_weights = cal_weights
+        self.distributed = distributed
 
-    def _tau(self, conf_cal: torch.Tensor, labels_cal: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def _tau(self, true_scores: torch.Tensor, labels_cal: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Smooth lower quantile of true-class conformity scores: scalar, or [K] when ``classwise_tau``."""
-        true_scores = conf_cal.gather(1, labels_cal[:, None]).squeeze(1)
+        weights = None if self.cal_weights is None else self.cal_weights.to(true_scores.device)[labels_cal]
         tau = soft_quantile(true_scores, smooth_threshold_level(self.alpha, true_scores.shape[0]),
-                            self.regularization_strength)
+                            self.regularization_strength, weights=weights)
         if not self.classwise_tau:
             return tau
         # ConfTr-class: one threshold per class from its own calibration points; classes with fewer than 2
@@ -126,23 +148,81 @@ class _ConformalLoss(nn.Module):
                                     self.regularization_strength)
         return taus
 
+    def _global_batch(self, labels: torch.Tensor, num_classes: int):
+        """Split the global batch: (this rank's cal mask [n], global labels, per-rank sizes, rank, world)."""
+        rank, world = _dist.world() if self.distributed else (0, 1)
+        n = labels.shape[0]
+        name = type(self).__name__
+        if world == 1:
+            sizes = torch.tensor([n])
+            all_labels = labels
+        else:
+            info = _dist.all_gather_ints([n, num_classes])
+            if (info[:, 1] != num_classes).any():
+                raise ValueError(f"{name}: the ranks disagree on the number of classes (logits.shape[1] by rank: "
+                                 f"{info[:, 1].tolist()}); every rank must train the same model")
+            sizes = info[:, 0]
+            all_labels = _dist.gather_cat(labels, sizes)
+        total = int(sizes.sum())
+        if total < 2:
+            raise ValueError(f"{name}: the batch has {total} sample(s) over {world} rank(s) (per rank: "
+                             f"{sizes.tolist()}); B_cal and B_pred need at least 2 in all: raise batch_size")
+        keys = torch.rand(total, generator=self.generator)
+        if world > 1:
+            keys = _dist.broadcast(keys)  # rank 0's keys: every rank splits the global batch alike
+        cal, _ = split_batch(all_labels, self.cal_fraction, self.stratified, keys=keys)
+        is_cal = torch.zeros(total, dtype=torch.bool, device=labels.device)
+        is_cal[cal] = True
+        offset = int(sizes[:rank].sum())
+        return is_cal[offset: offset + n], all_labels, is_cal, sizes, world
+
     def conformal_forward(self, logits: torch.Tensor, labels: torch.Tensor):
-        """CE on the whole batch, and the soft sets of B_pred: returns (ce, C [m, K], pred labels, tau)."""
+        """CE and the soft sets of this rank's B_pred under the global threshold.
+
+        Returns (ce, C [m, K], pred labels, tau, world, global_sum) where ``global_sum(t)`` sums a tensor over
+        the ranks with gradient (identity in one process) and ce is already the global mean.
+        """
         check_matrix(logits, "logits")
-        labels = check_labels(labels, logits.shape[0], logits.shape[1])
-        ce = F.cross_entropy(logits, labels)
+        K = logits.shape[1]
+        labels = check_labels(labels, logits.shape[0], K)
+        mine, all_labels, is_cal, sizes, world = self._global_batch(labels, K)
         conf = logprob(logits.float())
-        cal, pred = split_batch(labels, self.cal_fraction, self.stratified, self.generator)
-        tau = self._tau(conf[cal], labels[cal], logits.shape[1])
+        true = conf.gather(1, labels[:, None]).squeeze(1)
+        cal_sizes = torch.stack([is_cal[int(sizes[:r].sum()): int(sizes[:r + 1].sum())].sum() for r in range(world)])
+        true_cal = _dist.gather_cat(true[mine], cal_sizes) if world > 1 else true[mine]
+        tau = self._tau(true_cal, all_labels[is_cal], K)
+        pred = (~mine).nonzero().flatten()
         sets = soft_sets(conf[pred], tau, self.temperature)
-        return ce, sets, labels[pred], tau
+
+        def global_sum(t: torch.Tensor) -> torch.Tensor:
+            return _dist.gather_cat(t[None]).sum(0) if world > 1 else t
+
+        ce = global_sum(F.cross_entropy(logits, labels, reduction="sum")) / int(sizes.sum())
+        return ce, sets, labels[pred], tau, global_sum
 
     @staticmethod
-    def _class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """Mean of ``values`` per class (NaN where a class is absent), detached, for diagnostics."""
-        v = values.detach().float()
-        counts = torch.bincount(labels, minlength=num_classes).float()
-        sums = torch.zeros(num_classes, device=v.device).index_add_(0, labels, v)
+    def _class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Sum of ``values`` per class ([K], keeps the gradient)."""
+        return torch.zeros(num_classes, dtype=values.dtype, device=values.device).index_add(0, labels, values)
+
+    def _diagnostics(self, size, per_sample, y, K, global_sum) -> dict:
+        """Per-class sums (this rank's B_pred; a loop all-reduces them per epoch) and batch means (global)."""
+        counts = torch.bincount(y, minlength=K).to(size.dtype)
+        size_sums = self._class_sums(size.detach(), y, K)
+        with torch.no_grad():
+            n = global_sum(counts.sum()).clamp(min=1)
+            mean_size = global_sum(size_sums.sum()) / n
+        return {
+            "soft_size": mean_size,
+            "class_soft_size": self._class_means(size_sums, counts),
+            "class_penalty": self._class_means(self._class_sums(per_sample.detach(), y, K), counts),
+            "class_size_sums": size_sums,
+            "class_counts": counts,
+        }
+
+    @staticmethod
+    def _class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """sums / counts per class, NaN where a class is absent (diagnostics)."""
         return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
 
 
@@ -156,8 +236,8 @@ class ConfTrLoss(_ConformalLoss):
 
     >>> torch.manual_seed(0) and None
     >>> loss, diag = ConfTrLoss(alpha=0.1)(torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
-    >>> sorted(diag)
-    ['ce', 'class_penalty', 'class_soft_size', 'coverage_loss', 'penalty', 'soft_size', 'tau']
+    >>> sorted(diag)[:4]
+    ['ce', 'class_counts', 'class_penalty', 'class_size_sums']
     """
 
     def __init__(
@@ -182,35 +262,37 @@ class ConfTrLoss(_ConformalLoss):
         self.register_buffer("loss_matrix", loss_matrix if loss_matrix is None else torch.as_tensor(loss_matrix))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
-        ce, sets, y, tau = self.conformal_forward(logits, labels)
+        ce, sets, y, tau, global_sum = self.conformal_forward(logits, labels)
         K = logits.shape[1]
         size = sets.sum(dim=1)
         per_sample = (size - self.kappa).clamp(min=0)
-        size_loss = per_sample.mean()
-        if self.size_transform == "log":
-            size_loss = torch.log(size_loss + 1e-8)
         onehot = F.one_hot(y, K).to(sets.dtype)
         L = self.loss_matrix if self.loss_matrix is not None else torch.eye(K, device=sets.device)
         # Coverage loss: miss the true class, or include a wrong class, each weighted by L[y, k].
         miss = (onehot * (1 - sets) + (1 - onehot) * sets) * L.to(sets.dtype)[y]
-        coverage_loss = miss.sum(dim=1).mean()
+        # Global means over B_pred: [sum of size excess, sum of coverage loss, count], summed over ranks.
+        totals = global_sum(torch.stack([per_sample.sum(), miss.sum(), per_sample.new_tensor(float(y.shape[0]))]))
+        n_pred = totals[2].detach().clamp(min=1)
+        size_loss, coverage_loss = totals[0] / n_pred, totals[1] / n_pred
+        if self.size_transform == "log":
+            size_loss = torch.log(size_loss + 1e-8)
         loss = self.ce_weight * ce + self.lam * size_loss + self.coverage_weight * coverage_loss
         return loss, {
             "ce": ce.detach(),
             "penalty": (self.lam * size_loss).detach(),
             "coverage_loss": coverage_loss.detach(),
-            "soft_size": size.detach().mean(),
             "tau": tau.detach(),
-            "class_soft_size": self._class_means(size, y, K),
-            "class_penalty": self._class_means(self.lam * per_sample, y, K),
+            **self._diagnostics(size, self.lam * per_sample, y, K, global_sum),
         }
 
 
 class CaCTLoss(_ConformalLoss):
     """CaCT: CE + PHR penalty of h_i = S(x_i) - eta with the multipliers of class y_i.
 
-    ``reduction="sample"`` averages the penalty over B_pred (DESIGN.md); ``"class"`` averages per class first,
-    then over the classes present, so every class weighs the same whatever its batch frequency.
+    ``reduction="class"`` (the default) averages the penalty per class, then sums over the classes present with
+    weight 1/(classes present): the batch estimate of sum_k P_k(E[S | Y = k]) / K, each class's constraint
+    weighing the same, as the K class-conditional constraints ask. ``"sample"`` averages over B_pred, which
+    weights class k by its batch frequency pi_k (64x head vs tail on CIFAR-10-LT IF=100).
 
     >>> from cact_ops.alm import DualState
     >>> torch.manual_seed(0) and None
@@ -219,7 +301,7 @@ class CaCTLoss(_ConformalLoss):
     True
     """
 
-    def __init__(self, dual: DualState, alpha: float = 0.1, eta: float = 1.0, reduction: str = "sample", **kwargs):
+    def __init__(self, dual: DualState, alpha: float = 0.1, eta: float = 1.0, reduction: str = "class", **kwargs):
         super().__init__(alpha=alpha, **kwargs)
         if not isinstance(dual, DualState):
             raise ValueError(f"dual must be a cact_ops.alm.DualState, got {type(dual).__name__}")
@@ -233,27 +315,27 @@ class CaCTLoss(_ConformalLoss):
         K = check_matrix(logits, "logits").shape[1]
         if K != self.dual.num_classes:
             raise ValueError(f"logits have {K} classes but the DualState has {self.dual.num_classes}")
-        ce, sets, y, tau = self.conformal_forward(logits, labels)
+        ce, sets, y, tau, global_sum = self.conformal_forward(logits, labels)
         size = sets.sum(dim=1)
         h = size - self.eta
         lam = self.dual.lam.to(device=h.device, dtype=h.dtype)[y]
         rho = self.dual.rho.to(device=h.device, dtype=h.dtype)[y]
         per_sample = phr(h, rho, lam)
+        # [per-class penalty sums, per-class counts], summed over ranks (gradient through the sums only).
+        counts = torch.bincount(y, minlength=K).to(h.dtype)
+        totals = global_sum(torch.cat([self._class_sums(per_sample, y, K), counts]))
+        sums, counts_all = totals[:K], totals[K:].detach()
         if self.reduction == "sample":
-            penalty = per_sample.mean()
+            penalty = sums.sum() / counts_all.sum().clamp(min=1)
         else:
-            counts = torch.bincount(y, minlength=K).to(h.dtype)
-            sums = torch.zeros(K, dtype=h.dtype, device=h.device).index_add(0, y, per_sample)
-            present = counts > 0
-            penalty = (sums[present] / counts[present]).mean()
+            present = counts_all > 0
+            penalty = (sums[present] / counts_all[present]).sum() / present.sum().clamp(min=1)
         loss = self.ce_weight * ce + penalty
         return loss, {
             "ce": ce.detach(),
             "penalty": penalty.detach(),
-            "soft_size": size.detach().mean(),
             "tau": tau.detach(),
-            "class_soft_size": self._class_means(size, y, K),
-            "class_penalty": self._class_means(per_sample, y, K),
+            **self._diagnostics(size, per_sample, y, K, global_sum),
         }
 
 

@@ -20,15 +20,26 @@ def _interpolate(sorted_values: torch.Tensor, q: torch.Tensor | float) -> torch.
     return v_lo + w * (v_hi - v_lo)
 
 
-def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float = 0.1) -> torch.Tensor:
+def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float = 0.1,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable q-quantile: torchsort's soft sort, then linear interpolation at position q * (n - 1).
 
     ``values`` is [n] (returns a scalar) or [B, n] (returns [B]). As ``regularization_strength`` goes to 0 the
     result equals ``torch.quantile(values, q)``; gradients flow to every value near the quantile.
 
+    ``weights`` ([n], positive; 1-D ``values`` only) make it a weighted quantile, e.g. importance weights that
+    let a long-tailed calibration batch stand for a balanced population: the j-th sorted value sits at the
+    middle of its weight, P_j = (W_<j + w_j / 2 - w_0 / 2) / (W - w_0 / 2 - w_last / 2) (W_<j: the weight of the
+    values below it, W: the total), which is j / (n - 1) for equal weights, so equal weights give exactly the
+    unweighted quantile.
+
     >>> v = torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0])
     >>> round(float(soft_quantile(v, 0.5, regularization_strength=1e-3)), 3)
     3.0
+    >>> round(float(soft_quantile(v, 0.5, 1e-3, weights=torch.ones(5))), 3)
+    3.0
+    >>> round(float(soft_quantile(v, 0.5, 1e-3, weights=torch.tensor([1.0, 1.0, 1.0, 9.0, 1.0]))), 3)  # 5 weighs 9
+    4.2
     """
     if not isinstance(values, torch.Tensor) or values.dim() not in (1, 2) or values.shape[-1] == 0:
         raise ValueError(f"values must be a non-empty tensor of shape [n] or [B, n], got {getattr(values, 'shape', values)}")
@@ -43,8 +54,29 @@ def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float
     rows = values if values.dim() == 2 else values[None]
     # torchsort wants 2-D [batch, n]; its "l2" regularisation keeps float32 gradients finite ("kl" can NaN).
     sorted_rows = torchsort.soft_sort(rows, regularization="l2", regularization_strength=regularization_strength)
+    if weights is not None:
+        return _weighted_position(sorted_rows[0], values, weights, float(q))
     out = _interpolate(sorted_rows, q)
     return out if values.dim() == 2 else out[0]
+
+
+def _weighted_position(sorted_values: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
+                       q: float) -> torch.Tensor:
+    """Interpolate ``sorted_values`` at the position where the cumulative weight reaches q (see soft_quantile)."""
+    if values.dim() != 1 or weights.shape != values.shape:
+        raise ValueError(f"weights must have the shape of 1-D values {tuple(values.shape)}, got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all() or (weights <= 0).any():
+        raise ValueError("weights must be finite and > 0")
+    n = values.shape[0]
+    if n == 1:
+        return sorted_values[0]
+    # The hard order carries the weights; the soft-sorted values carry the gradient.
+    w = weights.detach().to(torch.float64)[values.detach().argsort()]
+    before = torch.cat([w.new_zeros(1), w.cumsum(0)[:-1]])
+    positions = (before + (w - w[0]) / 2) / (w.sum() - (w[0] + w[-1]) / 2)
+    j = int(torch.searchsorted(positions, torch.tensor([q], dtype=torch.float64), right=True).clamp(1, n - 1)) - 1
+    frac = float(((q - positions[j]) / (positions[j + 1] - positions[j])).clamp(0, 1))
+    return sorted_values[j] + frac * (sorted_values[j + 1] - sorted_values[j])
 
 
 def soft_sets(conformity: torch.Tensor, tau: torch.Tensor | float, temperature: float = 1.0) -> torch.Tensor:

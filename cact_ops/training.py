@@ -18,18 +18,20 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ._checks import check_alpha
 from .alm import DualConfig, DualState
 from .cp import conformal_quantile
+from . import methods
 from .losses import METHODS, CaCTLoss, CELoss, ConfTrLoss, check_method
 from .scores import logprob
-from .smooth import soft_size
+from .smooth import smooth_threshold_level, soft_quantile, soft_size
 
 
 @dataclass
 class TrainConfig:
     """Every knob of one training run. The paper's names: alpha, T (temperature), eta, lambda, rho."""
 
-    method: str = "cact"  # one of ce, conftr, conftr_class, cact_uniform, cact
+    method: str = "cact"  # a name of cact_ops.methods: ce, ce_finetune, conftr, conftr_class, cact_uniform, cact
     epochs: int = 20
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd | adamw
@@ -49,7 +51,11 @@ class TrainConfig:
     # values are further apart than the strength, so 0.1 (ConfTr's value, in other units) leaves the quantile
     # hard on log-prob scores and its gradient on two samples; 1.0 smooths it (tests/cact_ops/test_cact_longtail)
     regularization_strength: float = 1.0
-    cal_fraction: float = 0.5  # fraction of each mini-batch used as B_cal
+    cal_fraction: float = 0.5  # fraction of each (global) mini-batch used as B_cal
+    # How B_cal's scores are weighted in the smooth threshold: "balanced" weighs class k by 1 / n_k (its training
+    # count) so that the long-tailed batch stands for the balanced population that calibrates at test time and in
+    # the dual step; "none" is ConfTr's plain batch quantile (docs/DESIGN.md section 4)
+    cal_weighting: str = "balanced"
     stratified_split: bool = False
     ce_weight: float = 1.0  # weight of cross-entropy beside the conformal penalty (0: DeepMind's ConfTr without CE)
     # ConfTr
@@ -62,28 +68,34 @@ class TrainConfig:
     # depends on the hard threshold tau: eta = 1 was unattainable on the synthetic long-tail test (1.2 worked),
     # while on MNIST-LT soft sizes sit near 0.6 (docs/DESIGN.md section 4, docs/RESULTS.md).
     eta: float = 1.2
-    # eta relative to the starting model instead: eta = eta_relative x the mean soft size of the initial model
-    # (the CE backbone when fine-tuning) on the dual-step data, measured once before the first epoch. 0.9 asks
-    # every class for sets 10% smaller than the backbone's average, whatever the accuracy, alpha and T. CaCT only.
-    eta_relative: float | None = None
-    reduction: str = "sample"  # sample | class
+    # eta relative to the starting model instead (the default; None uses the absolute eta): eta = eta_relative x
+    # the mean soft size of the initial model (the CE backbone when fine-tuning) on the dual-step data, measured
+    # once before the first epoch. 0.9 asks every class for sets 10% smaller than the backbone's average, whatever
+    # the accuracy, alpha and T, so classes with larger sets (the tail) bind. An absolute eta = 1.2 never bound on
+    # an accurate backbone (the digits demo trained five copies of one model). CaCT only.
+    eta_relative: float | None = 0.9
+    # class: every class's constraint weighs the same (the K constraints of CaCT); sample: class k weighs pi_k
+    reduction: str = "class"
     lambda_init: float = 1e-6
     lambda_min: float = 1e-6
     lambda_max: float = 1e6
     rho_init: float = 1.0
     rho_max: float = 10.0
-    rho_step: int = 10
+    rho_step: int = 2  # dual steps between rho checks (CALS: 10 epochs of 100+; a 10-epoch fine-tune needs ~2)
     gamma: float = 1.2
     tau_rho: float = 0.9
     dual_source: str = "val"  # val | train: where the multipliers are estimated (paper's open question 2)
     val_cal_fraction: float = 0.2  # f_val: calibration part of the dual-step data
+    dual_every_steps: int = 0  # a dual step every N optimizer steps; 0: once per epoch, at its end
     seed: int = 0
 
     def __post_init__(self):
         check_method(self.method)
+        check_alpha(self.alpha)
         for name, allowed in (("optimizer", ("sgd", "adamw")), ("schedule", ("cosine", "step", "constant")),
                               ("augment", ("none", "crop_flip")), ("size_transform", ("none", "log")),
-                              ("reduction", ("sample", "class")), ("dual_source", ("val", "train"))):
+                              ("reduction", ("sample", "class")), ("dual_source", ("val", "train")),
+                              ("cal_weighting", ("balanced", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 2:
@@ -92,27 +104,47 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.eta_relative must be None or > 0, got {self.eta_relative!r}")
         if not 0 < self.val_cal_fraction < 1:
             raise ValueError(f"val_cal_fraction must lie in (0, 1), got {self.val_cal_fraction}")
+        if isinstance(self.dual_every_steps, bool) or not isinstance(self.dual_every_steps, int) \
+                or self.dual_every_steps < 0:
+            raise ValueError(f"TrainConfig.dual_every_steps must be an integer >= 0 (0 = once per epoch), "
+                             f"got {self.dual_every_steps!r}")
+        if not 0 < self.cal_fraction < 1:
+            raise ValueError(f"TrainConfig.cal_fraction must lie in (0, 1), got {self.cal_fraction}")
         self.milestones = tuple(self.milestones)
 
     @property
     def dual_config(self) -> DualConfig:
         names = {f.name for f in fields(DualConfig)} - {"uniform"}
-        return DualConfig(uniform=self.method == "cact_uniform", **{n: getattr(self, n) for n in names})
+        return DualConfig(uniform=methods.get(self.method).uniform, **{n: getattr(self, n) for n in names})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def build_loss(cfg: TrainConfig, dual: DualState | None, generator: torch.Generator | None = None) -> nn.Module:
+def calibration_weights(cfg: TrainConfig, train_counts) -> torch.Tensor | None:
+    """Per-class weights of B_cal's scores: 1 / n_k with ``cal_weighting="balanced"`` (classes without training
+    samples get weight 1; they never appear in B_cal), None with ``"none"``."""
+    if cfg.cal_weighting == "none" or methods.get(cfg.method).loss == "ce":
+        return None
+    if train_counts is None:
+        raise ValueError("TrainConfig.cal_weighting='balanced' needs the per-class training counts (train_counts); "
+                         "pass them, or set cal_weighting='none'")
+    counts = torch.as_tensor(train_counts, dtype=torch.float64)
+    return torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.ones_like(counts))
+
+
+def build_loss(cfg: TrainConfig, dual: DualState | None, generator: torch.Generator | None = None,
+               train_counts=None) -> nn.Module:
     """The loss module of ``cfg.method``; CaCT methods read lambda, rho from ``dual``."""
+    m = methods.get(cfg.method)
+    if m.loss == "ce":
+        return CELoss()
     common = dict(alpha=cfg.alpha, temperature=cfg.temperature, regularization_strength=cfg.regularization_strength,
                   cal_fraction=cfg.cal_fraction, stratified=cfg.stratified_split, ce_weight=cfg.ce_weight,
-                  generator=generator)
-    if cfg.method == "ce":
-        return CELoss()
-    if cfg.method in ("conftr", "conftr_class"):
+                  generator=generator, cal_weights=calibration_weights(cfg, train_counts))
+    if m.loss == "conftr":
         return ConfTrLoss(lam=cfg.conftr_lambda, kappa=cfg.kappa, size_transform=cfg.size_transform,
-                          coverage_weight=cfg.coverage_weight, classwise_tau=cfg.method == "conftr_class", **common)
+                          coverage_weight=cfg.coverage_weight, classwise_tau=m.classwise_tau, **common)
     return CaCTLoss(dual, eta=cfg.eta, reduction=cfg.reduction, **common)
 
 
@@ -148,6 +180,13 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     out = out.gather(3, cols)
     flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig) -> float:
+    """The dual step's threshold for the constraint: the training-time smooth quantile (torchsort at
+    ``cfg.regularization_strength``, level alpha (1 + 1/n)) of the calibration rows' true-class conformity."""
+    q = smooth_threshold_level(cfg.alpha, cal_scores.numel())
+    return float(soft_quantile(cal_scores.float(), q, cfg.regularization_strength))
 
 
 def val_cal_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -188,9 +227,10 @@ class ValStats:
     covered: torch.Tensor  # hard-set coverage count per class
     size_sums: torch.Tensor  # hard-set size sum per class
     correct: torch.Tensor  # top-1 correct count per class
-    tau: float  # hard threshold on the log-prob conformity score
+    tau: float  # hard split-CP threshold on the log-prob conformity score (the reported coverage and size)
     eta: float = 0.0  # the size target the constraint values h = S - eta refer to
     n_cal: int = 0  # calibration rows the threshold tau came from (all workers)
+    tau_soft: float = float("nan")  # the smooth threshold the constraint h was measured under
 
     @property
     def h_means(self) -> torch.Tensor:
@@ -201,7 +241,7 @@ class ValStats:
         return {"val_accuracy": float(self.correct.sum()) / n, "val_coverage": float(self.covered.sum()) / n,
                 "val_size": float(self.size_sums.sum()) / n, "val_constraint": float(self.h_sums.sum()) / n,
                 "val_soft_size": float(self.h_sums.sum()) / n + self.eta,
-                "val_tau": self.tau, "val_n": int(n), "val_n_cal": int(self.n_cal)}
+                "val_tau": self.tau, "val_tau_soft": self.tau_soft, "val_n": int(n), "val_n_cal": int(self.n_cal)}
 
 
 def val_objective(metrics: dict, alpha: float, num_classes: int) -> float:
@@ -231,41 +271,55 @@ class EpochLoop:
     """Owns model, loss, optimizer, schedule and dual state; runs one epoch at a time.
 
     ``comm`` sums tensors across workers (``LocalComm`` in-process); ``dual_update(dual, grad_sums, counts,
-    h_means, epoch)`` applies the dual step in place (default: ``dual.update``; the Ray stage routes it through
-    the driver's coordinator).
+    h_means, step, epoch)`` applies dual step number ``step`` in place (default: ``dual.update``; the Ray stage
+    routes it through the driver's coordinator). ``train_counts`` (per-class training counts) weight the
+    calibration scores when ``cfg.cal_weighting == "balanced"``.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, num_classes: int, device: torch.device | str = "cpu",
-                 comm=None, dual_update: Callable | None = None):
+                 comm=None, dual_update: Callable | None = None, train_counts=None):
         self.cfg = cfg
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.comm = comm or LocalComm()
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.dual = DualState(num_classes, cfg.dual_config) if cfg.method.startswith("cact") else None
-        self.loss_fn = build_loss(cfg, self.dual, self.generator)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation and in-process shuffles
+        # The B_cal/B_pred split has a generator of its own: every rank draws the same keys whatever its share of
+        # the batch (rank 0's are used), so the split of the global batch does not depend on the worker count.
+        self.split_generator = torch.Generator().manual_seed(cfg.seed + 2)
+        self.dual = DualState(num_classes, cfg.dual_config) if methods.get(cfg.method).uses_dual else None
+        self.loss_fn = build_loss(cfg, self.dual, self.split_generator, train_counts)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
-        self.dual_update = dual_update or (lambda dual, s, c, h, epoch: dual.update(s, c, h, epoch=epoch))
+        self.dual_update = dual_update or (lambda dual, s, c, h, step, epoch: dual.update(s, c, h, epoch=epoch))
         self.eta = cfg.eta  # the size target in use (resolve_eta replaces it when cfg.eta_relative is set)
         self.epoch = 0  # epochs completed
+        self.global_step = 0  # optimizer steps taken
         self.history: list[dict] = []  # one row per (epoch, class)
         self.metrics: list[dict] = []  # one row per epoch
+        self._train_class_soft = torch.full((num_classes,), float("nan"), dtype=torch.float64)
 
     # -- one epoch -------------------------------------------------------------------------------------------
-    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-        """One pass over ``batches`` of (x, y); returns sample-weighted means of the loss parts."""
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    validate: Callable[[], "ValStats"] | None = None) -> dict:
+        """One pass over ``batches`` of (x, y); returns sample-weighted means of the loss parts.
+
+        With ``cfg.dual_every_steps = N > 0`` (CaCT methods) ``validate()`` is called after every N-th optimizer
+        step and its statistics drive a dual step there; otherwise the dual step waits for :meth:`end_epoch`.
+        """
         self.model.train()
-        cfg, dev = self.cfg, self.device
+        cfg, dev, K = self.cfg, self.device, self.num_classes
         # Fixed keys, so every worker all-reduces a tensor of the same length, even one that saw no batch.
-        keys = ("loss", "ce", "penalty") + (("soft_size",) if cfg.method != "ce" else ())
+        conformal = methods.get(cfg.method).loss != "ce"
+        keys = ("loss", "ce", "penalty") + (("soft_size",) if conformal else ())
         sums: dict[str, float] = dict.fromkeys(keys, 0.0)
+        class_size, class_count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
         n_seen = 0
         use_amp = cfg.amp and dev.type == "cuda"
+        every = cfg.dual_every_steps if self.dual is not None and validate is not None else 0
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
-            if y.shape[0] < 2:
-                continue  # a conformal loss needs both a calibration and a prediction part
+            if y.shape[0] < 2 and self.comm.world_size == 1:
+                continue  # a conformal loss needs both a calibration and a prediction part (ranks pool theirs)
             if cfg.augment == "crop_flip" and x.dim() == 4:
                 x = crop_flip(x, self.generator)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -276,22 +330,36 @@ class EpochLoop:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            self.global_step += 1
             b = y.shape[0]
             n_seen += b
             for k, v in (("loss", loss.detach()), ("ce", diag["ce"]), ("penalty", diag["penalty"]),
                          ("soft_size", diag.get("soft_size"))):
                 if k in sums and v is not None:
                     sums[k] += float(v) * b
-        totals = self.comm.all_reduce_sum(torch.tensor([n_seen, *sums.values()], dtype=torch.float64))
+            if "class_size_sums" in diag:
+                class_size += diag["class_size_sums"].detach().double().cpu()
+                class_count += diag["class_counts"].detach().double().cpu()
+            if every and self.global_step % every == 0:
+                self.dual_step(validate())
+                self.model.train()
+        totals = self.comm.all_reduce_sum(torch.cat([torch.tensor([n_seen, *sums.values()], dtype=torch.float64),
+                                                     class_size, class_count]))
         n = max(float(totals[0]), 1.0)
-        return {f"train_{k}": float(v) / n for k, v in zip(sums, totals[1:])}
+        size_k, count_k = totals[1 + len(sums):1 + len(sums) + K], totals[1 + len(sums) + K:]
+        self._train_class_soft = torch.where(count_k > 0, size_k / count_k.clamp(min=1),
+                                             torch.full_like(size_k, float("nan")))
+        return {f"train_{k}": float(v) / n for k, v in zip(sums, totals[1:1 + len(sums)])}
 
     @torch.no_grad()
     def validation_statistics(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> ValStats:
-        """Hard threshold from the calibration rows, then per-class statistics on the other rows.
+        """Thresholds from the calibration rows, then per-class statistics on the other rows.
 
         ``batches`` yield (x, y, is_cal) for this worker's part of the dual-step data; the calibration scores
-        are gathered from every worker so all of them use the same threshold.
+        are gathered from every worker so all of them use the same thresholds. The constraint h = S - eta is
+        measured as the penalty trains it: soft sets at T under the *smooth* threshold (the training-time
+        quantile operator and level) of a balanced calibration set; the reported hard coverage and size use the
+        finite-sample split-CP threshold.
         """
         self.model.eval()
         cfg, dev, K = self.cfg, self.device, self.num_classes
@@ -309,9 +377,10 @@ class EpochLoop:
             raise ValueError("the dual step has no calibration rows: is the validation split empty?")
         # Conformity E is "higher = better": the hard set {k: E >= tau} uses tau = -q̂ of the score -E.
         tau = -float(conformal_quantile(-cal.double(), cfg.alpha))
+        tau_soft = smooth_dual_threshold(cal, cfg)
         conf = torch.cat(rest_conf) if rest_conf else torch.empty(0, K)
         y = torch.cat(rest_y).long() if rest_y else torch.empty(0, dtype=torch.long)
-        h = soft_size(conf.double(), tau, cfg.temperature) - self.eta
+        h = soft_size(conf.double(), tau_soft, cfg.temperature) - self.eta
         stat_dual = self.dual or DualState(K)  # methods without a dual still report the constraint
         grad_sums, counts, h_sums = stat_dual.statistics(h, y)
         hard = conf >= tau
@@ -320,42 +389,54 @@ class EpochLoop:
         size_sums = z.clone().index_add_(0, y, hard.sum(1).double())
         correct = z.clone().index_add_(0, y, (conf.argmax(1) == y).double()) if conf.numel() else z.clone()
         packed = self.comm.all_reduce_sum(torch.stack([grad_sums, counts, h_sums, covered, size_sums, correct]))
-        return ValStats(*packed.unbind(0), tau=tau, eta=self.eta, n_cal=int(cal.numel()))
+        return ValStats(*packed.unbind(0), tau=tau, eta=self.eta, n_cal=int(cal.numel()), tau_soft=tau_soft)
 
     def resolve_eta(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
         """With ``cfg.eta_relative`` (CaCT methods, before the first epoch): eta = eta_relative x the current
         model's mean soft size on the dual-step ``batches`` (same protocol as the dual step, all workers).
         Otherwise, or once training has started, the eta in use is kept. Returns it."""
-        if self.cfg.eta_relative is None or self.dual is None or self.epoch > 0:
+        if self.cfg.eta_relative is None or self.dual is None or self.epoch > 0 or self.global_step > 0:
             return self.eta
+        self.eta = 0.0  # so that the statistics' h is the soft size itself
         soft = self.validation_statistics(batches).summary()["val_soft_size"]
         self.eta = self.cfg.eta_relative * soft
         self.loss_fn.eta = self.eta
         return self.eta
 
+    def dual_step(self, stats: "ValStats") -> None:
+        """Apply the next dual step (number ``dual.steps``) from ``stats``."""
+        self.dual_update(self.dual, stats.grad_sums, stats.counts, stats.h_means, self.dual.steps, self.epoch)
+
     def end_epoch(self, train_metrics: dict, stats: ValStats) -> dict:
-        """Dual step (CaCT methods), lr schedule, and the epoch's history rows. Returns the epoch metrics."""
+        """Dual step (CaCT methods, when not every N steps), lr schedule, and the epoch's history rows (with the
+        training and validation soft size per class side by side). Returns the epoch metrics."""
         epoch = self.epoch
-        if self.dual is not None:
-            self.dual_update(self.dual, stats.grad_sums, stats.counts, stats.h_means, epoch)
+        if self.dual is not None and not self.cfg.dual_every_steps:
+            self.dual_step(stats)
         self.scheduler.step()
         self.epoch += 1
         K = self.num_classes
         if self.dual is not None:
             lam, rho = self.dual.lam.tolist(), self.dual.rho.tolist()
         else:
-            g = self.cfg.conftr_lambda if self.cfg.method.startswith("conftr") else 0.0
+            g = self.cfg.conftr_lambda if methods.get(self.cfg.method).loss == "conftr" else 0.0
             lam, rho = [g] * K, [0.0] * K
         cnt = stats.counts.clamp(min=1)
         cov, size, c = (stats.covered / cnt).tolist(), (stats.size_sums / cnt).tolist(), stats.h_means.tolist()
+        train_soft = self._train_class_soft.tolist()
         for k in range(K):
             present = stats.counts[k] > 0
+            nan = float("nan")
             self.history.append({"method": self.cfg.method, "epoch": epoch, "class": k, "lambda": lam[k],
-                                 "rho": rho[k], "constraint": c[k] if present else float("nan"),
-                                 "val_coverage": cov[k] if present else float("nan"),
-                                 "val_size": size[k] if present else float("nan")})
+                                 "rho": rho[k], "constraint": c[k] if present else nan,
+                                 "val_coverage": cov[k] if present else nan,
+                                 "val_size": size[k] if present else nan,
+                                 "val_soft_size": c[k] + stats.eta if present else nan,
+                                 "train_soft_size": train_soft[k],
+                                 "dual_steps": self.dual.steps if self.dual is not None else 0})
         metrics = {"epoch": epoch, **train_metrics, **stats.summary(), "eta": self.eta, "lambda_max": max(lam),
-                   "lambda_min": min(lam), "lr": self.optimizer.param_groups[0]["lr"]}
+                   "lambda_min": min(lam), "rho_max": max(rho), "lr": self.optimizer.param_groups[0]["lr"],
+                   "dual_steps": self.dual.steps if self.dual is not None else 0}
         metrics["val_objective"] = val_objective(metrics, self.cfg.alpha, K)
         self.metrics.append(metrics)
         return metrics
@@ -366,7 +447,8 @@ class EpochLoop:
         return {"model": self.unwrapped_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                 "dual": self.dual.state_dict() if self.dual is not None else None,
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "generator": self.generator.get_state(), "split_generator": self.split_generator.get_state(),
+                "global_step": self.global_step, "torch_rng": torch.get_rng_state(),
                 "history": list(self.history), "metrics": list(self.metrics), "config": self.cfg.to_dict(),
                 "eta": self.eta}
 
@@ -383,6 +465,9 @@ class EpochLoop:
         if self.dual is not None and state.get("dual") is not None:
             self.dual.load_state_dict(state["dual"])
         self.generator.set_state(state["generator"])
+        if "split_generator" in state:
+            self.split_generator.set_state(state["split_generator"])
+        self.global_step = int(state.get("global_step", 0))
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
         self.metrics = list(state["metrics"])
@@ -412,14 +497,17 @@ def fit_in_process(model: nn.Module, cfg: TrainConfig, train: tuple[torch.Tensor
     num_classes = int(max(train[1].max(), val[1].max())) + 1
     if hasattr(model, "fc") and isinstance(model.fc, nn.Linear):
         num_classes = max(num_classes, model.fc.out_features)
-    loop = EpochLoop(model, cfg, num_classes, device)
+    loop = EpochLoop(model, cfg, num_classes, device, train_counts=torch.bincount(train[1], minlength=num_classes))
     dual_x, dual_y = train if cfg.dual_source == "train" else val
     is_cal = val_cal_mask(dual_y, cfg.val_cal_fraction, cfg.seed)
+
+    def validate() -> ValStats:
+        return loop.validation_statistics(iterate_tensors(dual_x, dual_y, 512, False, extra=is_cal))
+
     loop.resolve_eta(iterate_tensors(dual_x, dual_y, 512, False, extra=is_cal))
     for _ in range(cfg.epochs):
-        tm = loop.train_epoch(iterate_tensors(*train, cfg.batch_size, True, loop.generator))
-        stats = loop.validation_statistics(iterate_tensors(dual_x, dual_y, 512, False, extra=is_cal))
-        m = loop.end_epoch(tm, stats)
+        tm = loop.train_epoch(iterate_tensors(*train, cfg.batch_size, True, loop.generator), validate)
+        m = loop.end_epoch(tm, validate())
         if verbose:
             print(format_epoch(cfg.method, m))
     return loop

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from cact_ops.alm import DualConfig, DualState
+from cact_ops import methods as method_registry
 from cact_ops.losses import METHODS
 from cact_ops.models import build_model
 from cact_ops.training import EpochLoop, TrainConfig, format_epoch, val_cal_mask
@@ -69,6 +70,10 @@ class TrainStageConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data
+    # shard: each worker streams its own Ray Data shard of the train split (scales to any size); global: every
+    # worker reads the split and takes its contiguous slice of one seeded global batch order, so a run gives the
+    # same batches, and up to float rounding the same model and multipliers, with any number of workers
+    data_order: str = "shard"
     max_failures: int = 2  # worker-group restarts before the run fails
     storage_path: str | None = None  # Ray Train storage (shared storage on a cluster); None: <out>/ray_storage
     run_name: str | None = None  # None: method + a hash of the config, so a rerun resumes the same run
@@ -88,6 +93,8 @@ class TrainStageConfig:
         self.out = str(Path(self.out).resolve())
         if self.init_from:
             self.init_from = str(Path(self.init_from).resolve())
+        if self.data_order not in ("shard", "global"):
+            raise ValueError(f"TrainStageConfig.data_order must be 'shard' or 'global', got {self.data_order!r}")
         if self.finetune not in ("all", "head"):
             raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
         if self.num_workers < 1:
@@ -238,7 +245,7 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
 
     name = _run_name(config, splits, spec)
     storage = config.storage_path or str((Path(config.out) / "ray_storage").resolve())
-    needs_dual = config.method.startswith("cact")
+    needs_dual = method_registry.get(config.method).uses_dual
     coordinator_name = f"cact-dual-{name}"
     coordinator, coord_history = None, None
     if needs_dual:
@@ -413,6 +420,10 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
         results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs), dataset=dataset)
     configs = []
     for method in (m for m in methods if m != "ce"):
+        if from_scratch and method_registry.get(method).finetune_only:
+            warnings.warn(f"{method} exists only as a fine-tune of the CE backbone: skipped with from_scratch",
+                          stacklevel=2)
+            continue
         if from_scratch:
             cfg = dataclasses.replace(loop, method=method, **overrides.get(method, {}))
             configs.append(TrainStageConfig(out=out, loop=cfg, **stage_kwargs))
@@ -432,7 +443,8 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
 # val_cal_fraction: its validation metrics (hard size at alpha, soft size at T) are computed with them.
 CONFORMAL_ONLY = ("regularization_strength", "cal_fraction", "stratified_split", "ce_weight", "conftr_lambda", "kappa",
                   "size_transform", "coverage_weight", "eta", "eta_relative", "reduction", "lambda_init",
-                  "lambda_min", "lambda_max", "rho_init", "rho_max", "rho_step", "gamma", "tau_rho", "dual_source")
+                  "lambda_min", "lambda_max", "rho_init", "rho_max", "rho_step", "gamma", "tau_rho", "dual_source",
+                  "cal_weighting", "dual_every_steps")
 
 
 def ce_config(loop: TrainConfig) -> TrainConfig:
@@ -454,11 +466,17 @@ def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None 
     ``finetune_epochs`` (default ``loop.epochs``) at ``finetune_lr`` (default a tenth of ``loop.lr``), no warm-up,
     no step milestones (they count the backbone's epochs).
 
+    A method trained with plain CE (the ``ce_finetune`` control) keeps the conformal knobs at their defaults, as
+    the backbone does, so changing one of them does not retrain the control.
+
     >>> c = finetune_config(TrainConfig(lr=0.1, epochs=200, milestones=(160, 180)), "cact", 20)
     >>> c.method, c.epochs, c.lr, c.milestones
     ('cact', 20, 0.01, ())
+    >>> finetune_config(TrainConfig(eta=0.5), "ce_finetune").eta
+    1.2
     """
-    return dataclasses.replace(loop, method=method, epochs=finetune_epochs or loop.epochs,
+    base = ce_config(loop) if method_registry.get(method).loss == "ce" else loop
+    return dataclasses.replace(base, method=method, epochs=finetune_epochs or loop.epochs,
                                lr=finetune_lr if finetune_lr is not None else loop.lr / 10, warmup_epochs=0,
                                milestones=())
 
@@ -497,21 +515,22 @@ def _fit_task(splits_root: str, config: TrainStageConfig, dataset) -> TrainResul
 # The coordinator actor (driver side) and the communication helpers (worker side)
 # ----------------------------------------------------------------------------------------------------------------
 class _Coordinator:
-    """Owns the DualState of one run; applies each epoch's dual step exactly once."""
+    """Owns the DualState of one run; applies each dual step exactly once (keyed by its step number)."""
 
     def __init__(self, num_classes: int, dual_config: dict):
         self.dual = DualState(num_classes, DualConfig(**dual_config))
         self.results: dict[int, dict] = {}  # epoch -> dual state after that epoch's step
 
-    def update(self, epoch: int, grad_sums, counts, h_means) -> dict:
-        if epoch in self.results:  # a repeated call (e.g. after a restart): the stored answer, applied once
-            self.dual.load_state_dict(self.results[epoch])
-            return self.results[epoch]
-        if self.dual.steps != epoch:
-            raise RuntimeError(f"dual step for epoch {epoch} asked, but the state has {self.dual.steps} steps")
+    def update(self, step: int, grad_sums, counts, h_means, epoch: int) -> dict:
+        """Dual step number ``step`` (0, 1, ...; several per epoch with ``dual_every_steps``)."""
+        if step in self.results:  # a repeated call (e.g. after a restart): the stored answer, applied once
+            self.dual.load_state_dict(self.results[step])
+            return self.results[step]
+        if self.dual.steps != step:
+            raise RuntimeError(f"dual step {step} asked, but the state has {self.dual.steps} steps")
         self.dual.update(grad_sums, counts, h_means, epoch=epoch)
-        self.results[epoch] = self.dual.state_dict()
-        return self.results[epoch]
+        self.results[step] = self.dual.state_dict()
+        return self.results[step]
 
     def seed(self, state: dict) -> None:
         """Re-seed from a checkpoint's dual state (after a restart); stored answers stay authoritative."""
@@ -597,6 +616,22 @@ def _val_batches(x_table, payload, image_size, is_cal, rank, world, batch_size):
         yield decode(sub, payload, image_size), labels[b], is_cal[b]
 
 
+def _global_order_batches(table, payload, image_size, loop_cfg: TrainConfig, epoch: int, rank: int, world: int):
+    """This worker's contiguous slice of every global batch of one seeded order of the whole split: the
+    concatenation of the ranks' slices is the batch one worker would see. A last global batch smaller than
+    max(2, world) is dropped, so every world size drops the same one."""
+    from .payload import decode, decode_labels
+
+    labels = decode_labels(table)
+    order = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(loop_cfg.seed * 100003 + epoch))
+    for start in range(0, table.num_rows, loop_cfg.batch_size):
+        rows = order[start:start + loop_cfg.batch_size].numpy()
+        if len(rows) < max(2, world):
+            return
+        mine = np.array_split(rows, world)[rank]
+        yield decode(table.take(mine), payload, image_size), labels[mine]
+
+
 def _inject_fault(marker: Path) -> None:
     """SIGKILL this worker once (a real process crash), after the epoch's dual step and before its checkpoint:
     the restarted group replays the epoch and the coordinator must answer with the step it already applied."""
@@ -633,13 +668,14 @@ def _train_loop_per_worker(cfg: dict) -> None:
     comm = TorchDistComm(device)
     coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
 
-    def dual_update(dual, grad_sums, counts, h_means, epoch):
+    def dual_update(dual, grad_sums, counts, h_means, step, epoch):
         state = None
         if rank == 0:
-            state = ray.get(coordinator.update.remote(epoch, grad_sums, counts, h_means))
+            state = ray.get(coordinator.update.remote(step, grad_sums, counts, h_means, epoch))
         dual.load_state_dict(comm.broadcast_object(state))
 
-    loop = EpochLoop(model, loop_cfg, cfg["spec"]["num_classes"], device, comm=comm, dual_update=dual_update)
+    loop = EpochLoop(model, loop_cfg, cfg["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
+                     train_counts=splits.manifest["counts"]["train"])
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -656,18 +692,24 @@ def _train_loop_per_worker(cfg: dict) -> None:
     loop.resolve_eta(_val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
     shard = ray.train.get_dataset_shard("train")
     local_batch = max(2, loop_cfg.batch_size // world)  # the global batch stays the configured one
+    train_table = splits.read_table("train") if stage.data_order == "global" else None
+
+    def validate():
+        return loop.validation_statistics(
+            _val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
 
     for epoch in range(loop.epoch, loop_cfg.epochs):
-        batches = (
-            (decode(b, payload, stage.image_size), decode_labels(b))
-            for b in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
-                                        local_shuffle_buffer_size=stage.shuffle_buffer,
-                                        local_shuffle_seed=loop_cfg.seed * 100003 + epoch)
-        )
-        train_metrics = loop.train_epoch(batches)
-        stats = loop.validation_statistics(
-            _val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
-        metrics = loop.end_epoch(train_metrics, stats)
+        if train_table is not None:
+            batches = _global_order_batches(train_table, payload, stage.image_size, loop_cfg, epoch, rank, world)
+        else:
+            batches = (
+                (decode(b, payload, stage.image_size), decode_labels(b))
+                for b in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
+                                            local_shuffle_buffer_size=stage.shuffle_buffer,
+                                            local_shuffle_seed=loop_cfg.seed * 100003 + epoch)
+            )
+        train_metrics = loop.train_epoch(batches, validate)
+        metrics = loop.end_epoch(train_metrics, validate())
         if stage.fail_at_epoch == epoch and rank == 0:
             _inject_fault(Path(cfg["marker_dir"]) / ".fault_injected")
         if rank == 0 and stage.verbose:

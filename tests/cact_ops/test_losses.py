@@ -10,8 +10,9 @@ from cact_ops.losses import METHODS, CaCTLoss, CELoss, ConfTrLoss, check_method,
 from cact_ops.smooth import smooth_threshold_level, soft_quantile
 
 K = 4
-CONFTR_KEYS = {"ce", "penalty", "coverage_loss", "soft_size", "tau", "class_soft_size", "class_penalty"}
-CACT_KEYS = {"ce", "penalty", "soft_size", "tau", "class_soft_size", "class_penalty"}
+CONFTR_KEYS = {"ce", "penalty", "coverage_loss", "soft_size", "tau", "class_soft_size", "class_penalty",
+               "class_size_sums", "class_counts"}
+CACT_KEYS = {"ce", "penalty", "soft_size", "tau", "class_soft_size", "class_penalty", "class_size_sums", "class_counts"}
 
 
 def batch(n=32, num_classes=K, seed=0, absent=None):
@@ -186,7 +187,7 @@ def test_cact_matches_manual_phr_penalty(reduction):
 def test_cact_reads_the_current_multipliers_of_its_dual_state():
     logits, labels = batch(seed=8)
     d = dual_with([0.1] * K, [1.0] * K)
-    loss_fn = CaCTLoss(d, eta=1.0, generator=gen(0))
+    loss_fn = CaCTLoss(d, eta=1.0, generator=gen(0), reduction="sample")
     loss1, _ = loss_fn(logits, labels)
     d.lam = torch.tensor([0.1, 0.1, 5.0, 0.1], dtype=torch.float64)  # what a dual step does
     loss_fn.generator.manual_seed(0)  # same split

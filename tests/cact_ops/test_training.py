@@ -20,6 +20,7 @@ from cact_ops.training import (
     fit_in_process,
     format_epoch,
     iterate_tensors,
+    smooth_dual_threshold,
     val_cal_mask,
     val_objective,
 )
@@ -37,6 +38,7 @@ def blobs(counts, seed):
 
 TRAIN = blobs([60, 30, 15], seed=0)
 VAL = blobs([20, 20, 20], seed=1)
+COUNTS = torch.bincount(TRAIN[1], minlength=K)  # weights of the calibration scores (cal_weighting="balanced")
 
 
 def tiny_cfg(method, **kw):
@@ -79,12 +81,18 @@ def test_fit_in_process_runs_every_method(method):
 
 def test_build_loss_picks_the_method():
     assert isinstance(build_loss(tiny_cfg("ce"), None), CELoss)
-    assert isinstance(build_loss(tiny_cfg("conftr"), None), ConfTrLoss)
-    conftr_class = build_loss(tiny_cfg("conftr_class"), None)
+    assert isinstance(build_loss(tiny_cfg("ce_finetune"), None), CELoss)  # the control: CE, fine-tune protocol
+    assert isinstance(build_loss(tiny_cfg("conftr"), None, train_counts=COUNTS), ConfTrLoss)
+    conftr_class = build_loss(tiny_cfg("conftr_class"), None, train_counts=COUNTS)
     assert isinstance(conftr_class, ConfTrLoss) and conftr_class.classwise_tau
+    # balanced calibration: weight 1 / n_k per class; "none": ConfTr's plain batch quantile
+    torch.testing.assert_close(conftr_class.cal_weights, 1.0 / COUNTS.double())
+    assert build_loss(tiny_cfg("conftr", cal_weighting="none"), None).cal_weights is None
+    with pytest.raises(ValueError, match="needs the per-class training counts"):
+        build_loss(tiny_cfg("cact"), None)
     cfg = tiny_cfg("cact_uniform")
     assert cfg.dual_config.uniform and not tiny_cfg("cact").dual_config.uniform
-    loop = EpochLoop(linear_model(), cfg, K)
+    loop = EpochLoop(linear_model(), cfg, K, train_counts=COUNTS)
     assert isinstance(loop.loss_fn, CaCTLoss) and loop.loss_fn.dual is loop.dual and loop.dual.uniform
 
 
@@ -105,8 +113,8 @@ def test_eta_relative_is_a_fraction_of_the_starting_models_soft_size_and_survive
     is_cal = val_cal_mask(VAL[1], cfg.val_cal_fraction, cfg.seed)
     with torch.no_grad():
         conf = logprob(model(VAL[0])).double()
-    q = calibrate(-conf[is_cal], VAL[1][is_cal], cfg.alpha)
-    expected = 0.8 * float(soft_size(conf[~is_cal], -float(q), 0.5).mean())
+    tau = smooth_dual_threshold(conf[is_cal].gather(1, VAL[1][is_cal, None]).squeeze(1), cfg)
+    expected = 0.8 * float(soft_size(conf[~is_cal], tau, 0.5).mean())
     loop = fit_in_process(model, cfg, TRAIN, VAL)
     assert loop.eta == pytest.approx(expected, rel=1e-9)
     assert loop.loss_fn.eta == loop.eta  # the training penalty and the dual step use the same target
@@ -116,7 +124,7 @@ def test_eta_relative_is_a_fraction_of_the_starting_models_soft_size_and_survive
     assert m["val_soft_size"] - m["val_constraint"] == pytest.approx(loop.eta)
     # a resumed loop keeps the resolved eta (it is not measured again on the trained model)
     state = loop.state_dict()
-    resumed = EpochLoop(linear_model(5), cfg, K)
+    resumed = EpochLoop(linear_model(5), cfg, K, train_counts=COUNTS)
     resumed.load_state_dict(state)
     assert resumed.resolve_eta(iterate_tensors(*VAL, 25, False, extra=is_cal)) == loop.eta
     assert resumed.loss_fn.eta == loop.eta
@@ -170,16 +178,16 @@ def test_val_objective_ignores_coverage_noise_but_not_under_coverage():
 @pytest.mark.parametrize("method", ["cact", "conftr"])
 def test_state_dict_round_trip_resumes_to_the_identical_result(method):
     cfg = tiny_cfg(method, epochs=3, schedule="cosine")
-    straight = EpochLoop(linear_model(0), cfg, K)
+    straight = EpochLoop(linear_model(0), cfg, K, train_counts=COUNTS)
     run_epochs(straight, 2)
 
-    first = EpochLoop(linear_model(0), cfg, K)
+    first = EpochLoop(linear_model(0), cfg, K, train_counts=COUNTS)
     run_epochs(first, 1)
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    resumed = EpochLoop(linear_model(123), cfg, K)  # different initial weights: all must come from the state
+    resumed = EpochLoop(linear_model(123), cfg, K, train_counts=COUNTS)  # all must come from the state
     resumed.load_state_dict(state)
     assert resumed.epoch == 1
     run_epochs(resumed, 1)
@@ -219,8 +227,9 @@ def test_a_worker_without_batches_all_reduces_the_same_length(method):
     # A worker whose shard yields no batch must still join the all-reduce with a tensor of the same length as
     # the others (a shorter one would crash or hang a real collective).
     busy, idle = RecordingComm(), RecordingComm()
-    busy_out = EpochLoop(linear_model(), tiny_cfg(method), K, comm=busy).train_epoch(iterate_tensors(*TRAIN, 16, False))
-    idle_out = EpochLoop(linear_model(), tiny_cfg(method), K, comm=idle).train_epoch([])
+    busy_out = EpochLoop(linear_model(), tiny_cfg(method), K, train_counts=COUNTS, comm=busy).train_epoch(
+        iterate_tensors(*TRAIN, 16, False))
+    idle_out = EpochLoop(linear_model(), tiny_cfg(method), K, train_counts=COUNTS, comm=idle).train_epoch([])
     assert busy.reduced[0].shape == idle.reduced[0].shape
     assert idle.reduced[0].abs().sum() == 0  # contributes nothing to the sums
     assert set(idle_out) == set(busy_out) and ("train_soft_size" in busy_out) == (method != "ce")
