@@ -12,8 +12,15 @@ Inputs, from the earlier stages: ``<run>/logits/<method>/pool.parquet`` (``sampl
 ``logits`` fixed-size list, or ``logit_0..logit_{K-1}`` columns) and the split manifest
 (``<run>/splits/manifest.json``: class names, training counts, pool counts). Outputs, all written atomically
 (a rerun replaces them): ``eval/summary.parquet`` (+ ``summary.csv``), ``eval/per_class.parquet``,
-``eval/manifest.json`` (the evaluation config and the SHA-256 of every input) and, through
-:mod:`stages.report`, ``report.md`` and ``plots/*.png``.
+``eval/per_split.parquet`` (the per-split values the summary averages), ``eval/manifest.json`` (the evaluation
+config and the SHA-256 of every input) and, through :mod:`stages.report`, ``report.md`` and ``plots/*.png``.
+
+Paired comparison with the control (:func:`cact_ops.methods.control`, the CE fine-tune): every method sees the
+same splits, so when the control was evaluated too, the summary gets, per method, the mean over splits of
+(method - control) and its 95% Student-t interval (``<metric>_diff_mean/_lo/_hi`` for the metrics of
+``PAIRED_METRICS``, and ``control``); they are NaN (``control`` null) for the control itself and when it is
+absent. The intervals are over calibration/test splits of one trained model: seed-to-seed variation is not in
+them.
 
 How it stays fast (see docs/BENCHMARKS.md). Everything that does not depend on the split is done once per
 method: the softmax and one sort of every pool row (shared by the three scores), the score matrices, the
@@ -52,9 +59,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cact_ops import methods as registry
 from cact_ops.cp import conformal_rank
 from cact_ops.methods import order_key
-from cact_ops.metrics import DEFAULT_SIZE_BINS, SHOT_GROUPS, shot_groups
+from cact_ops.metrics import DEFAULT_SIZE_BINS, SHOT_GROUPS, paired_difference, shot_groups
 
 from . import _io
 
@@ -65,11 +73,17 @@ SCORES = ("lac", "aps", "raps")
 # each) rather than after a sort of every row (which costs about as much as 4-8 comparison passes).
 _DIRECT_COUNT_MAX = 4
 PREDICTORS = ("standard", "classwise")
+# Metrics compared with the control, split by split: summary columns <metric>_diff_mean, _diff_lo, _diff_hi.
+PAIRED_METRICS = ("size", "covgap", "few_size", "coverage", "accuracy")
+PAIRED_COLUMNS = tuple(f"{m}_diff_{s}" for m in PAIRED_METRICS for s in ("mean", "lo", "hi")) + ("control",)
 SUMMARY_COLUMNS = (
     "method", "score", "predictor", "alpha", "n_splits", "accuracy", "coverage_mean", "coverage_std",
     "size_mean", "size_std", "covgap_mean", "covgap_std", "undercovered_mean", "sscv_mean",
     "many_size_mean", "medium_size_mean", "few_size_mean", "inf_threshold_frac",
-)
+) + PAIRED_COLUMNS
+PER_SPLIT_METRICS = ("accuracy", "coverage", "size", "covgap", "undercovered", "sscv", "many_size", "medium_size",
+                     "few_size")
+PER_SPLIT_COLUMNS = ("method", "score", "predictor", "alpha", "split") + PER_SPLIT_METRICS
 PER_CLASS_COLUMNS = (
     "method", "score", "predictor", "alpha", "class", "class_name", "shot", "train_count", "test_count",
     "coverage_mean", "size_mean",
@@ -146,10 +160,12 @@ class EvalResult:
     summary_path: Path
     summary_csv_path: Path
     per_class_path: Path
+    per_split_path: Path
     manifest_path: Path
     report_path: Path | None
     summary: pl.DataFrame = field(repr=False)
     per_class: pl.DataFrame = field(repr=False)
+    per_split: pl.DataFrame = field(repr=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -673,9 +689,56 @@ def summarize(method: str, accuracy: torch.Tensor, results: Sequence[ScoreResult
     return summary, per_class
 
 
+def per_split_rows(method: str, accuracy: torch.Tensor, results: Sequence[ScoreResult],
+                   alphas: Sequence[float]) -> list[dict]:
+    """Rows of ``per_split`` for one method: the values of every split that :func:`summarize` averages."""
+    acc = accuracy.cpu().tolist()
+    rows = []
+    for res in results:
+        m = {k: res.metrics[k].cpu() for k in PER_SPLIT_METRICS if k != "accuracy"}
+        for a, alpha in enumerate(alphas):
+            values = {k: v[:, a].tolist() for k, v in m.items()}
+            for r in range(len(acc)):
+                rows.append({"method": method, "score": res.score, "predictor": res.predictor, "alpha": float(alpha),
+                             "split": r, "accuracy": acc[r], **{k: v[r] for k, v in values.items()}})
+    return rows
+
+
+def paired_differences(per_split: pl.DataFrame, control: str | None = None) -> pl.DataFrame:
+    """Per (method, score, predictor, alpha): the paired mean of (method - control) over the splits and its 95%
+    Student-t interval (:func:`cact_ops.metrics.paired_difference`) for ``PAIRED_METRICS``, and ``control``.
+
+    ``control`` defaults to :func:`cact_ops.methods.control`. Rows of the control itself, and every row when the
+    control is not in ``per_split``, have NaN differences and a null ``control``. The splits are matched by
+    index, which pairs them: every method was evaluated on the same splits.
+    """
+    control = registry.control() if control is None else control
+    by_block = {key: d.sort("split") for key, d in
+                per_split.filter(pl.col("method") == control).group_by(["score", "predictor", "alpha"])}
+    nan = float("nan")
+    rows = []
+    keys = ["method", "score", "predictor", "alpha"]
+    for (method, score, predictor, alpha), d in per_split.group_by(keys, maintain_order=True):
+        row = {"method": method, "score": score, "predictor": predictor, "alpha": alpha,
+               **{c: nan for c in PAIRED_COLUMNS[:-1]}, "control": None}
+        ref = by_block.get((score, predictor, alpha))
+        if method != control and ref is not None:
+            d = d.sort("split")
+            if not d["split"].equals(ref["split"]):
+                raise ValueError(f"{method} and {control} were evaluated on different splits ({score}, {predictor}, "
+                                 f"alpha={alpha}): no paired comparison")
+            for metric in PAIRED_METRICS:
+                mean, lo, hi = paired_difference(d[metric].to_numpy(), ref[metric].to_numpy())
+                row |= {f"{metric}_diff_mean": mean, f"{metric}_diff_lo": lo, f"{metric}_diff_hi": hi}
+            row["control"] = control
+        rows.append(row)
+    return _frame(rows, keys + list(PAIRED_COLUMNS))
+
+
 _SCHEMA = {
     "method": pl.Utf8, "score": pl.Utf8, "predictor": pl.Utf8, "alpha": pl.Float64, "n_splits": pl.Int64,
     "class": pl.Int64, "class_name": pl.Utf8, "shot": pl.Utf8, "train_count": pl.Int64, "test_count": pl.Int64,
+    "split": pl.Int64, "control": pl.Utf8,
 }
 
 
@@ -710,13 +773,13 @@ def run(config: EvalConfig) -> EvalResult:
     run_dir = Path(config.run_dir)
     splits_root = Path(config.splits_root) if config.splits_root else run_dir / "splits"
     manifest = read_manifest(splits_root)
-    methods = tuple(config.methods) if config.methods else discover_methods(run_dir)
+    methods = tuple(sorted(config.methods, key=order_key)) if config.methods else discover_methods(run_dir)
     if not methods:
         raise FileNotFoundError(2, f"no logits found under {run_dir / 'logits'} (run stages.infer first)",
                                 str(run_dir / "logits"))
     classes, train_counts = manifest["classes"], manifest["counts"]["train"]
     dtype = getattr(torch, config.dtype)
-    summary_rows, class_rows, inputs = [], [], {}
+    summary_rows, class_rows, split_rows, inputs = [], [], [], {}
     reference, splits = None, None
     for method in methods:
         t0 = time.perf_counter()
@@ -740,10 +803,14 @@ def run(config: EvalConfig) -> EvalResult:
         rows, cls_rows = summarize(method, accuracy, results, config.alphas, classes, train_counts, test_counts)
         summary_rows += rows
         class_rows += cls_rows
+        split_rows += per_split_rows(method, accuracy, results, config.alphas)
         log.info("evaluated %s: %d rows x %d classes, %d splits, %.2fs", method, pool.logits.shape[0],
                  pool.logits.shape[1], config.n_splits, time.perf_counter() - t0)
         del pool
-    summary = _frame(summary_rows, SUMMARY_COLUMNS)
+    per_split = _frame(split_rows, PER_SPLIT_COLUMNS)
+    summary = _frame(summary_rows, SUMMARY_COLUMNS[:-len(PAIRED_COLUMNS)]).join(
+        paired_differences(per_split), on=["method", "score", "predictor", "alpha"], how="left",
+        maintain_order="left")
     per_class = _frame(class_rows, PER_CLASS_COLUMNS)
     _warn_infinite(summary, splits[0].shape[1])
     out = run_dir / "eval"
@@ -751,6 +818,7 @@ def run(config: EvalConfig) -> EvalResult:
     with _io.atomic_path(out / "summary.csv") as tmp:
         summary.write_csv(tmp)
     per_class_path = _io.write_parquet(per_class.to_arrow(), out / "per_class.parquet")
+    per_split_path = _io.write_parquet(per_split.to_arrow(), out / "per_split.parquet")
     manifest_path = _io.write_json({"config": config.to_dict(), "methods": list(methods), "inputs": inputs,
                                     "splits_manifest": str(splits_root / "manifest.json"),
                                     "n_pool": int(reference.labels.numel()), "n_cal": int(splits[0].shape[1]),
@@ -759,9 +827,10 @@ def run(config: EvalConfig) -> EvalResult:
     if config.report:
         from .report import write_report
 
-        report_path = write_report(run_dir, summary=summary, per_class=per_class, eval_config=config.to_dict())
-    return EvalResult(run_dir, summary_path, out / "summary.csv", per_class_path, manifest_path, report_path,
-                      summary, per_class)
+        report_path = write_report(run_dir, summary=summary, per_class=per_class, per_split=per_split,
+                                   eval_config=config.to_dict())
+    return EvalResult(run_dir, summary_path, out / "summary.csv", per_class_path, per_split_path, manifest_path,
+                      report_path, summary, per_class, per_split)
 
 
 def _parse(argv=None) -> EvalConfig:

@@ -180,7 +180,8 @@ def test_matches_loop_reference(run_dir):
     cfg = E.EvalConfig(run_dir, n_splits=3, alphas=(0.1, 0.05), dtype="float64", report=False)
     with pytest.warns(UserWarning, match="pool too small"):
         res = E.run(cfg)
-    assert res.summary.columns[:17] == list(E.SUMMARY_COLUMNS[:17])
+    assert res.summary.columns == list(E.SUMMARY_COLUMNS)
+    assert res.per_split.columns == list(E.PER_SPLIT_COLUMNS)
     assert res.summary.height == 2 * 3 * 2 * 2
     for method in ("ce", "cact"):
         pool = E.read_logits(run_dir / "logits" / method / "pool.parquet")
@@ -201,6 +202,11 @@ def test_matches_loop_reference(run_dir):
                 assert row[f"{name}_std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-10)
             for name in ("undercovered", "sscv", "many_size", "medium_size", "few_size"):
                 assert row[f"{name}_mean"] == pytest.approx(np.mean([s[name] for s in per_split]), abs=1e-10), name
+            splits = res.per_split.filter(key).sort("split")
+            assert splits["split"].to_list() == [0, 1, 2]
+            np.testing.assert_allclose(splits["accuracy"].to_numpy(), acc, atol=1e-12)
+            for name in E.PER_SPLIT_METRICS[1:]:
+                np.testing.assert_allclose(splits[name].to_numpy(), [s[name] for s in per_split], atol=1e-10)
             cls = res.per_class.filter(key).sort("class")
             assert cls["class_name"].to_list() == CLASSES
             assert cls["train_count"].to_list() == TRAIN_COUNTS
@@ -291,6 +297,7 @@ def test_rerun_identical_and_replaces(run_dir):
     first = E.run(E.EvalConfig(run_dir, **cfg))
     again = E.run(E.EvalConfig(run_dir, **cfg))
     assert first.summary.equals(again.summary) and first.per_class.equals(again.per_class)
+    assert first.per_split.equals(again.per_split)
     assert pl.read_parquet(first.summary_path).equals(first.summary)
     assert pl.read_csv(first.summary_csv_path).height == first.summary.height
     # Other alphas and scores: the files are replaced, not appended to; nothing left behind.
@@ -298,8 +305,10 @@ def test_rerun_identical_and_replaces(run_dir):
     on_disk = pl.read_parquet(other.summary_path)
     assert on_disk["alpha"].unique().to_list() == [0.2] and on_disk.height == 2 * 2
     assert pl.read_parquet(other.per_class_path).height == 2 * 2 * len(CLASSES)
+    assert pl.read_parquet(other.per_split_path).height == 2 * 2 * 2
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["manifest.json", "per_class.parquet",
-                                                                   "summary.csv", "summary.parquet"]
+                                                                   "per_split.parquet", "summary.csv",
+                                                                   "summary.parquet"]
     assert json.loads((run_dir / "eval" / "manifest.json").read_text())["config"]["alphas"] == [0.2]
     # A different seed gives different splits, hence (in general) different numbers.
     seeded = E.run(E.EvalConfig(run_dir, seed=1, **cfg))
@@ -412,3 +421,83 @@ def test_threads_do_not_change_results():
     for a, b in zip(one, two):
         for name, v in a.metrics.items():
             torch.testing.assert_close(v, b.metrics[name], equal_nan=True, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-split results and paired differences against the control
+
+
+def _block(frame: pl.DataFrame, method: str, score: str, predictor: str, alpha: float) -> pl.DataFrame:
+    return frame.filter((pl.col("method") == method) & (pl.col("score") == score)
+                        & (pl.col("predictor") == predictor) & (pl.col("alpha") == alpha))
+
+
+def test_per_split_means_equal_summary(run_dir):
+    """eval/per_split.parquet holds the values the summary averages: its means (and stds) are the summary's."""
+    res = E.run(E.EvalConfig(run_dir, n_splits=4, alphas=(0.1, 0.05), report=False))
+    on_disk = pl.read_parquet(res.per_split_path)
+    assert res.per_split_path == run_dir / "eval" / "per_split.parquet" and on_disk.equals(res.per_split)
+    assert on_disk.height == res.summary.height * 4
+    for row in res.summary.iter_rows(named=True):
+        d = _block(on_disk, row["method"], row["score"], row["predictor"], row["alpha"]).sort("split")
+        assert d["split"].to_list() == [0, 1, 2, 3]
+        assert d["accuracy"].mean() == pytest.approx(row["accuracy"], abs=1e-12)
+        for name in E.PER_SPLIT_METRICS[1:]:
+            assert d[name].mean() == pytest.approx(row[f"{name}_mean"], abs=1e-12, nan_ok=True), name
+        for name in ("coverage", "size", "covgap"):
+            assert d[name].std() == pytest.approx(row[f"{name}_std"], abs=1e-12), name
+
+
+def test_paired_differences_against_hand_computation(tmp_path):
+    """(method - ce_finetune) split by split, its mean and mean -+ t_{0.975, R-1} sd / sqrt(R)."""
+    from scipy import stats
+
+    run = make_run(tmp_path, methods=("ce", "ce_finetune", "cact"))
+    r = 6
+    res = E.run(E.EvalConfig(run, n_splits=r, alphas=(0.1, 0.2), scores=("lac", "aps"), report=False))
+    t = stats.t.ppf(0.975, r - 1)
+    for row in res.summary.iter_rows(named=True):
+        if row["method"] == "ce_finetune":
+            assert row["control"] is None
+            assert all(math.isnan(row[c]) for c in E.PAIRED_COLUMNS[:-1])
+            continue
+        assert row["control"] == "ce_finetune"
+        key = (row["score"], row["predictor"], row["alpha"])
+        mine = _block(res.per_split, row["method"], *key).sort("split")
+        ctrl = _block(res.per_split, "ce_finetune", *key).sort("split")
+        for metric in E.PAIRED_METRICS:
+            d = mine[metric].to_numpy() - ctrl[metric].to_numpy()
+            half = t * d.std(ddof=1) / np.sqrt(r)
+            got = (row[f"{metric}_diff_mean"], row[f"{metric}_diff_lo"], row[f"{metric}_diff_hi"])
+            assert got == pytest.approx((d.mean(), d.mean() - half, d.mean() + half), abs=1e-9), (metric, key)
+
+
+def test_method_identical_to_control_has_zero_difference(tmp_path):
+    run = make_run(tmp_path, methods=("ce_finetune", "cact"))
+    (run / "logits" / "cact" / "pool.parquet").write_bytes((run / "logits" / "ce_finetune" / "pool.parquet").read_bytes())
+    res = E.run(E.EvalConfig(run, n_splits=4, alphas=(0.1,), report=False))
+    cact = res.summary.filter(pl.col("method") == "cact")
+    for metric in E.PAIRED_METRICS:
+        for stat in ("mean", "lo", "hi"):
+            assert cact[f"{metric}_diff_{stat}"].to_list() == [0.0] * cact.height, (metric, stat)
+
+
+def test_no_control_no_paired_columns_and_single_split(run_dir, tmp_path):
+    """Without ce_finetune the paired columns are NaN/null; with R = 1 the interval is NaN, the mean is not."""
+    res = E.run(E.EvalConfig(run_dir, n_splits=3, alphas=(0.1,), scores=("lac",)))  # with the report
+    assert res.summary.columns == list(E.SUMMARY_COLUMNS)
+    assert res.summary["control"].null_count() == res.summary.height
+    assert all(res.summary[c].is_nan().all() for c in E.PAIRED_COLUMNS[:-1])
+    run = make_run(tmp_path / "one", methods=("ce_finetune", "cact"))
+    one = E.run(E.EvalConfig(run, n_splits=1, alphas=(0.1,), scores=("lac",)))
+    cact = one.summary.filter(pl.col("method") == "cact")
+    assert cact["control"].to_list() == ["ce_finetune"] * 2
+    assert not cact["size_diff_mean"].is_nan().any()
+    assert cact["size_diff_lo"].is_nan().all() and cact["size_diff_hi"].is_nan().all()
+    assert "intervals are undefined" in one.report_path.read_text()
+
+
+def test_methods_in_registry_order(run_dir):
+    res = E.run(E.EvalConfig(run_dir, methods=("cact", "ce"), n_splits=2, alphas=(0.1,), report=False))
+    assert res.summary["method"].unique(maintain_order=True).to_list() == ["ce", "cact"]
+    assert res.per_split["method"].unique(maintain_order=True).to_list() == ["ce", "cact"]

@@ -1,5 +1,8 @@
-"""Report: report.md content (config, tables with the best marked, warnings) and the four PNG plots."""
+"""Report: report.md content (config, tables with the significant best marked, paired differences against the
+control, multipliers at their floor, warnings) and the four PNG plots."""
 from __future__ import annotations
+
+import json
 
 import polars as pl
 import pytest
@@ -30,7 +33,9 @@ def test_report_and_plots(tmp_path):
     table = text.split("#### APS, standard CP")[1].split("####")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ce") or line.startswith("| cact")]
     assert [r.split("|")[1].strip() for r in rows] == ["ce", "cact"]  # canonical method order
-    assert "**" in table and " ± " in table
+    assert "**" in table and " ± " in table  # this toy data has significant bests
+    assert "**Bold**: the best value of a ranked column, only where the paired 95%" in text
+    assert "Paired differences against ce_finetune" in text and "ce_finetune was not evaluated" in text
     files = sorted(p.name for p in (run / "plots").iterdir())
     assert files == sorted(R.PLOTS)
     for name in R.PLOTS:
@@ -49,12 +54,28 @@ def test_report_without_history_or_config(tmp_path):
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(set(R.PLOTS) - {"lambda_evolution.png"})
 
 
-def test_markdown_table_marks_best():
-    df = pl.DataFrame({"method": ["ce", "cact"], "accuracy": [0.8, 0.8], "size_mean": [3.0, 2.0],
-                       "size_std": [float("nan"), 0.1], "few_size_mean": [None, 4.0]})
+def test_markdown_table_bolds_only_significant_best():
+    df = pl.DataFrame({"method": ["ce", "conftr", "cact"], "accuracy": [0.8, 0.8, 0.7],
+                       "size_mean": [3.0, 2.5, 2.0], "size_std": [float("nan"), 0.1, 0.1],
+                       "covgap_mean": [5.0, 4.0, 4.5], "few_size_mean": [None, 4.0, 5.0]})
+    # Without per-split values nothing is bold; NaN std and missing values are shown plainly.
     lines = R.markdown_table(df).splitlines()
-    assert lines[2] == "| ce | **0.800** | 3.00 | – |"  # ties are all best; NaN std and missing values shown plainly
-    assert lines[3] == "| cact | **0.800** | **2.00** ± 0.10 | 4.00 |"
+    assert "**" not in "\n".join(lines)
+    assert lines[2] == "| ce | 0.800 | 3.00 | 5.00 | – |"
+    # size: cact beats the runner-up conftr by 0.5 on every split (significant); CovGap: conftr's mean is best but
+    # its paired difference with cact changes sign (not significant); accuracy: a tie (not significant).
+    splits = pl.DataFrame({"method": [m for m in ("ce", "conftr", "cact") for _ in range(3)],
+                           "split": [0, 1, 2] * 3,
+                           "accuracy": [0.8] * 6 + [0.7] * 3,
+                           "size": [3.0, 3.0, 3.0, 2.4, 2.5, 2.6, 1.9, 2.0, 2.1],
+                           "covgap": [5.0] * 3 + [2.0, 6.0, 4.0] + [4.5, 4.5, 4.5],
+                           "few_size": [float("nan")] * 3 + [4.0] * 3 + [5.0] * 3})
+    lines = R.markdown_table(df, splits).splitlines()
+    assert lines[2] == "| ce | 0.800 | 3.00 | 5.00 | – |"
+    assert lines[3] == "| conftr | 0.800 | 2.50 ± 0.10 | 4.00 | **4.00** |"
+    assert lines[4] == "| cact | 0.700 | **2.00** ± 0.10 | 4.50 | 5.00 |"
+    assert R.significant_best(df, splits, "covgap_mean", lower=True) is None
+    assert R.significant_best(df, splits, "size_mean", lower=True) == "cact"
 
 
 def test_report_many_classes_and_many_panels(tmp_path):
@@ -66,3 +87,85 @@ def test_report_many_classes_and_many_panels(tmp_path):
     res = E.run(E.EvalConfig(run, n_splits=2, alphas=(0.2,), scores=("lac",)))
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(R.PLOTS)
     assert res.report_path.read_text().count("| cact_uniform |") == 2  # one table per predictor
+
+
+def _table_rows(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
+def test_identical_to_control_not_bold(tmp_path):
+    """A method with the control's logits: zero difference, a zero-width interval, nothing bold between the two."""
+    run = make_run(tmp_path, methods=("ce_finetune", "cact"))
+    (run / "logits" / "cact" / "pool.parquet").write_bytes((run / "logits" / "ce_finetune" / "pool.parquet").read_bytes())
+    res = E.run(E.EvalConfig(run, n_splits=4, alphas=(0.1,), scores=("aps",)))
+    text = res.report_path.read_text()
+    assert "**" not in _table_rows(text.split("## Summary")[1])
+    paired = text.split("## Paired differences against ce_finetune")[1].split("## Plots")[0]
+    assert "| standard | cact | +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |" in paired
+    assert "this one training seed: they do not include seed-to-seed variation" in paired
+
+
+def test_paired_tables_in_registry_order(tmp_path):
+    run = make_run(tmp_path, methods=("ce", "ce_finetune", "conftr", "cact"))
+    res = E.run(E.EvalConfig(run, methods=("cact", "conftr", "ce", "ce_finetune"), n_splits=3, alphas=(0.1, 0.05),
+                             scores=("lac", "aps")))
+    text = res.report_path.read_text()
+    summary = text.split("#### APS, standard CP")[1].split("####")[0]
+    assert [r.split("|")[1].strip() for r in summary.splitlines() if r.startswith("| c")] == \
+        ["ce", "ce_finetune", "conftr", "cact"]
+    paired = text.split("## Paired differences against ce_finetune")[1].split("## Plots")[0]
+    assert paired.count("### alpha =") == 2  # one table per alpha, APS only
+    rows = [r.split("|")[1:3] for r in paired.splitlines() if r.startswith("| standard") or r.startswith("| classwise")]
+    assert [(p.strip(), m.strip()) for p, m in rows[:6]] == [
+        ("standard", "ce"), ("standard", "conftr"), ("standard", "cact"),
+        ("classwise", "ce"), ("classwise", "conftr"), ("classwise", "cact")]
+    # Bold in the paired tables exactly where the interval excludes zero.
+    for row in res.summary.filter((pl.col("score") == "aps") & (pl.col("method") != "ce_finetune")).iter_rows(
+            named=True):
+        lo, hi = row["size_diff_lo"], row["size_diff_hi"]
+        cell = f"{row['size_diff_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        line = next(r for r in paired.split(f"### alpha = {row['alpha']:g}")[1].splitlines()
+                    if r.startswith(f"| {row['predictor']} | {row['method']} |"))
+        assert (f"**{cell}**" in line) == (lo > 0 or hi < 0) and cell in line
+
+
+def test_no_per_split_bolds_nothing(tmp_path):
+    """Old run folders (no eval/per_split.parquet) and a summary passed alone: no bold, and the report says why."""
+    run = make_run(tmp_path, methods=("ce", "ce_finetune", "cact"))
+    res = E.run(E.EvalConfig(run, n_splits=3, alphas=(0.1,), scores=("lac",)))
+    assert "**" in _table_rows(res.report_path.read_text().split("## Summary")[1].split("## Paired")[0])
+    for call in (lambda: R.write_report(run, summary=res.summary, per_class=res.per_class),
+                 lambda: (run / "eval" / "per_split.parquet").unlink() or R.write_report(run)):
+        text = call().read_text()
+        assert "**" not in _table_rows(text.split("## Summary")[1].split("## Paired")[0])
+        assert "Nothing is in bold: there are no per-split results" in text
+    old = res.summary.drop(E.PAIRED_COLUMNS)  # a summary from before the paired columns
+    text = R.write_report(run, summary=old, per_class=res.per_class).read_text()
+    assert "Not in this summary" in text
+
+
+def _history(run, method, lam):
+    k = 6
+    rows = [{"method": method, "epoch": e, "class": c, "lambda": lam(e, c), "rho": 1.0, "constraint": 0.1,
+             "val_coverage": 0.9, "val_size": 2.0, "train_soft_size": 2.5} for e in range(3) for c in range(k)]
+    (run / "train" / method).mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(rows).write_parquet(run / "train" / method / "history.parquet")
+
+
+def test_lambda_at_floor_note(tmp_path):
+    run = make_run(tmp_path, methods=("ce", "ce_finetune", "cact_uniform", "cact"))
+    for m in ("ce", "ce_finetune"):
+        _history(run, m, lambda e, c: 1e-6)  # no multipliers: never noted
+    _history(run, "cact", lambda e, c: 1e-6)
+    _history(run, "cact_uniform", lambda e, c: 0.1 * (e + 1))  # growing: not at the floor
+    res = E.run(E.EvalConfig(run, n_splits=2, alphas=(0.1,), scores=("lac",)))
+    text = res.report_path.read_text()
+    assert ("every multiplier of cact stayed at its floor: the CE backbone already meets every class's size target "
+            "on D_val, so cact reduced to CE fine-tuning here; see eta / --eta-relative") in text
+    for m in ("cact_uniform", "ce", "ce_finetune"):
+        assert f"every multiplier of {m} " not in text
+    # The floor is 10 x the run's lambda_min when that is above 1e-3.
+    _history(run, "cact_uniform", lambda e, c: 0.5 if e < 2 else 0.005)
+    assert "every multiplier of cact_uniform " not in R.write_report(run).read_text()
+    (run / "train" / "cact_uniform" / "config.json").write_text(json.dumps({"loop": {"lambda_min": 1e-3}}))
+    assert "every multiplier of cact_uniform stayed at its floor" in R.write_report(run).read_text()
