@@ -259,8 +259,8 @@ def paired_difference(values, control, confidence: float = 0.95) -> tuple[float,
     ((0.0, 0.0, 0.0), (2.0, nan, nan))
     """
     check_alpha(1.0 - confidence, "1 - confidence")
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    y = torch.as_tensor(control, dtype=torch.float64).flatten()
+    x, y = (v.detach().to(torch.float64).flatten() if isinstance(v, torch.Tensor)
+            else torch.tensor(v, dtype=torch.float64).flatten() for v in (values, control))
     if x.shape != y.shape:
         raise ValueError(f"paired_difference needs as many control values as values, got {y.numel()} and {x.numel()}")
     d = x - y
