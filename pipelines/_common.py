@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cact_ops import methods as method_registry  # noqa: E402
 from cact_ops.losses import METHODS  # noqa: E402
 from cact_ops.training import TrainConfig  # noqa: E402
 
@@ -62,11 +63,22 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, default=d.image_size, help="resize images to this side")
     t.add_argument("--train-alpha", type=float, default=0.1, help="alpha of the training-time threshold")
     t.add_argument("--temperature", type=float, default=1.0, help="T of the soft sets")
-    t.add_argument("--eta", type=float, default=TrainConfig.eta,
-                   help="CaCT's target soft set size per class (compare with `constraint` in train/cact/history.parquet)")
+    t.add_argument("--eta", type=float, default=None,
+                   help="CaCT's absolute target soft set size per class, instead of --eta-relative (compare with "
+                        "`val_soft_size` in train/cact/history.parquet)")
     t.add_argument("--eta-relative", type=float, default=None, metavar="FACTOR",
-                   help="CaCT: eta = FACTOR x the starting model's mean soft size on the dual-step data (the CE "
-                        "backbone on D_val by default), measured before the first epoch; instead of --eta")
+                   help=f"CaCT: eta = FACTOR x the starting model's mean soft size on the dual-step data (the CE "
+                        f"backbone on D_val), measured before the first epoch (default {TrainConfig.eta_relative})")
+    t.add_argument("--reduction", choices=("class", "sample"), default=TrainConfig.reduction,
+                   help="CaCT's penalty: averaged per class (each class's constraint weighs the same) or per sample "
+                        "(class k weighs its frequency)")
+    t.add_argument("--cal-weighting", choices=("balanced", "none"), default=TrainConfig.cal_weighting,
+                   help="weights of the training calibration scores: 1/n_k (the balanced population that "
+                        "calibrates at test time) or none (ConfTr's batch quantile)")
+    t.add_argument("--dual-every-steps", type=int, default=TrainConfig.dual_every_steps, metavar="N",
+                   help="a CaCT dual step every N optimizer steps (0: once per epoch)")
+    t.add_argument("--rho-step", type=int, default=TrainConfig.rho_step,
+                   help="dual steps between checks of the rho schedule (0: rho fixed)")
     t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", TrainConfig.lambda_max),
                    help="cap of the multipliers lambda_k (CALS's 1e6 by default)")
     t.add_argument("--regularization-strength", type=float, default=TrainConfig.regularization_strength,
@@ -101,6 +113,17 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
+def _eta(args: argparse.Namespace) -> tuple[float, float | None]:
+    """(eta, eta_relative) from the flags: --eta alone sets an absolute target, otherwise the relative one."""
+    if args.eta is not None and args.eta_relative is not None:
+        raise SystemExit("--eta and --eta-relative: give one of them (an absolute or a relative size target)")
+    if args.eta is not None:
+        if not args.eta > 0:
+            raise SystemExit(f"--eta must be > 0, got {args.eta}")
+        return args.eta, None
+    return TrainConfig.eta, args.eta_relative if args.eta_relative is not None else TrainConfig.eta_relative
+
+
 class _Clock:
     def __init__(self):
         self.t0 = time.time()
@@ -120,6 +143,7 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     from stages import evaluate, infer, longtail, sweep, train
 
     methods = _methods(args.methods)
+    eta, eta_relative = _eta(args)
     out = Path(args.out or f"runs/{d.dataset}-lt-if{args.imbalance_factor:g}-seed{args.seed}")
     clock = _Clock()
     if not ray.is_initialized():
@@ -138,8 +162,9 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     loop = TrainConfig(
         method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
         weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
-        alpha=args.train_alpha, temperature=args.temperature, eta=args.eta, eta_relative=args.eta_relative,
-        lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
+        alpha=args.train_alpha, temperature=args.temperature, eta=eta, eta_relative=eta_relative,
+        reduction=args.reduction, cal_weighting=args.cal_weighting, dual_every_steps=args.dual_every_steps,
+        rho_step=args.rho_step, lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
         conftr_lambda=args.conftr_lambda, seed=args.seed,
         **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
@@ -167,11 +192,11 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
         note = "reused" if r.reused else (f"resumed from epoch {r.resumed_from_epoch}" if r.resumed_from_epoch else "")
         print(f"trained {m:13s} val acc {fm.get('val_accuracy', float('nan')):.3f} "
               f"val size {fm.get('val_size', float('nan')):.2f} {note}")
-        if m.startswith("cact") and fm.get("lambda_max", 0.0) < 1e-3:
+        if method_registry.get(m).uses_dual and fm.get("lambda_max", 0.0) < 1e-3:
             # Say it when it happens: otherwise identical rows in the table look like a bug.
             print(f"  note: every lambda of {m} stayed below 1e-3: the backbone already meets each class's size "
                   f"constraint (soft size <= eta={fm.get('eta', loop.eta):.3g}) on D_val, so {m} reduces to CE "
-                  f"fine-tuning here (--eta-relative 0.9 sets eta below the backbone's own soft size)")
+                  f"fine-tuning here (a smaller --eta-relative sets eta further below the backbone's soft size)")
     clock.stage("training")
 
     infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu))
@@ -188,14 +213,14 @@ def print_summary(summary) -> None:
     """One table per alpha: every method side by side for each score and predictor (means over the splits)."""
     import polars as pl
 
-    order = {m: i for i, m in enumerate(METHODS)}
     cols = ["score", "predictor", "method", "accuracy", "coverage_mean", "size_mean", "covgap_mean",
             "few_size_mean"]
     with pl.Config(tbl_rows=500, tbl_cols=20, float_precision=3, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True, tbl_width_chars=160):
         for alpha in summary["alpha"].unique(maintain_order=True):
             block = (summary.filter(pl.col("alpha") == alpha)
-                     .with_columns(pl.col("method").replace_strict(order, default=99).alias("_o"))
+                     .with_columns(pl.col("method").map_elements(lambda m: method_registry.order_key(m)[0],
+                                                             return_dtype=pl.Int64).alias("_o"))
                      .sort("score", "predictor", "_o").select(cols))
             print(f"\nalpha = {alpha} (target coverage {1 - alpha:.2f}); CovGap in points, sizes in classes")
             print(block)

@@ -23,6 +23,7 @@ from typing import Any
 
 import polars as pl
 
+from cact_ops import methods as method_registry
 from cact_ops.training import TrainConfig, val_objective  # noqa: F401  (re-exported)
 
 from . import _io
@@ -39,17 +40,19 @@ def default_search_space(method: str, loop: TrainConfig | None = None) -> dict:
     relative target is searched instead of the absolute eta (which eta_relative replaces)."""
     from ray import tune
 
-    lr = (loop or TrainConfig()).lr
+    loop = loop or TrainConfig()
+    lr = loop.lr
+    loss = method_registry.get(method).loss
     space: dict[str, Any] = {"lr": tune.loguniform(lr / 10, lr * 10)}
-    if method in ("conftr", "conftr_class"):
+    if loss == "conftr":
         space |= {"conftr_lambda": tune.loguniform(1e-2, 10.0), "temperature": tune.choice([0.1, 0.5, 1.0])}
-    elif method in ("cact", "cact_uniform"):
-        space |= {"temperature": tune.choice([0.1, 0.5, 1.0]), "eta": tune.choice([1.0, 1.5, 2.0]),
-                  "rho_init": tune.loguniform(0.1, 10.0), "rho_step": tune.choice([0, 5, 10]),
-                  "lambda_max": tune.choice([1.0, 10.0, 1e6]), "val_cal_fraction": tune.choice([0.2, 0.3])}
-        if loop is not None and loop.eta_relative is not None:
-            del space["eta"]
-            space["eta_relative"] = tune.choice([0.7, 0.8, 0.9, 1.0])
+    elif loss == "cact":
+        space |= {"temperature": tune.choice([0.1, 0.5, 1.0]), "rho_init": tune.loguniform(0.1, 10.0),
+                  "rho_step": tune.choice([0, 1, 2, 5]), "lambda_max": tune.choice([1.0, 10.0, 1e6]),
+                  "val_cal_fraction": tune.choice([0.2, 0.3]), "reduction": tune.choice(["sample", "class"])}
+        # the size target: relative to the backbone (the default), or absolute when eta_relative is None
+        space |= ({"eta_relative": tune.choice([0.7, 0.8, 0.9, 1.0])} if loop.eta_relative is not None
+                  else {"eta": tune.choice([1.0, 1.5, 2.0])})
     else:
         space |= {"weight_decay": tune.loguniform(1e-5, 1e-3)}
     return space
@@ -203,6 +206,8 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
         init_from = None
         if method == "ce":
             base = train_stage.ce_config(loop)  # keyed like the backbone fit_methods trains from its best config
+        elif from_scratch and method_registry.get(method).finetune_only:
+            continue  # the control exists only as a fine-tune (fit_methods skips it too)
         elif from_scratch:
             base = dataclasses.replace(loop, method=method)
         else:

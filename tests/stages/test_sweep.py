@@ -99,8 +99,10 @@ def test_run_methods_sweeps_fine_tunes_from_the_swept_backbone(monkeypatch, tmp_
 def test_default_search_space_follows_the_starting_config():
     lo_hi = lambda d: (d.lower, d.upper)  # noqa: E731
     assert lo_hi(sweep.default_search_space("ce", TrainConfig(lr=0.1))["lr"]) == pytest.approx((0.01, 1.0))
-    ft = train.finetune_config(TrainConfig(lr=0.1), "cact")  # a fine-tune is searched around lr / 10
+    ft = train.finetune_config(TrainConfig(lr=0.1, eta_relative=None), "cact")  # searched around lr / 10
     space = sweep.default_search_space("cact", ft)
     assert lo_hi(space["lr"]) == pytest.approx((0.001, 0.1)) and "eta" in space and "eta_relative" not in space
     rel = sweep.default_search_space("cact", TrainConfig(eta_relative=0.9))
     assert "eta" not in rel and set(rel["eta_relative"].categories) <= {0.7, 0.8, 0.9, 1.0}
+    assert set(rel["reduction"].categories) == {"sample", "class"}  # class weighting is a searched choice
+    assert set(sweep.default_search_space("ce_finetune", ft)) == {"lr", "weight_decay"}

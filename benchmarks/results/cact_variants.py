@@ -1,0 +1,138 @@
+"""Each choice of the faithful-CaCT fix measured against the CE fine-tune control, on one dataset and seed.
+
+    python benchmarks/results/cact_variants.py run --pipeline newsgroups --data-root DATA --seed 0 --out OUT
+    python benchmarks/results/cact_variants.py table OUT1 OUT2 ...    # paired differences over seeds
+
+``run``: the dataset's pipeline with its default methods (ce, ce_finetune, conftr, conftr_class, cact_uniform,
+cact) into OUT/base, then CaCT fine-tuned again from the same CE backbone with one choice changed at a time
+(each in OUT/variants/<name>, its pool logits copied to OUT/base/logits/cact[<name>]), then the evaluation of
+every method and variant on the same R = 20 calibration/test splits, paired split by split against
+``ce_finetune`` (eval/per_split.parquet). ``table`` prints, per (method, shot group), the mean paired difference
+against ``ce_finetune`` over the seeds' split means with a 95% Student-t interval over seeds.
+Paths come from flags; nothing here is machine-specific.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+# One choice changed at a time against the new defaults (cal_weighting=balanced, reduction=class,
+# eta_relative=0.9, a dual step per epoch, rho_step=2); "old" is the method as first built.
+VARIANTS = {
+    "cal=none": {"cal_weighting": "none"},
+    "reduction=sample": {"reduction": "sample"},
+    "eta=1.2": {"eta_relative": None, "eta": 1.2},
+    "dual/4": {"dual_every_steps": -4},  # four dual steps per epoch (resolved from the steps per epoch)
+    "old": {"cal_weighting": "none", "reduction": "sample", "eta_relative": None, "eta": 1.2, "rho_step": 10},
+}
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out).resolve()
+    base = out / "base"
+    cmd = [sys.executable, str(ROOT / "pipelines" / f"{args.pipeline}_lt.py"), "--seed", str(args.seed),
+           "--out", str(base), "--imbalance-factor", str(args.imbalance_factor), "--address", "local",
+           *(["--data-root", args.data_root] if args.data_root else []), *args.extra]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    base_seconds = time.time() - t0
+
+    import ray
+
+    from cact_ops.training import TrainConfig
+    from stages import evaluate, infer, longtail, train
+
+    config = json.loads((base / "config.json").read_text())
+    loop = TrainConfig(**{**config["loop"], "milestones": tuple(config["loop"]["milestones"])})
+    stage = {k: v for k, v in config["stage"].items() if k != "overwrite"}
+    finetune_epochs = config["args"]["finetune_epochs"]
+    splits = longtail.load(base / "splits")
+    ray.init(address="local", log_to_driver=False)
+    ce = train.fit_methods(splits, str(base), ("ce",), loop=loop, **stage)["ce"]
+    assert ce.reused, "the CE backbone must be the pipeline's"
+    steps_per_epoch = math.ceil(sum(splits.manifest["counts"]["train"]) / loop.batch_size)
+    timings = {}
+    for name, change in VARIANTS.items():
+        change = dict(change)
+        if change.get("dual_every_steps", 0) < 0:
+            change["dual_every_steps"] = max(1, steps_per_epoch // -change["dual_every_steps"])
+        vdir = out / "variants" / name
+        t1 = time.time()
+        res = train.fit_methods(splits, str(vdir), ("cact",), loop=dataclasses.replace(loop, **change),
+                                finetune_epochs=finetune_epochs, backbone=ce, **stage)
+        infer.run(infer.InferConfig(run_dir=vdir, splits_root=splits.root, methods=("cact",), splits=("pool",)))
+        timings[name] = round(time.time() - t1, 1)
+        dest = base / "logits" / f"cact[{name}]"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vdir / "logits" / "cact" / "pool.parquet", dest / "pool.parquet")
+        (dest / "variant.json").write_text(json.dumps({"change": change, "lambda_max": res["cact"].final_metrics.get(
+            "lambda_max"), "eta": res["cact"].final_metrics.get("eta")}))
+    ray.shutdown()
+    ev = evaluate.run(evaluate.EvalConfig(run_dir=base, alphas=(0.1, 0.05), n_splits=20, seed=args.seed))
+    (out / "run.json").write_text(json.dumps({"command": sys.argv, "pipeline_seconds": round(base_seconds, 1),
+                                              "variant_seconds": timings, "summary": str(ev.summary_path)}))
+    print(f"done: {ev.summary_path}")
+
+
+def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
+    """Markdown: paired difference (method - ce_finetune) per shot group, mean over seeds [95% t-interval]."""
+    import polars as pl
+
+    from cact_ops.metrics import paired_difference
+
+    metrics = ("size", "covgap", "few_size", "medium_size", "many_size", "coverage")
+    seeds = []
+    for o in outs:
+        ps = pl.read_parquet(Path(o) / "base" / "eval" / "per_split.parquet").filter(
+            (pl.col("score") == score) & (pl.col("predictor") == predictor) & ((pl.col("alpha") - alpha).abs() < 1e-9))
+        means = ps.group_by("method").agg([pl.col(m).mean() for m in metrics])
+        seeds.append({r["method"]: r for r in means.iter_rows(named=True)})
+    methods = [m for m in seeds[0] if m != "ce_finetune"]
+    from cact_ops.methods import order_key
+
+    methods.sort(key=order_key)
+    lines = [f"| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for m in methods:
+        cells = []
+        for k in metrics:
+            mean, lo, hi = paired_difference([s[m][k] for s in seeds], [s["ce_finetune"][k] for s in seeds])
+            txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(seeds) > 1 else f"{mean:+.3f}"
+            cells.append(f"**{txt}**" if len(seeds) > 1 and (lo > 0 or hi < 0) else txt)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--pipeline", required=True, choices=("digits", "mnist", "newsgroups", "cifar10"))
+    r.add_argument("--data-root", default=None)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--imbalance-factor", type=float, default=10)
+    r.add_argument("--out", required=True)
+    r.add_argument("extra", nargs="*", help="more pipeline flags, after --")
+    t = sub.add_parser("table")
+    t.add_argument("outs", nargs="+")
+    t.add_argument("--score", default="aps")
+    t.add_argument("--predictor", default="standard")
+    t.add_argument("--alpha", type=float, default=0.1)
+    a = p.parse_args()
+    if a.cmd == "run":
+        run(a)
+    else:
+        print(table(a.outs, a.score, a.predictor, a.alpha))
+
+
+if __name__ == "__main__":
+    main()
