@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cact_ops.alm import DualState
 from cact_ops.cp import calibrate, predict_sets
 from cact_ops.losses import METHODS, CaCTLoss, CELoss, ConfTrLoss
 from cact_ops.models import build_model
@@ -290,3 +291,54 @@ def test_train_config_rejects_bad_settings():
         EpochLoop(linear_model(), TrainConfig(method="conftr", alpha=1.5), K)
     with pytest.raises(ValueError, match="need 0 < lambda_min <= lambda_init <= lambda_max"):
         EpochLoop(linear_model(), TrainConfig(lambda_max=1e-9), K)
+
+
+def test_dual_steps_every_n_optimizer_steps_and_a_rho_schedule_that_acts():
+    # TRAIN has 105 rows: 7 optimizer steps per epoch at batch 16; steps are counted across epochs, so a dual step
+    # every 2 steps falls after steps 2, 4, 6 (epoch 0) and 8, 10, 12, 14 (epoch 1), none at the epoch ends
+    cfg = tiny_cfg("cact", epochs=2, dual_every_steps=2, rho_step=2, eta_relative=0.5)
+    loop = fit_in_process(linear_model(0), cfg, TRAIN, VAL)
+    assert loop.global_step == 14 and loop.dual.steps == 7
+    assert [h["epoch"] for h in loop.dual.history] == [0, 0, 0, 1, 1, 1, 1]
+    assert sum(h["rho_checked"] for h in loop.dual.history) == 3
+    assert [m["dual_steps"] for m in loop.metrics] == [3, 7]
+    # per epoch dual steps with the default schedule: a 10-epoch fine-tune checks rho 5 times
+    d = DualState(K, TrainConfig().dual_config)
+    for _ in range(10):
+        d.update(torch.ones(K), torch.ones(K), torch.ones(K))
+    assert sum(h["rho_checked"] for h in d.history) == 5 and bool((d.rho > 1).all())
+
+
+def test_history_holds_the_training_soft_size_beside_the_validation_one():
+    loop = fit_in_process(linear_model(0), tiny_cfg("cact"), TRAIN, VAL)
+    rows = [r for r in loop.history if r["epoch"] == 1]
+    assert len(rows) == K
+    for r in rows:
+        assert 0 < r["train_soft_size"] <= K and 0 < r["val_soft_size"] <= K
+        assert r["val_soft_size"] == pytest.approx(r["constraint"] + loop.eta)
+
+
+def test_balanced_calibration_weights_stand_for_the_balanced_population():
+    # a long-tailed calibration batch: 90 head scores near 0, 10 tail scores near -3. Unweighted, the 10% quantile
+    # sits at the head/tail border; with weights 1/n_k the tail is half the population and the quantile is in it
+    from cact_ops.smooth import soft_quantile
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([-0.1 * torch.rand(90, generator=g), -3 - 0.1 * torch.rand(10, generator=g)])
+    labels = torch.cat([torch.zeros(90, dtype=torch.long), torch.ones(10, dtype=torch.long)])
+    plain = float(soft_quantile(scores, 0.1, 0.01))
+    balanced = float(soft_quantile(scores, 0.1, 0.01, weights=(1.0 / torch.tensor([90.0, 10.0]))[labels]))
+    assert plain > -1.5 and balanced < -2.9
+    # and the loss uses them: ConfTr's threshold with balanced weights is the weighted one
+    torch.testing.assert_close(
+        soft_quantile(scores, 0.3, 0.01, weights=torch.ones(100)), soft_quantile(scores, 0.3, 0.01))
+
+
+def test_bad_dual_settings_name_the_field():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="TrainConfig.dual_every_steps must be an integer >= 0"):
+            TrainConfig(dual_every_steps=bad)
+    with pytest.raises(ValueError, match=r"TrainConfig.cal_weighting must be one of \('balanced', 'none'\)"):
+        TrainConfig(cal_weighting="inverse")
+    with pytest.raises(ValueError, match=r"TrainConfig.reduction must be one of \('sample', 'class'\)"):
+        TrainConfig(reduction="mean")

@@ -22,13 +22,20 @@ def _run(argv: list[str], monkeypatch, capsys) -> str:
 
 def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = ["--out", str(out), "--methods", "ce,conftr,cact", "--epochs", "3", "--finetune-epochs", "2",
+    argv = ["--out", str(out), "--methods", "ce,ce_finetune,cact", "--epochs", "3", "--finetune-epochs", "2",
             "--n-splits", "5", "--alpha", "0.1", "0.2"]
     printed = _run(argv, monkeypatch, capsys)
     summary = pl.read_parquet(out / "eval" / "summary.parquet")
     # 3 methods x 3 scores x 2 predictors x 2 alphas, every one a measured row
     assert summary.height == 36
-    assert set(summary["method"]) == {"ce", "conftr", "cact"}
+    assert set(summary["method"]) == {"ce", "ce_finetune", "cact"}
+    # every method is compared with the CE fine-tune control, paired over the splits
+    cact = summary.filter(pl.col("method") == "cact")
+    assert (cact["control"] == "ce_finetune").all()
+    assert ((cact["size_diff_lo"] <= cact["size_diff_mean"]) & (cact["size_diff_mean"] <= cact["size_diff_hi"])).all()
+    assert summary.filter(pl.col("method") == "ce_finetune")["size_diff_mean"].is_nan().all()
+    assert (out / "eval" / "per_split.parquet").is_file()
+    assert "Paired differences against ce_finetune" in (out / "report.md").read_text()
     assert summary["n_splits"].unique().to_list() == [5]
     # The pool holds ~716 points, so the test half ~358: one split's coverage has sd <= ~0.03 and the mean over
     # 5 splits sits within 0.06 of its target with ample margin. Split CP must hold for every method.
@@ -41,6 +48,7 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     assert any((out / "plots").glob("*.png"))
     hist = pl.read_parquet(out / "train" / "cact" / "history.parquet")
     assert hist.height == 2 * 10 and hist["lambda"].is_finite().all()
+    assert hist["lambda"].max() > 1e-3  # the default size target (eta_relative) binds: the multipliers move
     # A rerun reuses every finished stage: nothing retrained, nothing appended.
     printed = _run(argv, monkeypatch, capsys)
     assert printed.count("reused") >= 3
