@@ -47,9 +47,9 @@ _COLUMNS = (
 _STD = {"coverage_mean": "coverage_std", "size_mean": "size_std", "covgap_mean": "covgap_std"}
 # Columns of the paired tables: (metric of eval/per_split.parquet, header, format of a signed difference).
 _PAIRED = (
-    ("size", "size", "{:+.2f}"),
+    ("size", "size", "{:+.3f}"),
     ("covgap", "CovGap", "{:+.2f}"),
-    ("few_size", "few-shot size", "{:+.2f}"),
+    ("few_size", "few-shot size", "{:+.3f}"),
     ("coverage", "coverage", "{:+.3f}"),
     ("accuracy", "accuracy", "{:+.3f}"),
 )

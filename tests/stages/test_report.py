@@ -101,7 +101,7 @@ def test_identical_to_control_not_bold(tmp_path):
     text = res.report_path.read_text()
     assert "**" not in _table_rows(text.split("## Summary")[1])
     paired = text.split("## Paired differences against ce_finetune")[1].split("## Plots")[0]
-    assert "| standard | cact | +0.00 [+0.00, +0.00] | +0.00 [+0.00, +0.00] |" in paired
+    assert "| standard | cact | +0.000 [+0.000, +0.000] | +0.00 [+0.00, +0.00] |" in paired
     assert "this one training seed: they do not include seed-to-seed variation" in paired
 
 
@@ -123,7 +123,7 @@ def test_paired_tables_in_registry_order(tmp_path):
     for row in res.summary.filter((pl.col("score") == "aps") & (pl.col("method") != "ce_finetune")).iter_rows(
             named=True):
         lo, hi = row["size_diff_lo"], row["size_diff_hi"]
-        cell = f"{row['size_diff_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        cell = f"{row['size_diff_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         line = next(r for r in paired.split(f"### alpha = {row['alpha']:g}")[1].splitlines()
                     if r.startswith(f"| {row['predictor']} | {row['method']} |"))
         assert (f"**{cell}**" in line) == (lo > 0 or hi < 0) and cell in line
