@@ -32,7 +32,7 @@ VARIANTS = {
     "cal=none": {"cal_weighting": "none"},
     "reduction=sample": {"reduction": "sample"},
     "eta=1.2": {"eta_relative": None, "eta": 1.2},
-    "dual/4": {"dual_every_steps": -4},  # four dual steps per epoch (resolved from the steps per epoch)
+    "dual4": {"dual_every_steps": -4},  # four dual steps per epoch (resolved from the steps per epoch)
     "old": {"cal_weighting": "none", "reduction": "sample", "eta_relative": None, "eta": 1.2, "rho_step": 10},
 }
 
