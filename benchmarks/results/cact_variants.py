@@ -112,6 +112,31 @@ def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
     return "\n".join(lines)
 
 
+def gap(outs: list[str]) -> str:
+    """Markdown: CaCT's validation vs training soft size (last epoch, mean over classes and over the few-shot
+    third), with and without balanced calibration weights, and the largest multiplier."""
+    import polars as pl
+
+    lines = ["| run | variant | val soft size | train soft size | ratio | few-shot val / train | lambda max |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for o in outs:
+        for name, path in (("cact", Path(o) / "base" / "train" / "cact"),
+                           *((f"cact[{v}]", Path(o) / "variants" / v / "train" / "cact") for v in VARIANTS)):
+            if not (path / "history.parquet").is_file():
+                continue
+            h = pl.read_parquet(path / "history.parquet")
+            if "train_soft_size" not in h.columns:
+                continue
+            last = h.filter(pl.col("epoch") == h["epoch"].max()).sort("class")
+            k = last.height
+            few = last.tail(max(1, k // 3))  # classes are ordered head to tail
+            v, t = last["val_soft_size"].mean(), last["train_soft_size"].mean()
+            lines.append(f"| {Path(o).name} | {name} | {v:.3f} | {t:.3f} | {v / t:.2f} | "
+                         f"{few['val_soft_size'].mean():.3f} / {few['train_soft_size'].mean():.3f} | "
+                         f"{last['lambda'].max():.3g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -127,9 +152,13 @@ def main() -> None:
     t.add_argument("--score", default="aps")
     t.add_argument("--predictor", default="standard")
     t.add_argument("--alpha", type=float, default=0.1)
+    g = sub.add_parser("gap")
+    g.add_argument("outs", nargs="+")
     a = p.parse_args()
     if a.cmd == "run":
         run(a)
+    elif a.cmd == "gap":
+        print(gap(a.outs))
     else:
         print(table(a.outs, a.score, a.predictor, a.alpha))
 

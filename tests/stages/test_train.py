@@ -100,14 +100,16 @@ def test_two_workers_train_the_model_and_multipliers_of_one(ray_cluster, digits_
 
 def test_killed_worker_resumes_and_matches_an_unbroken_run(ray_cluster, digits_splits, tmp_path):
     # eta_relative: eta is measured once on the starting model; the restarted run must take it from the
-    # checkpoint, not measure it again on the trained model
+    # checkpoint, not measure it again on the trained model. Dual steps every 2 optimizer steps: the replayed
+    # epoch asks the coordinator again for steps it already applied, which must answer with the stored ones.
     cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=10.0, rho_step=2, seed=7,
-                      eta_relative=0.9)
+                      eta_relative=0.9, dual_every_steps=2)
     unbroken = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "a"), loop=cfg, verbose=False))
     broken = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "b"), loop=cfg, fail_at_epoch=1,
                                                              max_failures=1, verbose=False))
     assert (tmp_path / "b" / "ray_storage").rglob(".fault_injected").__next__()  # the worker really died
     assert broken.resumed_from_epoch == 1  # restarted from the epoch-0 checkpoint, not from scratch
+    assert len(_dual_history(unbroken)) > cfg.epochs  # several dual steps per epoch
     # same seed, same data order: the replayed run reaches exactly the same multipliers (determinism on CPU)
     assert _dual_history(broken) == _dual_history(unbroken)
     assert broken.final_metrics["eta"] == unbroken.final_metrics["eta"] != TrainConfig.eta
