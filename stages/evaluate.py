@@ -74,7 +74,7 @@ SCORES = ("lac", "aps", "raps")
 _DIRECT_COUNT_MAX = 4
 PREDICTORS = ("standard", "classwise")
 # Metrics compared with the control, split by split: summary columns <metric>_diff_mean, _diff_lo, _diff_hi.
-PAIRED_METRICS = ("size", "covgap", "few_size", "coverage", "accuracy")
+PAIRED_METRICS = ("size", "covgap", "few_size", "coverage", "accuracy", "medium_size", "many_size")
 PAIRED_COLUMNS = tuple(f"{m}_diff_{s}" for m in PAIRED_METRICS for s in ("mean", "lo", "hi")) + ("control",)
 SUMMARY_COLUMNS = (
     "method", "score", "predictor", "alpha", "n_splits", "accuracy", "coverage_mean", "coverage_std",

@@ -49,6 +49,8 @@ _STD = {"coverage_mean": "coverage_std", "size_mean": "size_std", "covgap_mean":
 _PAIRED = (
     ("size", "size", "{:+.3f}"),
     ("covgap", "CovGap", "{:+.2f}"),
+    ("many_size", "many-shot size", "{:+.3f}"),
+    ("medium_size", "medium-shot size", "{:+.3f}"),
     ("few_size", "few-shot size", "{:+.3f}"),
     ("coverage", "coverage", "{:+.3f}"),
     ("accuracy", "accuracy", "{:+.3f}"),
