@@ -90,7 +90,9 @@ def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
 
     from cact_ops.metrics import paired_difference
 
-    metrics = ("size", "covgap", "few_size", "medium_size", "many_size", "coverage")
+    metrics = ("size", "covgap", "many_size", "medium_size", "few_size", "coverage", "accuracy")
+    if len(outs) == 1:  # one seed: the paired intervals over its R splits, from the summary
+        return _split_table(Path(outs[0]), metrics, score, predictor, alpha)
     seeds = []
     for o in outs:
         ps = pl.read_parquet(Path(o) / "base" / "eval" / "per_split.parquet").filter(
@@ -109,6 +111,28 @@ def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
             txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(seeds) > 1 else f"{mean:+.3f}"
             cells.append(f"**{txt}**" if len(seeds) > 1 and (lo > 0 or hi < 0) else txt)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _split_table(out: Path, metrics, score: str, predictor: str, alpha: float) -> str:
+    import polars as pl
+
+    from cact_ops.methods import order_key
+
+    sm = pl.read_parquet(out / "base" / "eval" / "summary.parquet").filter(
+        (pl.col("score") == score) & (pl.col("predictor") == predictor) & ((pl.col("alpha") - alpha).abs() < 1e-9)
+        & pl.col("control").is_not_null())
+    lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for row in sorted(sm.iter_rows(named=True), key=lambda r: order_key(r["method"])):
+        cells = []
+        for k in metrics:
+            mean, lo, hi = (row.get(f"{k}_diff_{x}") for x in ("mean", "lo", "hi"))
+            if mean is None or math.isnan(mean):
+                cells.append("–")
+                continue
+            txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            cells.append(f"**{txt}**" if lo > 0 or hi < 0 else txt)
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
