@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"done: {ev.summary_path}")
 
 
-def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
+def table(outs: list[str], score: str, predictor: str, alpha: float, control_predictor: str | None = None) -> str:
     """Markdown: paired difference (method - ce_finetune) per shot group, mean over seeds [95% t-interval]."""
     import polars as pl
 
@@ -92,7 +92,7 @@ def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
 
     metrics = ("size", "covgap", "many_size", "medium_size", "few_size", "coverage", "accuracy")
     if len(outs) == 1:  # one seed: the paired intervals over its R splits, from the summary
-        return _split_table(Path(outs[0]), metrics, score, predictor, alpha)
+        return _split_table(Path(outs[0]), metrics, score, predictor, alpha, control_predictor)
     seeds = []
     for o in outs:
         ps = pl.read_parquet(Path(o) / "base" / "eval" / "per_split.parquet").filter(
@@ -114,25 +114,29 @@ def table(outs: list[str], score: str, predictor: str, alpha: float) -> str:
     return "\n".join(lines)
 
 
-def _split_table(out: Path, metrics, score: str, predictor: str, alpha: float) -> str:
+def _split_table(out: Path, metrics, score: str, predictor: str, alpha: float,
+                 control_predictor: str | None = None) -> str:
+    """One seed: paired differences over its R splits (per_split.parquet), control under ``control_predictor``."""
     import polars as pl
 
     from cact_ops.methods import order_key
+    from cact_ops.metrics import paired_difference
 
-    sm = pl.read_parquet(out / "base" / "eval" / "summary.parquet").filter(
-        (pl.col("score") == score) & (pl.col("predictor") == predictor) & ((pl.col("alpha") - alpha).abs() < 1e-9)
-        & pl.col("control").is_not_null())
+    ps = pl.read_parquet(out / "base" / "eval" / "per_split.parquet").filter(
+        (pl.col("score") == score) & ((pl.col("alpha") - alpha).abs() < 1e-9)).sort("split")
+    ref = ps.filter((pl.col("method") == "ce_finetune") & (pl.col("predictor") == (control_predictor or predictor)))
     lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    for row in sorted(sm.iter_rows(named=True), key=lambda r: order_key(r["method"])):
+    for m in sorted(set(ps["method"]) - ({"ce_finetune"} if not control_predictor else set()), key=order_key):
+        d = ps.filter((pl.col("method") == m) & (pl.col("predictor") == predictor))
         cells = []
         for k in metrics:
-            mean, lo, hi = (row.get(f"{k}_diff_{x}") for x in ("mean", "lo", "hi"))
-            if mean is None or math.isnan(mean):
+            mean, lo, hi = paired_difference(d[k].to_numpy(), ref[k].to_numpy())
+            if math.isnan(mean):
                 cells.append("–")
                 continue
             txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             cells.append(f"**{txt}**" if lo > 0 or hi < 0 else txt)
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -176,6 +180,8 @@ def main() -> None:
     t.add_argument("--score", default="aps")
     t.add_argument("--predictor", default="standard")
     t.add_argument("--alpha", type=float, default=0.1)
+    t.add_argument("--control-predictor", default=None, choices=("standard", "classwise"),
+                   help="compare with ce_finetune under this predictor (default: the same as --predictor)")
     g = sub.add_parser("gap")
     g.add_argument("outs", nargs="+")
     a = p.parse_args()
@@ -184,7 +190,7 @@ def main() -> None:
     elif a.cmd == "gap":
         print(gap(a.outs))
     else:
-        print(table(a.outs, a.score, a.predictor, a.alpha))
+        print(table(a.outs, a.score, a.predictor, a.alpha, a.control_predictor))
 
 
 if __name__ == "__main__":
