@@ -57,7 +57,8 @@ def main():
             k = K if rank == 0 else K - 1
             ConfTrLoss()(logits_all[idx, :k], labels_all[idx].clamp(max=k - 1))
         elif case == "tiny":  # one sample in the whole global batch
-            ConfTrLoss()(logits_all[:1] if rank == 0 else logits_all[:0], labels_all[:1] if rank == 0 else labels_all[:0])
+            rows = slice(0, 1 if rank == 0 else 0)
+            ConfTrLoss()(logits_all[rows], labels_all[rows])
         else:
             for name, loss_fn in losses().items():
                 logits = logits_all[idx].clone().requires_grad_(True)
