@@ -123,7 +123,8 @@ def step_ratio(model_name: str, batch_size: int, steps: int, repeats: int, warmu
     x, y = x.to(device), y.to(device)
     model0 = build_model(model_name, num_classes, in_channels=shape[0], **kwargs)
     loops = {m: EpochLoop(copy.deepcopy(model0), TrainConfig(method=m, batch_size=batch_size, seed=seed), num_classes,
-                          device) for m in ("ce", "cact")}
+                          device, train_counts=torch.bincount(y.cpu(), minlength=num_classes))
+             for m in ("ce", "cact")}
     for i in range(warmup):  # interleaved warm-up (allocator, oneDNN/cuDNN kernel choice)
         for loop in (loops.values() if i % 2 == 0 else list(loops.values())[::-1]):
             loop.train_epoch([(x, y)])
@@ -187,11 +188,16 @@ def loss_breakdown(batch_size: int, num_classes: int, device: torch.device, iter
     g = torch.Generator().manual_seed(seed)
     logits0 = (torch.randn(batch_size, num_classes, generator=g) * 2).to(device)
     labels = (torch.arange(batch_size) % num_classes)[torch.randperm(batch_size, generator=g)].to(device)
-    cfg = TrainConfig(method="cact", batch_size=batch_size)  # the defaults: strength, T, eta, alpha
+    # the lean reference's formulation (per-sample mean, unweighted quantile); the defaults are timed beside it
+    cfg = TrainConfig(method="cact", batch_size=batch_size, reduction="sample", cal_weighting="none")
     dual = DualState(num_classes, cfg.dual_config)
     dual.lam.fill_(0.5)  # a live multiplier, so the PHR branch carries gradient
     ce_loss = build_loss(dataclasses.replace(cfg, method="ce"), None)
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)
     cact_loss = build_loss(cfg, dual, torch.Generator().manual_seed(1))
+    default_loss = build_loss(dataclasses.replace(cfg, reduction=TrainConfig.reduction,
+                                                  cal_weighting=TrainConfig.cal_weighting),
+                              dual, torch.Generator().manual_seed(1), train_counts=counts)
     lean_gen = torch.Generator().manual_seed(1)
     n_cal = batch_size // 2
     conf0 = torch.log_softmax(logits0, 1)
@@ -209,6 +215,10 @@ def loss_breakdown(batch_size: int, num_classes: int, device: torch.device, iter
     def f_cact():
         lg = leaf(logits0)
         cact_loss(lg, labels)[0].backward()
+
+    def f_cact_default():  # reduction="class", calibration weights 1/n_k
+        lg = leaf(logits0)
+        default_loss(lg, labels)[0].backward()
 
     def f_lean():
         lg = leaf(logits0)
@@ -240,11 +250,13 @@ def loss_breakdown(batch_size: int, num_classes: int, device: torch.device, iter
         check_labels(labels, batch_size, num_classes)
 
     sizes0 = torch.rand(batch_size - n_cal, device=device) * 3
-    def f_diagnostics():  # the per-class diagnostics CaCTLoss computes every step; train_epoch does not read them
-        CaCTLoss._class_means(sizes0, labels[n_cal:], num_classes)
-        CaCTLoss._class_means(sizes0, labels[n_cal:], num_classes)
+    def f_diagnostics():  # the per-class diagnostics CaCTLoss computes every step (train_epoch reads the sums)
+        counts = torch.bincount(labels[n_cal:], minlength=num_classes).to(sizes0.dtype)
+        for _ in range(2):
+            CaCTLoss._class_means(CaCTLoss._class_sums(sizes0, labels[n_cal:], num_classes), counts)
 
-    variants = {"ce_loss": f_ce, "cact_loss": f_cact, "cact_lean_reference": f_lean,
+    variants = {"ce_loss": f_ce, "cact_loss": f_cact, "cact_loss_default_config": f_cact_default,
+                "cact_lean_reference": f_lean,
                 "part_soft_quantile": f_soft_quantile, "part_soft_sets_phr": f_soft_sets_phr,
                 "part_second_log_softmax": f_log_softmax, "part_split_batch": f_split,
                 "part_extra_input_checks": f_checks, "part_per_class_diagnostics": f_diagnostics}
@@ -362,7 +374,7 @@ def in_process_run(splits, cfg: TrainConfig, model_family: str, model_kwargs: di
     train = read_split_tensors(splits, "train")
     val = read_split_tensors(splits, "val")
     model = build_model(model_family, splits.num_classes, in_channels=int(train[0].shape[1]), **model_kwargs)
-    loop = EpochLoop(model, cfg, splits.num_classes, "cpu")
+    loop = EpochLoop(model, cfg, splits.num_classes, "cpu", train_counts=splits.train_counts)
     is_cal = val_cal_mask(val[1], cfg.val_cal_fraction, cfg.seed)
     ends, cpu = [], []
     for _ in range(cfg.epochs):
@@ -499,7 +511,7 @@ def per_epoch_overheads(splits, cfg: TrainConfig, model_family: str, model_kwarg
     out = {"decode_train_s": [], "decode_val_s": [], "ray_data_pass_s": [], "checkpoint_s": []}
     ds = ray.data.read_parquet(str(splits.path("train"))).materialize()
     model = build_model(model_family, splits.num_classes, in_channels=1, **model_kwargs)
-    loop = EpochLoop(model, cfg, splits.num_classes, "cpu")
+    loop = EpochLoop(model, cfg, splits.num_classes, "cpu", train_counts=splits.train_counts)
     for _ in range(repeats):
         t0 = time.perf_counter()
         for b in np_batches:
@@ -537,7 +549,7 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, width: int, batch_
     model = build_model("small_cnn", 10, in_channels=1, width=width)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    loop = EpochLoop(model, TrainConfig(method="cact", batch_size=batch_size), 10)
+    loop = EpochLoop(model, TrainConfig(method="cact", batch_size=batch_size), 10, train_counts=[1] * 10)
     b = batch_size // world
     x, y = torch.rand(b * steps, 1, 28, 28), torch.arange(b * steps) % 10
     loop.train_epoch(iterate_tensors(x[: 3 * b], y[: 3 * b], b, False))  # warm-up

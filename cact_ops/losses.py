@@ -71,16 +71,24 @@ def split_batch(
 
 
 class CELoss(nn.Module):
-    """Plain cross-entropy with the same ``(loss, diagnostics)`` interface as the conformal losses."""
+    """Plain cross-entropy with the same ``(loss, diagnostics)`` interface as the conformal losses; under
+    ``torch.distributed`` the mean over the global batch (ranks' slices may differ in size), like theirs."""
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, distributed: bool = True):
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.distributed = distributed
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
         check_matrix(logits, "logits")
         labels = check_labels(labels, logits.shape[0], logits.shape[1])
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if self.distributed and _dist.world()[1] > 1:
+            total = _dist.gather_cat(torch.stack([
+                F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="sum"),
+                logits.new_tensor(float(labels.shape[0]))])[None]).sum(0)
+            ce = total[0] / total[1].detach().clamp(min=1)
+        else:
+            ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return ce, {"ce": ce.detach(), "penalty": torch.zeros((), device=logits.device)}
 
 

@@ -70,8 +70,8 @@ def _weighted_position(sorted_values: torch.Tensor, values: torch.Tensor, weight
     n = values.shape[0]
     if n == 1:
         return sorted_values[0]
-    # The hard order carries the weights; the soft-sorted values carry the gradient.
-    w = weights.detach().to(torch.float64)[values.detach().argsort()]
+    # The hard order carries the weights (on the CPU: a few numbers); the soft-sorted values carry the gradient.
+    w = weights.detach().to("cpu", torch.float64)[values.detach().argsort().cpu()]
     before = torch.cat([w.new_zeros(1), w.cumsum(0)[:-1]])
     positions = (before + (w - w[0]) / 2) / (w.sum() - (w[0] + w[-1]) / 2)
     j = int(torch.searchsorted(positions, torch.tensor([q], dtype=torch.float64), right=True).clamp(1, n - 1)) - 1

@@ -182,11 +182,12 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig) -> float:
+def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None = None) -> float:
     """The dual step's threshold for the constraint: the training-time smooth quantile (torchsort at
-    ``cfg.regularization_strength``, level alpha (1 + 1/n)) of the calibration rows' true-class conformity."""
+    ``cfg.regularization_strength``, level alpha (1 + 1/n)) of the calibration rows' true-class conformity,
+    weighted like training's when ``weights`` are given."""
     q = smooth_threshold_level(cfg.alpha, cal_scores.numel())
-    return float(soft_quantile(cal_scores.float(), q, cfg.regularization_strength))
+    return float(soft_quantile(cal_scores.float(), q, cfg.regularization_strength, weights=weights))
 
 
 def val_cal_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -289,6 +290,7 @@ class EpochLoop:
         self.split_generator = torch.Generator().manual_seed(cfg.seed + 2)
         self.dual = DualState(num_classes, cfg.dual_config) if methods.get(cfg.method).uses_dual else None
         self.loss_fn = build_loss(cfg, self.dual, self.split_generator, train_counts)
+        self.train_counts = train_counts
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
         self.dual_update = dual_update or (lambda dual, s, c, h, step, epoch: dual.update(s, c, h, epoch=epoch))
         self.eta = cfg.eta  # the size target in use (resolve_eta replaces it when cfg.eta_relative is set)
@@ -358,18 +360,20 @@ class EpochLoop:
         ``batches`` yield (x, y, is_cal) for this worker's part of the dual-step data; the calibration scores
         are gathered from every worker so all of them use the same thresholds. The constraint h = S - eta is
         measured as the penalty trains it: soft sets at T under the *smooth* threshold (the training-time
-        quantile operator and level) of a balanced calibration set; the reported hard coverage and size use the
+        quantile operator and level) of the calibration rows (weighted like training's B_cal when they come from
+        the long-tailed training split, ``dual_source="train"``); the reported hard coverage and size use the
         finite-sample split-CP threshold.
         """
         self.model.eval()
         cfg, dev, K = self.cfg, self.device, self.num_classes
-        cal_scores, rest_conf, rest_y = [], [], []
+        cal_scores, cal_labels, rest_conf, rest_y = [], [], [], []
         for x, y, is_cal in batches:
             x, y, is_cal = x.to(dev), y.to(dev).long(), is_cal.to(dev).bool()
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
                 logits = self.model(x)
             conf = logprob(logits.float())
             cal_scores.append(conf[is_cal].gather(1, y[is_cal, None]).squeeze(1).cpu())
+            cal_labels.append(y[is_cal].cpu())
             rest_conf.append(conf[~is_cal].cpu())
             rest_y.append(y[~is_cal].cpu())
         cal = self.comm.all_gather_cat(torch.cat(cal_scores) if cal_scores else torch.empty(0))
@@ -377,7 +381,13 @@ class EpochLoop:
             raise ValueError("the dual step has no calibration rows: is the validation split empty?")
         # Conformity E is "higher = better": the hard set {k: E >= tau} uses tau = -q̂ of the score -E.
         tau = -float(conformal_quantile(-cal.double(), cfg.alpha))
-        tau_soft = smooth_dual_threshold(cal, cfg)
+        weights = None
+        if cfg.dual_source == "train":  # long-tailed calibration rows: weighted as training weighs B_cal
+            class_w = calibration_weights(cfg, self.train_counts) if self.dual is not None else None
+            if class_w is not None:
+                labels = self.comm.all_gather_cat(torch.cat(cal_labels) if cal_labels else torch.empty(0).long())
+                weights = class_w[labels.long()]
+        tau_soft = smooth_dual_threshold(cal, cfg, weights)
         conf = torch.cat(rest_conf) if rest_conf else torch.empty(0, K)
         y = torch.cat(rest_y).long() if rest_y else torch.empty(0, dtype=torch.long)
         h = soft_size(conf.double(), tau_soft, cfg.temperature) - self.eta

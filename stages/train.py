@@ -72,7 +72,8 @@ class TrainStageConfig:
     cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data
     # shard: each worker streams its own Ray Data shard of the train split (scales to any size); global: every
     # worker reads the split and takes its contiguous slice of one seeded global batch order, so a run gives the
-    # same batches, and up to float rounding the same model and multipliers, with any number of workers
+    # same batches, and up to float rounding the same model and multipliers, with any number of workers (not
+    # with crop_flip augmentation or BatchNorm: both see only a worker's slice)
     data_order: str = "shard"
     max_failures: int = 2  # worker-group restarts before the run fails
     storage_path: str | None = None  # Ray Train storage (shared storage on a cluster); None: <out>/ray_storage
@@ -181,6 +182,23 @@ def _with_defaults(saved: dict) -> dict:
     return {**stage, **saved, "loop": {**_jsonable(defaults(TrainConfig)), **saved.get("loop", {})}}
 
 
+# Fields a run saved before they existed had, in effect, these values (not today's defaults): such a run is not
+# the same as one trained with today's default.
+_ABSENT_MEANT = {"cal_weighting": "none"}
+
+
+def _same_run(saved: dict, config: TrainStageConfig) -> bool:
+    """Whether a finished run's saved config.json describes ``config``. For methods trained with plain CE the
+    conformal-only fields are ignored (they never reach the loss), so a backbone saved when those fields had
+    other defaults is still the same backbone."""
+    saved = {**saved, "loop": {**_ABSENT_MEANT, **saved.get("loop", {})}}
+    a, b = _with_defaults(saved), _jsonable(config.to_dict())
+    if method_registry.get(config.method).loss == "ce":
+        for d in (a, b):
+            d["loop"] = {k: v for k, v in d["loop"].items() if k not in CONFORMAL_ONLY}
+    return a == b
+
+
 def _run_name(config: TrainStageConfig, splits, spec: dict) -> str:
     if config.run_name:
         return config.run_name
@@ -188,7 +206,9 @@ def _run_name(config: TrainStageConfig, splits, spec: dict) -> str:
     loop = {k: v for k, v in config.loop.to_dict().items() if v is not None}
     key = json.dumps({"loop": loop, "spec": spec, "splits": str(Path(splits.root).resolve()),
                       "init_from": config.init_from, "finetune": config.finetune, "image_size": config.image_size,
-                      "workers": config.num_workers}, sort_keys=True, default=str)
+                      "workers": config.num_workers,
+                      **({"data_order": config.data_order} if config.data_order != "shard" else {})},
+                     sort_keys=True, default=str)
     return f"{config.method}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -223,11 +243,11 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
     method_dir = config.method_dir
     saved_config = method_dir / "config.json"
     if (method_dir / "model.pt").is_file() and not config.overwrite:
-        if saved_config.is_file() and _with_defaults(json.loads(saved_config.read_text())) == _jsonable(config.to_dict()):
+        if saved_config.is_file() and _same_run(json.loads(saved_config.read_text()), config):
             return _result_from_disk(config, reused=True)
         raise ValueError(
             f"{method_dir} already holds a trained {config.method} model with another config; "
-            "pass overwrite=True (--overwrite) or choose another --out"
+            "pass overwrite=True (a pipeline's --no-resume) or choose another --out"
         )
     if config.init_from:
         _, blob = load_model(config.init_from)
@@ -452,9 +472,9 @@ def ce_config(loop: TrainConfig) -> TrainConfig:
     that changing a conformal knob (``--eta``, ``--lambda-max``...) re-keys only the fine-tunes, and the backbone
     they share is found and reused instead of trained again.
 
-    >>> c = ce_config(TrainConfig(method="cact", eta=0.7, eta_relative=0.9, lr=0.2, alpha=0.05))
+    >>> c = ce_config(TrainConfig(method="cact", eta=0.7, eta_relative=0.5, lr=0.2, alpha=0.05))
     >>> c.method, c.eta, c.eta_relative, c.lr, c.alpha
-    ('ce', 1.2, None, 0.2, 0.05)
+    ('ce', 1.2, 0.9, 0.2, 0.05)
     """
     defaults = TrainConfig()
     return dataclasses.replace(loop, method="ce", **{k: getattr(defaults, k) for k in CONFORMAL_ONLY})
@@ -618,15 +638,15 @@ def _val_batches(x_table, payload, image_size, is_cal, rank, world, batch_size):
 
 def _global_order_batches(table, payload, image_size, loop_cfg: TrainConfig, epoch: int, rank: int, world: int):
     """This worker's contiguous slice of every global batch of one seeded order of the whole split: the
-    concatenation of the ranks' slices is the batch one worker would see. A last global batch smaller than
-    max(2, world) is dropped, so every world size drops the same one."""
+    concatenation of the ranks' slices is the batch one worker would see. An incomplete last batch is dropped
+    whatever the world size (the order changes every epoch, so no row is left out for good)."""
     from .payload import decode, decode_labels
 
     labels = decode_labels(table)
     order = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(loop_cfg.seed * 100003 + epoch))
     for start in range(0, table.num_rows, loop_cfg.batch_size):
         rows = order[start:start + loop_cfg.batch_size].numpy()
-        if len(rows) < max(2, world):
+        if len(rows) < loop_cfg.batch_size:
             return
         mine = np.array_split(rows, world)[rank]
         yield decode(table.take(mine), payload, image_size), labels[mine]

@@ -238,3 +238,20 @@ def test_changing_a_conformal_knob_keeps_the_ce_backbone(tmp_path):
         assert ce_name(**changes) == base, changes
     for changes in ({"lr": 0.2}, {"alpha": 0.05}, {"temperature": 0.5}, {"val_cal_fraction": 0.3}, {"seed": 1}):
         assert ce_name(**changes) != base, changes
+
+
+def test_a_backbone_saved_under_older_conformal_defaults_is_reused_but_not_an_older_cact_run():
+    """A CE backbone's config.json from before the conformal defaults changed (eta_relative, reduction, rho_step,
+    no cal_weighting field) is the same backbone; a CaCT run saved without cal_weighting trained with the plain
+    batch quantile, which is not today's default, so it is not the same run."""
+    ce = train.TrainStageConfig(out="runs/x", loop=train.ce_config(TrainConfig(epochs=3)))
+    saved = json.loads(json.dumps(train._jsonable(ce.to_dict())))
+    saved["loop"] |= {"eta_relative": None, "reduction": "sample", "rho_step": 10}
+    del saved["loop"]["cal_weighting"], saved["loop"]["dual_every_steps"]
+    assert train._same_run(saved, ce)
+    assert not train._same_run({**saved, "loop": {**saved["loop"], "lr": 0.5}}, ce)
+    cact = train.TrainStageConfig(out="runs/x", loop=TrainConfig(method="cact", epochs=3))
+    old = json.loads(json.dumps(train._jsonable(cact.to_dict())))
+    del old["loop"]["cal_weighting"]
+    assert not train._same_run(old, cact)
+    assert train._same_run({**old, "loop": {**old["loop"], "cal_weighting": "balanced"}}, cact)
