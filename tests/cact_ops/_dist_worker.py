@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cact_ops.alm import DualState
-from cact_ops.losses import CaCTLoss, ConfTrLoss
+from cact_ops.losses import CaCTLoss, CELoss, ConfTrLoss
 
 N, K = 23, 4  # 23 rows over 2 ranks: unequal slices (12 + 11)
 
@@ -66,6 +66,10 @@ def main():
                 loss.backward()
                 out[name] = {"loss": loss.detach(), "tau": diag["tau"], "penalty": diag["penalty"],
                              "ce": diag["ce"], "grad": logits.grad}
+            logits = logits_all[idx].clone().requires_grad_(True)
+            loss, _ = CELoss()(logits, labels_all[idx])
+            loss.backward()
+            out["ce_loss"] = {"loss": loss.detach(), "grad": logits.grad}
     except ValueError as e:
         out["error"] = str(e)
     torch.save(out, out_file)

@@ -55,6 +55,19 @@ def test_two_ranks_equal_one_process_holding_the_union(two_ranks, name):
     assert all(two_ranks[r][name]["grad"].abs().sum() > 0 for r in range(2))
 
 
+def test_cross_entropy_is_the_global_batch_mean_on_unequal_slices(two_ranks):
+    from cact_ops.losses import CELoss
+
+    logits_all, labels_all = w.global_batch()
+    logits = logits_all.clone().requires_grad_(True)
+    loss, _ = CELoss()(logits, labels_all)
+    loss.backward()
+    for r in range(2):  # slices of 12 and 11 rows: a mean of the ranks' means would weigh them alike
+        torch.testing.assert_close(two_ranks[r]["ce_loss"]["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
+    grad = torch.cat([two_ranks[r]["ce_loss"]["grad"] for r in range(2)]) / 2
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_ranks_that_disagree_on_the_number_of_classes_get_a_clear_error(tmp_path):
     outs = run_ranks(tmp_path, "classes")
     for o in outs:
