@@ -2,6 +2,8 @@
 
     python benchmarks/results/cact_variants.py run --pipeline newsgroups --data-root DATA --seed 0 --out OUT
     python benchmarks/results/cact_variants.py table OUT1 OUT2 ...    # paired differences over seeds
+    python benchmarks/results/cact_variants.py gap OUT1 ...           # validation vs training soft size
+    python benchmarks/results/cact_variants.py collect OUT DEST       # the small files the tables read
 
 ``run``: the dataset's pipeline with its default methods (ce, ce_finetune, conftr, conftr_class, cact_uniform,
 cact) into OUT/base, then CaCT fine-tuned again from the same CE backbone with one choice changed at a time
@@ -165,6 +167,22 @@ def gap(outs: list[str]) -> str:
     return "\n".join(lines)
 
 
+KEEP = ("run.json", "base/config.json", "base/eval/summary.csv", "base/eval/per_split.parquet",
+        "base/splits/manifest.json", "base/train/*/history.parquet", "base/train/*/metrics.parquet",
+        "base/logits/*/variant.json", "variants/*/train/cact/history.parquet", "variants/*/train/cact/metrics.parquet")
+
+
+def collect(out: str, dest: str) -> None:
+    """Copy what the tables need (small files; no models or logits) from a run folder into ``dest``, keeping the
+    layout, so ``table`` and ``gap`` read the committed copy as they read the run."""
+    src, dst = Path(out), Path(dest)
+    for pattern in KEEP:
+        for f in src.glob(pattern):
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -184,11 +202,16 @@ def main() -> None:
                    help="compare with ce_finetune under this predictor (default: the same as --predictor)")
     g = sub.add_parser("gap")
     g.add_argument("outs", nargs="+")
+    c = sub.add_parser("collect")
+    c.add_argument("out")
+    c.add_argument("dest")
     a = p.parse_args()
     if a.cmd == "run":
         run(a)
     elif a.cmd == "gap":
         print(gap(a.outs))
+    elif a.cmd == "collect":
+        collect(a.out, a.dest)
     else:
         print(table(a.outs, a.score, a.predictor, a.alpha, a.control_predictor))
 
