@@ -346,6 +346,31 @@ class CaCTLoss(_ConformalLoss):
             **self._diagnostics(size, per_sample, y, K, global_sum),
         }
 
+    @torch.no_grad()
+    def dual_step(self, logits: torch.Tensor, labels: torch.Tensor, cal_fraction: float = 0.2,
+                  seed: int = 0) -> torch.Tensor:
+        """One dual step from validation logits, for a training loop of your own: a stratified ``cal_fraction``
+        of the rows gives the smooth threshold (the training operator), the rest the constraint h = S - eta per
+        class, and the multipliers of ``self.dual`` are updated. Returns the mean h per class (NaN: no row).
+        (``cact_ops.training.EpochLoop`` does the same over batches and Ray workers.)
+
+        >>> from cact_ops.alm import DualState
+        >>> loss_fn = CaCTLoss(DualState(2), eta=0.5)
+        >>> h = loss_fn.dual_step(torch.tensor([[2.0, 0.0], [0.0, 2.0]] * 10), torch.tensor([0, 1] * 10))
+        >>> bool((loss_fn.dual.lam > 1e-6).all())   # sets larger than eta = 0.5: both multipliers grow
+        True
+        """
+        K = check_matrix(logits, "logits").shape[1]
+        labels = check_labels(labels, logits.shape[0], K)
+        conf = logprob(logits.float())
+        cal, rest = split_batch(labels, cal_fraction, stratified=True, generator=torch.Generator().manual_seed(seed))
+        true = conf[cal].gather(1, labels[cal, None]).squeeze(1)
+        tau = soft_quantile(true, smooth_threshold_level(self.alpha, true.shape[0]), self.regularization_strength)
+        h = soft_sets(conf[rest], tau, self.temperature).sum(1).double() - self.eta
+        sums, counts, h_sums = self.dual.statistics(h, labels[rest])
+        self.dual.update(sums, counts, h_sums / counts.clamp(min=1))
+        return torch.where(counts > 0, h_sums / counts.clamp(min=1), torch.full_like(h_sums, float("nan")))
+
 
 # The methods' registry lives in cact_ops.methods; these names stay for the public API.
 METHODS = _methods.names()
