@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from cact_ops.alm import DualConfig, DualState
+from cact_ops import distributed as _dist
 from cact_ops import methods as method_registry
 from cact_ops.losses import METHODS
 from cact_ops.models import build_model
@@ -568,36 +569,19 @@ DualCoordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator)
 
 
 class TorchDistComm:
-    """Sums and gathers through torch.distributed (gloo on CPU, NCCL on GPU)."""
+    """The loop's collectives through torch.distributed (gloo on CPU, NCCL on GPU), by cact_ops.distributed."""
 
     def __init__(self, device: torch.device):
         import torch.distributed as dist
 
         self.dist = dist
-        self.on = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.on else 0
-        self.world_size = dist.get_world_size() if self.on else 1
-        self.device = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+        self.rank, self.world_size = _dist.world()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        t = t.to(self.device).clone()
-        self.dist.all_reduce(t)
-        return t.cpu()
+        return _dist.all_reduce_sum(t).cpu()
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return t
-        n = torch.tensor([t.shape[0]], device=self.device)
-        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        self.dist.all_gather(sizes, n)
-        m = int(max(s.item() for s in sizes))
-        padded = torch.zeros(m, dtype=t.dtype, device=self.device)
-        padded[: t.shape[0]] = t.to(self.device)
-        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        self.dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
+        return _dist.gather_cat(t.detach()).cpu()
 
     def broadcast_object(self, obj):
         if self.world_size == 1:

@@ -70,6 +70,11 @@ def main():
             loss, _ = CELoss()(logits, labels_all[idx])
             loss.backward()
             out["ce_loss"] = {"loss": loss.detach(), "grad": logits.grad}
+            from stages.train import TorchDistComm  # the Ray stage's collectives, on the same group
+
+            comm = TorchDistComm(torch.device("cpu"))
+            out["comm"] = {"gather": comm.all_gather_cat(torch.arange(rank + 1)),
+                           "sum": comm.all_reduce_sum(torch.ones(2, dtype=torch.float64))}
     except ValueError as e:
         out["error"] = str(e)
     torch.save(out, out_file)

@@ -68,6 +68,12 @@ def test_cross_entropy_is_the_global_batch_mean_on_unequal_slices(two_ranks):
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_the_training_stage_collectives_gather_in_rank_order_and_sum(two_ranks):
+    for r in range(2):
+        assert two_ranks[r]["comm"]["gather"].tolist() == [0, 0, 1]  # rank 0 sent [0], rank 1 [0, 1]
+        assert two_ranks[r]["comm"]["sum"].tolist() == [2.0, 2.0]
+
+
 def test_ranks_that_disagree_on_the_number_of_classes_get_a_clear_error(tmp_path):
     outs = run_ranks(tmp_path, "classes")
     for o in outs:
