@@ -87,31 +87,36 @@ def run(args: argparse.Namespace) -> None:
 
 
 def table(outs: list[str], score: str, predictor: str, alpha: float, control_predictor: str | None = None) -> str:
-    """Markdown: paired difference (method - ce_finetune) per shot group, mean over seeds [95% t-interval]."""
+    """Markdown: paired difference (method - ce_finetune) per shot group. Several seeds: the mean over seeds of
+    each seed's mean over its splits, with a 95% Student-t interval over seeds; one seed: over its R splits.
+    ``control_predictor``: the control evaluated with another predictor (e.g. class-wise CP)."""
     import polars as pl
 
+    from cact_ops.methods import order_key
     from cact_ops.metrics import paired_difference
 
     metrics = ("size", "covgap", "many_size", "medium_size", "few_size", "coverage", "accuracy")
-    if len(outs) == 1:  # one seed: the paired intervals over its R splits, from the summary
+    if len(outs) == 1:
         return _split_table(Path(outs[0]), metrics, score, predictor, alpha, control_predictor)
-    seeds = []
+    seeds, controls = [], []
     for o in outs:
         ps = pl.read_parquet(Path(o) / "base" / "eval" / "per_split.parquet").filter(
-            (pl.col("score") == score) & (pl.col("predictor") == predictor) & ((pl.col("alpha") - alpha).abs() < 1e-9))
-        means = ps.group_by("method").agg([pl.col(m).mean() for m in metrics])
-        seeds.append({r["method"]: r for r in means.iter_rows(named=True)})
-    methods = [m for m in seeds[0] if m != "ce_finetune"]
-    from cact_ops.methods import order_key
-
-    methods.sort(key=order_key)
-    lines = [f"| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+            (pl.col("score") == score) & ((pl.col("alpha") - alpha).abs() < 1e-9))
+        means = ps.group_by("method", "predictor").agg([pl.col(m).mean() for m in metrics])
+        rows = {(r["method"], r["predictor"]): r for r in means.iter_rows(named=True)}
+        seeds.append({m: r for (m, pr), r in rows.items() if pr == predictor})
+        controls.append(rows[("ce_finetune", control_predictor or predictor)])
+    methods = sorted((m for m in seeds[0] if control_predictor or m != "ce_finetune"), key=order_key)
+    lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for m in methods:
         cells = []
         for k in metrics:
-            mean, lo, hi = paired_difference([s[m][k] for s in seeds], [s["ce_finetune"][k] for s in seeds])
-            txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if len(seeds) > 1 else f"{mean:+.3f}"
-            cells.append(f"**{txt}**" if len(seeds) > 1 and (lo > 0 or hi < 0) else txt)
+            mean, lo, hi = paired_difference([s[m][k] for s in seeds], [c[k] for c in controls])
+            if math.isnan(mean):
+                cells.append("–")
+                continue
+            txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            cells.append(f"**{txt}**" if lo > 0 or hi < 0 else txt)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
