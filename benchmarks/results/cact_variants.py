@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> None:
     assert ce.reused, "the CE backbone must be the pipeline's"
     steps_per_epoch = math.ceil(sum(splits.manifest["counts"]["train"]) / loop.batch_size)
     timings = {}
-    for name, change in VARIANTS.items():
-        change = dict(change)
+    for name in args.variants.split(","):
+        change = dict(VARIANTS[name])
         if change.get("dual_every_steps", 0) < 0:
             change["dual_every_steps"] = max(1, steps_per_epoch // -change["dual_every_steps"])
         vdir = out / "variants" / name
@@ -197,6 +197,7 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--imbalance-factor", type=float, default=10)
     r.add_argument("--out", required=True)
+    r.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     r.add_argument("extra", nargs="*", help="more pipeline flags, after --")
     t = sub.add_parser("table")
     t.add_argument("outs", nargs="+")
