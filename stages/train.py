@@ -188,12 +188,21 @@ def _with_defaults(saved: dict) -> dict:
 _ABSENT_MEANT = {"cal_weighting": "none"}
 
 
+# How a run was executed, not what it computed: a rerun on a busier cluster gets another CPU share per worker
+# (fit_methods sizes it to the fits running at once) and must still find its finished runs.
+_EXECUTION_ONLY = ("cpus_per_worker", "max_failures", "verbose", "check_resources", "overwrite", "fail_at_epoch",
+                   "storage_path", "materialize_bytes", "run_name")
+
+
 def _same_run(saved: dict, config: TrainStageConfig) -> bool:
-    """Whether a finished run's saved config.json describes ``config``. For methods trained with plain CE the
-    conformal-only fields are ignored (they never reach the loss), so a backbone saved when those fields had
-    other defaults is still the same backbone."""
+    """Whether a finished run's saved config.json describes ``config``: execution settings are ignored, and for
+    methods trained with plain CE so are the conformal-only fields (they never reach the loss), so a backbone
+    saved when those fields had other defaults is still the same backbone."""
     saved = {**saved, "loop": {**_ABSENT_MEANT, **saved.get("loop", {})}}
     a, b = _with_defaults(saved), _jsonable(config.to_dict())
+    for d in (a, b):
+        for k in _EXECUTION_ONLY:
+            d.pop(k, None)
     if method_registry.get(config.method).loss == "ce":
         for d in (a, b):
             d["loop"] = {k: v for k, v in d["loop"].items() if k not in CONFORMAL_ONLY}

@@ -255,3 +255,12 @@ def test_a_backbone_saved_under_older_conformal_defaults_is_reused_but_not_an_ol
     del old["loop"]["cal_weighting"]
     assert not train._same_run(old, cact)
     assert train._same_run({**old, "loop": {**old["loop"], "cal_weighting": "balanced"}}, cact)
+
+
+def test_a_finished_run_is_found_again_whatever_cpu_share_the_rerun_gets():
+    """fit_methods sizes cpus_per_worker to the fits that run at once (and the cluster's free memory), so a rerun
+    on a busier cluster asks for another share: that is how the run is executed, not what it computed."""
+    cfg = train.TrainStageConfig(out="runs/x", loop=TrainConfig(method="ce_finetune", epochs=3), cpus_per_worker=0.4)
+    saved = json.loads(json.dumps(train._jsonable(dataclasses.replace(cfg, cpus_per_worker=1 / 3).to_dict())))
+    assert train._same_run(saved, cfg)
+    assert not train._same_run(saved, dataclasses.replace(cfg, num_workers=2))
