@@ -519,9 +519,10 @@ def _fit_parallel(splits, configs: list[TrainStageConfig], dataset) -> dict[str,
     if first.use_gpu:
         slots = max(1, int(res.get("GPU", 0) // first.num_workers))
     else:
-        # A small fit mostly waits (start-up, process groups), so 2.5 per core keep the CPUs busy (the five
-        # fine-tunes of a run in one wave on 2 cores); each one peaks at about 3 GB of memory, which bounds the count.
-        slots = max(1, min(int(2.5 * res.get("CPU", 1)), int(res.get("memory", 6e9) // 3e9)))
+        # A small fit mostly waits (start-up, process groups), so two per core keep the CPUs busy; each one
+        # peaks at about 3 GB of memory, which bounds the count too. (Five at once on 2 cores was not faster:
+        # Ray starts worker processes two at a time there, and the wave's start-up took 134 s.)
+        slots = max(1, min(int(2 * res.get("CPU", 1)), int(res.get("memory", 6e9) // 3e9)))
     n = min(slots, len(configs))
     cpus = first.cpus_per_worker or min(1.0, res.get("CPU", 1) / (n * first.num_workers + 1))
     task = ray.remote(num_cpus=0)(_fit_task)
