@@ -87,57 +87,31 @@ def run(args: argparse.Namespace) -> None:
 
 
 def table(outs: list[str], score: str, predictor: str, alpha: float, control_predictor: str | None = None) -> str:
-    """Markdown: paired difference (method - ce_finetune) per shot group. Several seeds: the mean over seeds of
-    each seed's mean over its splits, with a 95% Student-t interval over seeds; one seed: over its R splits.
-    ``control_predictor``: the control evaluated with another predictor (e.g. class-wise CP)."""
+    """Markdown: paired difference (method - ce_finetune) per shot group, with a 95% Student-t interval over the
+    replicates: the seeds (each the mean over its splits) when there are several, the R splits of one seed
+    otherwise. ``control_predictor``: the control evaluated with another predictor (e.g. class-wise CP)."""
     import polars as pl
 
     from cact_ops.methods import order_key
     from cact_ops.metrics import paired_difference
 
     metrics = ("size", "covgap", "many_size", "medium_size", "few_size", "coverage", "accuracy")
-    if len(outs) == 1:
-        return _split_table(Path(outs[0]), metrics, score, predictor, alpha, control_predictor)
-    seeds, controls = [], []
-    for o in outs:
-        ps = pl.read_parquet(Path(o) / "base" / "eval" / "per_split.parquet").filter(
-            (pl.col("score") == score) & ((pl.col("alpha") - alpha).abs() < 1e-9))
-        means = ps.group_by("method", "predictor").agg([pl.col(m).mean() for m in metrics])
-        rows = {(r["method"], r["predictor"]): r for r in means.iter_rows(named=True)}
-        seeds.append({m: r for (m, pr), r in rows.items() if pr == predictor})
-        controls.append(rows[("ce_finetune", control_predictor or predictor)])
-    methods = sorted((m for m in seeds[0] if control_predictor or m != "ce_finetune"), key=order_key)
+    frames = [pl.read_parquet(Path(o) / "base" / "eval" / "per_split.parquet").filter(
+        (pl.col("score") == score) & ((pl.col("alpha") - alpha).abs() < 1e-9)) for o in outs]
+    if len(frames) == 1:  # replicates: the splits
+        rows = frames[0].sort("split")
+    else:  # replicates: the seeds, each the mean over its splits
+        rows = pl.concat([f.group_by("method", "predictor").agg([pl.col(m).mean() for m in metrics])
+                          .with_columns(pl.lit(i).alias("replicate")) for i, f in enumerate(frames)]).sort("replicate")
+    control = rows.filter((pl.col("method") == "ce_finetune")
+                          & (pl.col("predictor") == (control_predictor or predictor)))
+    methods = sorted(set(rows["method"]) - (set() if control_predictor else {"ce_finetune"}), key=order_key)
     lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for m in methods:
+        values = rows.filter((pl.col("method") == m) & (pl.col("predictor") == predictor))
         cells = []
         for k in metrics:
-            mean, lo, hi = paired_difference([s[m][k] for s in seeds], [c[k] for c in controls])
-            if math.isnan(mean):
-                cells.append("–")
-                continue
-            txt = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-            cells.append(f"**{txt}**" if lo > 0 or hi < 0 else txt)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _split_table(out: Path, metrics, score: str, predictor: str, alpha: float,
-                 control_predictor: str | None = None) -> str:
-    """One seed: paired differences over its R splits (per_split.parquet), control under ``control_predictor``."""
-    import polars as pl
-
-    from cact_ops.methods import order_key
-    from cact_ops.metrics import paired_difference
-
-    ps = pl.read_parquet(out / "base" / "eval" / "per_split.parquet").filter(
-        (pl.col("score") == score) & ((pl.col("alpha") - alpha).abs() < 1e-9)).sort("split")
-    ref = ps.filter((pl.col("method") == "ce_finetune") & (pl.col("predictor") == (control_predictor or predictor)))
-    lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    for m in sorted(set(ps["method"]) - ({"ce_finetune"} if not control_predictor else set()), key=order_key):
-        d = ps.filter((pl.col("method") == m) & (pl.col("predictor") == predictor))
-        cells = []
-        for k in metrics:
-            mean, lo, hi = paired_difference(d[k].to_numpy(), ref[k].to_numpy())
+            mean, lo, hi = paired_difference(values[k].to_numpy(), control[k].to_numpy())
             if math.isnan(mean):
                 cells.append("–")
                 continue
