@@ -113,3 +113,15 @@ def soft_size(conformity: torch.Tensor, tau: torch.Tensor | float, temperature: 
 def smooth_threshold_level(alpha: float, n_cal: int) -> float:
     """ConfTr's quantile level q = alpha * (1 + 1/n_cal) for the lower quantile of conformity scores."""
     return min(1.0, alpha * (1.0 + 1.0 / max(n_cal, 1)))
+
+
+def smooth_threshold(true_scores: torch.Tensor, alpha: float, regularization_strength: float,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """ConfTr's smooth threshold tau: the soft lower quantile of true-class conformity scores at level
+    alpha (1 + 1/n), optionally weighted (see :func:`soft_quantile`). Training and the dual step both use it.
+
+    >>> round(float(smooth_threshold(torch.arange(10.0), 0.1, 1e-3)), 2)   # position 0.11 x 9
+    0.99
+    """
+    q = smooth_threshold_level(alpha, true_scores.shape[-1])
+    return soft_quantile(true_scores, q, regularization_strength, weights=weights)

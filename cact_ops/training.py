@@ -24,7 +24,7 @@ from .cp import conformal_quantile
 from . import methods
 from .losses import METHODS, CaCTLoss, CELoss, ConfTrLoss, check_method
 from .scores import logprob
-from .smooth import smooth_threshold_level, soft_quantile, soft_size
+from .smooth import smooth_threshold, soft_size
 
 
 @dataclass
@@ -186,8 +186,7 @@ def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig, weights: t
     """The dual step's threshold for the constraint: the training-time smooth quantile (torchsort at
     ``cfg.regularization_strength``, level alpha (1 + 1/n)) of the calibration rows' true-class conformity,
     weighted like training's when ``weights`` are given."""
-    q = smooth_threshold_level(cfg.alpha, cal_scores.numel())
-    return float(soft_quantile(cal_scores.float(), q, cfg.regularization_strength, weights=weights))
+    return float(smooth_threshold(cal_scores.float(), cfg.alpha, cfg.regularization_strength, weights))
 
 
 def val_cal_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
