@@ -11,6 +11,9 @@ A thin adapter around :class:`cact_ops.training.EpochLoop`. What it adds:
 * a checkpoint every epoch (model, optimizer, scheduler, RNG, lambda, rho, history). A restarted worker group
   resumes from the latest one and re-seeds the coordinator from it; re-running the same command after the
   driver died resumes the run (same run name and storage path) instead of starting over;
+* several methods in one worker group (:func:`fit_group`, used by :func:`fit_methods`): the CE backbone and its
+  fine-tunes train one after the other in the same workers, so Ray Train's start-up is paid once per run, and
+  each method keeps the outputs, reuse and resume contract of a fit of its own;
 * outputs under ``<out>/train/<method>/``: ``model.pt`` (weights + how to rebuild the model), ``history.parquet``
   (one row per epoch x class: lambda, rho, constraint, val coverage and size), ``metrics.parquet`` (one row
   per epoch), ``config.json``.
@@ -245,78 +248,133 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
     ``TuneReportCallback``). ``dataset``: the train split as a Ray Dataset already read (see
     :func:`train_dataset`), shared by several fits; by default it is read here.
     """
+    return fit_group(splits, [config], callbacks=callbacks, dataset=dataset)[config.method]
+
+
+def _reusable(config: TrainStageConfig) -> bool:
+    """Whether ``config``'s outputs hold a finished run of exactly this config (refuses another config's)."""
+    method_dir = config.method_dir
+    if not (method_dir / "model.pt").is_file() or config.overwrite:
+        return False
+    saved = method_dir / "config.json"
+    if saved.is_file() and _same_run(json.loads(saved.read_text()), config):
+        return True
+    raise ValueError(
+        f"{method_dir} already holds a trained {config.method} model with another config; "
+        "pass overwrite=True (a pipeline's --no-resume) or choose another --out"
+    )
+
+
+# Settings of the one TorchTrainer a group runs in: its jobs must agree on them.
+_GROUP_SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "storage_path", "materialize_bytes",
+                 "check_resources", "verbose")
+
+
+def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = None, dataset=None,
+              ) -> dict[str, TrainResult]:
+    """Train several methods one after the other in one Ray Train worker group: the start-up (controller,
+    worker processes, process group, dataset shards) is paid once for all of them.
+
+    Each job keeps the contract of a fit of its own: its outputs under ``<out>/train/<method>/`` are written
+    (atomically, by rank 0) as soon as it finishes, a finished job is reused on a rerun, its own dual
+    coordinator applies each dual step once, and a restarted worker group resumes the job it was in from that
+    job's last checkpoint (jobs already finished are not trained again). A job may fine-tune from an earlier
+    job's ``model.pt`` (``init_from``): the CE backbone and its fine-tunes train in one group. The group's Ray
+    Train run is named after all its jobs, so re-running the same command after the driver died resumes it.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if not configs:
+        return {}
     splits = _splits(splits)
-    spec = model_spec(config, splits)
-    method_dir = config.method_dir
-    saved_config = method_dir / "config.json"
-    if (method_dir / "model.pt").is_file() and not config.overwrite:
-        if saved_config.is_file() and _same_run(json.loads(saved_config.read_text()), config):
-            return _result_from_disk(config, reused=True)
-        raise ValueError(
-            f"{method_dir} already holds a trained {config.method} model with another config; "
-            "pass overwrite=True (a pipeline's --no-resume) or choose another --out"
-        )
-    if config.init_from:
-        _, blob = load_model(config.init_from)
-        if blob["model_spec"]["num_classes"] != spec["num_classes"]:
-            raise ValueError(
-                f"init_from {config.init_from} has {blob['model_spec']['num_classes']} classes but the split folder "
-                f"{splits.root} has {spec['num_classes']}"
-            )
+    first = configs[0]
+    for c in configs[1:]:
+        differ = [k for k in _GROUP_SHARED if getattr(c, k) != getattr(first, k)]
+        if differ:
+            raise ValueError(f"fit_group: {c.method} differs from {first.method} in {differ}; the jobs of one "
+                             "worker group share these settings")
+    methods = [c.method for c in configs]
+    if len(set(zip(methods, (c.out for c in configs)))) < len(configs):
+        raise ValueError(f"fit_group: a method appears twice for one run folder in {methods}")
+    specs = [model_spec(c, splits) for c in configs]
+    outputs = {str((c.method_dir / "model.pt").resolve()) for c in configs}
+    todo = [i for i, c in enumerate(configs) if not _reusable(c)]
+    for i in todo:
+        c = configs[i]
+        if c.init_from and c.init_from not in outputs:  # an earlier job's output is checked when it is written
+            _, blob = load_model(c.init_from)
+            if blob["model_spec"]["num_classes"] != specs[i]["num_classes"]:
+                raise ValueError(
+                    f"init_from {c.init_from} has {blob['model_spec']['num_classes']} classes but the split folder "
+                    f"{splits.root} has {specs[i]['num_classes']}"
+                )
+    results = {c.method: _result_from_disk(c, reused=True) for i, c in enumerate(configs) if i not in todo}
+    if not todo:
+        return results
     if not ray.is_initialized():
-        ray.init(log_to_driver=config.verbose)
+        ray.init(log_to_driver=first.verbose)
     total_cpu = ray.cluster_resources().get("CPU", 1)
-    cpus = config.cpus_per_worker or min(1.0, total_cpu / (config.num_workers + 1))
-    if config.check_resources:
-        _check_resources(config, cpus)
+    cpus = first.cpus_per_worker or min(1.0, total_cpu / (first.num_workers + 1))
+    if first.check_resources:
+        _check_resources(first, cpus)
 
-    name = _run_name(config, splits, spec)
-    storage = config.storage_path or str((Path(config.out) / "ray_storage").resolve())
-    needs_dual = method_registry.get(config.method).uses_dual
-    coordinator_name = f"cact-dual-{name}"
-    coordinator, coord_history = None, None
-    if needs_dual:
-        coordinator = DualCoordinator.options(name=coordinator_name, namespace=COORDINATOR_NAMESPACE,
-                                              get_if_exists=True).remote(
-            spec["num_classes"], dataclasses.asdict(config.loop.dual_config))
+    names = [_run_name(c, splits, s) for c, s in zip(configs, specs)]
+    # One job: its own run name (runs interrupted before groups existed still resume). Several: every job's
+    # name, finished or not, so that the rerun of an interrupted group finds the same Ray Train run.
+    name = names[0] if len(configs) == 1 else \
+        "group-" + hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
+    storage = first.storage_path or str((Path(first.out) / "ray_storage").resolve())
+    jobs, coordinators = [], {}
+    for i in todo:
+        c = configs[i]
+        coordinator = None
+        if method_registry.get(c.method).uses_dual:
+            coordinator = f"cact-dual-{names[i]}"
+            coordinators[c.method] = DualCoordinator.options(name=coordinator, namespace=COORDINATOR_NAMESPACE,
+                                                              get_if_exists=True).remote(
+                specs[i]["num_classes"], dataclasses.asdict(c.loop.dual_config))
+        jobs.append({"stage": _jsonable(c.to_dict()), "spec": specs[i], "coordinator": coordinator,
+                     "name": names[i]})
 
     from ray.data import ExecutionOptions
 
-    train_ds = dataset if dataset is not None else train_dataset(splits, config.materialize_bytes)
+    train_ds = dataset if dataset is not None else train_dataset(splits, first.materialize_bytes)
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"stage": _jsonable(config.to_dict()), "splits": str(Path(splits.root).resolve()),
-                           "spec": spec, "coordinator": coordinator_name if needs_dual else None,
+        train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()),
                            "marker_dir": str(Path(storage) / name)},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+        scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             failure_config=FailureConfig(max_failures=first.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
         datasets={"train": train_ds},
         # preserve_order: each worker sees its rows in the same order on every run, so a seed fixes the result.
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
-    t0 = time.time()
     release_orphaned_placement_groups()  # e.g. left by an earlier attempt of this fit that was killed
+    histories = {}
     try:
         result = trainer.fit()
     finally:
-        if coordinator is not None:
-            coord_history = _safe_get(coordinator.history.remote())
+        for method, coordinator in coordinators.items():
+            histories[method] = _safe_get(coordinator.history.remote())
             ray.kill(coordinator)
         release_orphaned_placement_groups()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training {config.method} produced no checkpoint (error: {result.error})")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    if needs_dual and coord_history is not None and coord_history != state["dual"]["history"]:
-        raise RuntimeError("the coordinator's multiplier history differs from the checkpoint's: please report this")
-    return _write_outputs(config, spec, state, time.time() - t0)
+    for i in todo:
+        c = configs[i]
+        saved = c.method_dir / "config.json"
+        if not (saved.is_file() and _same_run(json.loads(saved.read_text()), c)):
+            raise RuntimeError(f"training {c.method} wrote no outputs under {c.method_dir} (error: {result.error})")
+        results[c.method] = _result_from_disk(c)
+        written = json.loads((c.method_dir / "dual.json").read_text())["history"] \
+            if (c.method_dir / "dual.json").is_file() else None
+        if histories.get(c.method) is not None and histories[c.method] != written:
+            raise RuntimeError(f"{c.method}: the coordinator's multiplier history differs from the one written: "
+                               "please report this")
+    return {m: results[m] for m in methods}
 
 
 def train_dataset(splits, materialize_bytes: int = 2 << 30):
@@ -433,9 +491,9 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     ``loop`` is the base TrainConfig (its method is replaced); ``ce_epochs`` / ``finetune_epochs`` default to
     ``loop.epochs``; ``finetune_lr`` defaults to a tenth of ``loop.lr``; ``overrides[method]`` replaces
     TrainConfig fields of one method (e.g. the best config of a sweep); ``backbone``: a CE result already trained
-    (by :func:`stages.sweep.run_methods`) to fine-tune from instead of training CE here. ``parallel`` runs the methods that do not
-    depend on each other at the same time, each driven by a zero-CPU Ray task (a short fit is mostly start-up
-    latency, so this is several times faster on a small machine). Extra keyword arguments go to every
+    (by :func:`stages.sweep.run_methods`) to fine-tune from instead of training CE here. The methods train in
+    one Ray Train worker group (:func:`fit_group`: the start-up is paid once), or on a GPU cluster with
+    ``parallel`` in one group per ``num_workers`` GPUs at once. Extra keyword arguments go to every
     :class:`TrainStageConfig`.
     """
     loop = loop or TrainConfig()
@@ -443,11 +501,12 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     results: dict[str, TrainResult] = {}
     splits = _splits(splits)
     dataset = train_dataset(splits)  # read once, shared by every fit
+    ce_cfg = None
     if backbone is not None and not from_scratch:
         results["ce"] = backbone
     elif "ce" in methods or not from_scratch:
-        ce_cfg = dataclasses.replace(ce_config(loop), epochs=ce_epochs or loop.epochs, **overrides.get("ce", {}))
-        results["ce"] = fit(splits, TrainStageConfig(out=out, loop=ce_cfg, **stage_kwargs), dataset=dataset)
+        ce = dataclasses.replace(ce_config(loop), epochs=ce_epochs or loop.epochs, **overrides.get("ce", {}))
+        ce_cfg = TrainStageConfig(out=out, loop=ce, **stage_kwargs)
     configs = []
     for method in (m for m in methods if m != "ce"):
         if from_scratch and method_registry.get(method).finetune_only:
@@ -460,12 +519,15 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
         else:
             ft = dataclasses.replace(finetune_config(loop, method, finetune_epochs, finetune_lr),
                                      **overrides.get(method, {}))
-            configs.append(TrainStageConfig(out=out, loop=ft, init_from=str(results["ce"].model_path),
-                                            **stage_kwargs))
-    if parallel and len(configs) > 1:
-        results |= _fit_parallel(splits, configs, dataset)
-    else:
-        results |= {c.method: fit(splits, c, dataset=dataset) for c in configs}
+            init = results["ce"].model_path if ce_cfg is None else ce_cfg.method_dir / "model.pt"
+            configs.append(TrainStageConfig(out=out, loop=ft, init_from=str(init), **stage_kwargs))
+    slots = _group_slots(ce_cfg or (configs[0] if configs else None), parallel)
+    if ce_cfg is not None and (slots == 1 or not configs or from_scratch):
+        # the backbone first in the same worker group: the fine-tunes read its model.pt once it is written
+        configs = [ce_cfg] + configs
+    elif ce_cfg is not None:
+        results |= fit_group(splits, [ce_cfg], dataset=dataset)
+    results |= _fit_groups(splits, configs, slots, dataset)
     return {m: results[m] for m in methods if m in results}
 
 
@@ -511,35 +573,29 @@ def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None 
                                milestones=())
 
 
-def _fit_parallel(splits, configs: list[TrainStageConfig], dataset) -> dict[str, TrainResult]:
-    """Run independent fits at once, as many as the cluster holds, each from a zero-CPU Ray task."""
-    splits = _splits(splits)
-    res = ray.cluster_resources()
-    first = configs[0]
-    if first.use_gpu:
-        slots = max(1, int(res.get("GPU", 0) // first.num_workers))
-    else:
-        # A small fit mostly waits (start-up, process groups), so two per core keep the CPUs busy; each one
-        # peaks at about 3 GB of memory, which bounds the count too. (Five at once on 2 cores was not faster:
-        # Ray starts worker processes two at a time there, and the wave's start-up took 134 s.)
-        slots = max(1, min(int(2 * res.get("CPU", 1)), int(res.get("memory", 6e9) // 3e9)))
-    n = min(slots, len(configs))
-    cpus = first.cpus_per_worker or min(1.0, res.get("CPU", 1) / (n * first.num_workers + 1))
-    task = ray.remote(num_cpus=0)(_fit_task)
-    pending = [dataclasses.replace(c, cpus_per_worker=c.cpus_per_worker or cpus) for c in configs]
-    results, running = {}, {}
-    while pending or running:
-        while pending and len(running) < n:
-            c = pending.pop(0)
-            running[task.remote(str(splits.root), c, dataset)] = c.method
-        done, _ = ray.wait(list(running), num_returns=1)
-        method = running.pop(done[0])
-        results[method] = ray.get(done[0])
+def _group_slots(config: TrainStageConfig | None, parallel: bool = True) -> int:
+    """How many worker groups train at once: one per ``num_workers`` GPUs on a GPU cluster; on CPUs one group
+    (its start-up is paid once and small fits are mostly start-up; the cores go to the worker's threads)."""
+    if config is None or not parallel or not config.use_gpu:
+        return 1
+    return max(1, int(ray.cluster_resources().get("GPU", 0) // config.num_workers))
+
+
+def _fit_groups(splits, configs: list[TrainStageConfig], slots: int, dataset) -> dict[str, TrainResult]:
+    """``configs`` in ``slots`` worker groups at once (round robin, so a rerun forms the same groups), each
+    group driven by a zero-CPU Ray task."""
+    groups = [configs[i::slots] for i in range(slots) if configs[i::slots]]
+    if len(groups) <= 1:
+        return fit_group(splits, configs, dataset=dataset)
+    task = ray.remote(num_cpus=0)(_fit_group_task)
+    results = {}
+    for part in ray.get([task.remote(str(_splits(splits).root), g, dataset) for g in groups]):
+        results |= part
     return results
 
 
-def _fit_task(splits_root: str, config: TrainStageConfig, dataset) -> TrainResult:
-    return fit(splits_root, config, dataset=dataset)
+def _fit_group_task(splits_root: str, configs: list[TrainStageConfig], dataset) -> dict[str, TrainResult]:
+    return fit_group(splits_root, configs, dataset=dataset)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,39 +718,65 @@ def _inject_fault(marker: Path) -> None:
 
 
 def _train_loop_per_worker(cfg: dict) -> None:
+    """Train the group's jobs in order; after a restart, resume the job the last checkpoint belongs to."""
     import ray.train
     import ray.train.torch
 
     from . import longtail
-    from .payload import decode, decode_labels
 
-    stage = TrainStageConfig(**{**cfg["stage"], "loop": TrainConfig(**cfg["stage"]["loop"])})
-    loop_cfg = stage.loop
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(loop_cfg.seed)
-    np.random.seed(loop_cfg.seed)
     splits = longtail.load(cfg["splits"])
-    payload = splits.payload
     device = ray.train.torch.get_device()
-    model = build_stage_model(cfg["spec"], stage.init_from, stage.finetune)
-    model = ray.train.torch.prepare_model(model)
     comm = TorchDistComm(device)
-    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
-
-    def dual_update(dual, grad_sums, counts, h_means, step, epoch):
-        state = None
-        if rank == 0:
-            state = ray.get(coordinator.update.remote(step, grad_sums, counts, h_means, epoch))
-        dual.load_state_dict(comm.broadcast_object(state))
-
-    loop = EpochLoop(model, loop_cfg, cfg["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
-                     train_counts=splits.manifest["counts"]["train"])
-    resumed_from = 0
+    shard = ray.train.get_dataset_shard("train")
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    names = [job["name"] for job in cfg["jobs"]]
+    # A checkpoint of another run of the same name (jobs finished since were dropped from the list) is not ours.
+    current = names.index(state["job"]) if state is not None and state.get("job") in names else 0
+    for i, job in enumerate(cfg["jobs"]):
+        if i < current:  # finished, and its outputs written, before the restart
+            continue
+        t0 = time.time()
+        final = _train_job(job, state if i == current else None, splits, device, comm, shard, rank, world,
+                           Path(cfg["marker_dir"]) / job["name"])
+        if rank == 0:
+            stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
+            _write_outputs(stage, job["spec"], final, time.time() - t0)
+        comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
+
+
+def _train_job(job: dict, state: dict | None, splits, device, comm, shard, rank: int, world: int,
+               marker_dir: Path) -> dict:
+    """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
+    import ray.train
+    import ray.train.torch
+
+    from .payload import decode, decode_labels
+
+    stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
+    loop_cfg = stage.loop
+    torch.manual_seed(loop_cfg.seed)
+    np.random.seed(loop_cfg.seed)
+    payload = splits.payload
+    model = build_stage_model(job["spec"], stage.init_from, stage.finetune)
+    model = ray.train.torch.prepare_model(model)
+    coordinator = ray.get_actor(job["coordinator"], namespace=COORDINATOR_NAMESPACE) if job["coordinator"] else None
+
+    def dual_update(dual, grad_sums, counts, h_means, step, epoch):
+        answer = None
+        if rank == 0:
+            answer = ray.get(coordinator.update.remote(step, grad_sums, counts, h_means, epoch))
+        dual.load_state_dict(comm.broadcast_object(answer))
+
+    loop = EpochLoop(model, loop_cfg, job["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
+                     train_counts=splits.manifest["counts"]["train"])
+    resumed_from = 0
+    if state is not None:
         loop.load_state_dict(state)
         resumed_from = loop.epoch
         if rank == 0 and coordinator is not None and state.get("dual") is not None:
@@ -704,7 +786,6 @@ def _train_loop_per_worker(cfg: dict) -> None:
     is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)
     # eta relative to the starting model: measured once, before the first epoch, by every worker together
     loop.resolve_eta(_val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
-    shard = ray.train.get_dataset_shard("train")
     local_batch = max(2, loop_cfg.batch_size // world)  # the global batch stays the configured one
     train_table = splits.read_table("train") if stage.data_order == "global" else None
 
@@ -725,22 +806,23 @@ def _train_loop_per_worker(cfg: dict) -> None:
         train_metrics = loop.train_epoch(batches, validate)
         metrics = loop.end_epoch(train_metrics, validate())
         if stage.fail_at_epoch == epoch and rank == 0:
-            _inject_fault(Path(cfg["marker_dir"]) / ".fault_injected")
+            _inject_fault(marker_dir / ".fault_injected")
         if rank == 0 and stage.verbose:
             # Straight to the process's stdout: Ray Train's patched print would log the line twice.
             sys.__stdout__.write(format_epoch(loop_cfg.method, metrics) + "\n")
             sys.__stdout__.flush()
         last = loop.history[-loop.num_classes:]
-        report = {**metrics, "lambda": [r["lambda"] for r in last], "rho": [r["rho"] for r in last],
-                  "val_class_coverage": [r["val_coverage"] for r in last], "val_class_size": [r["val_size"] for r in last]}
+        report = {**metrics, "method": loop_cfg.method, "lambda": [r["lambda"] for r in last],
+                  "rho": [r["rho"] for r in last], "val_class_coverage": [r["val_coverage"] for r in last],
+                  "val_class_size": [r["val_size"] for r in last]}
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                state = loop.state_dict()
-                state["resumed_from_epoch"] = resumed_from
-                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                torch.save({**loop.state_dict(), "resumed_from_epoch": resumed_from, "job": job["name"]},
+                           Path(d) / CHECKPOINT_FILE)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(report, checkpoint=None)
+    return {**loop.state_dict(), "resumed_from_epoch": resumed_from}
 
 
 # ----------------------------------------------------------------------------------------------------------------

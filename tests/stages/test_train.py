@@ -99,26 +99,44 @@ def test_two_workers_train_the_model_and_multipliers_of_one(ray_cluster, digits_
     assert hist["train_soft_size"].is_not_nan().all() and blob["model_spec"]["family"] == "linear"
 
 
-def test_killed_worker_resumes_and_matches_an_unbroken_run(ray_cluster, digits_splits, tmp_path):
-    # eta_relative: eta is measured once on the starting model; the restarted run must take it from the
-    # checkpoint, not measure it again on the trained model. Dual steps every 2 optimizer steps: the replayed
-    # epoch asks the coordinator again for steps it already applied, which must answer with the stored ones.
+def test_a_group_trains_each_job_as_its_own_fit_and_a_killed_worker_resumes_its_job(ray_cluster, digits_splits,
+                                                                                     tmp_path):
+    """fit_group trains CE and a CaCT fine-tune of it in one worker group (one start-up). Each job is the fit it
+    would be alone, and a worker killed in the second job resumes that job from its last checkpoint; the first
+    job is not trained again. eta_relative: eta is measured once on the starting model; the restarted job must
+    take it from the checkpoint, not measure it again on the trained model. Dual steps every 2 optimizer steps:
+    the replayed epoch asks the coordinator again for steps it already applied, which must answer with the
+    stored ones."""
+    ce_loop = TrainConfig(method="ce", epochs=2, batch_size=64, lr=0.05, seed=7)
     cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=10.0, rho_step=2, seed=7,
                       eta_relative=0.9, dual_every_steps=2)
-    unbroken = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "a"), loop=cfg, verbose=False))
-    broken = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "b"), loop=cfg, fail_at_epoch=1,
-                                                             max_failures=1, verbose=False))
-    assert (tmp_path / "b" / "ray_storage").rglob(".fault_injected").__next__()  # the worker really died
-    assert broken.resumed_from_epoch == 1  # restarted from the epoch-0 checkpoint, not from scratch
-    assert len(_dual_history(unbroken)) > cfg.epochs  # several dual steps per epoch
-    # same seed, same data order: the replayed run reaches exactly the same multipliers (determinism on CPU)
-    assert _dual_history(broken) == _dual_history(unbroken)
-    assert broken.final_metrics["eta"] == unbroken.final_metrics["eta"] != TrainConfig.eta
-    a, b = pl.read_parquet(unbroken.history_path), pl.read_parquet(broken.history_path)
-    assert a.equals(b)
-    # a rerun of a finished run reuses it instead of training again (no duplicated rows)
-    again = train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "a"), loop=cfg, verbose=False))
-    assert again.reused and pl.read_parquet(again.history_path).height == a.height
+
+    def stages(out, **fault):
+        ce = train.TrainStageConfig(out=str(out), loop=ce_loop, verbose=False, max_failures=1)
+        return ce, train.TrainStageConfig(out=str(out), loop=cfg, init_from=str(ce.method_dir / "model.pt"),
+                                          verbose=False, max_failures=1, **fault)
+
+    ce_a, cact_a = stages(tmp_path / "a")
+    alone = {"ce": train.fit(digits_splits, ce_a), "cact": train.fit(digits_splits, cact_a)}  # two fits
+    group = train.fit_group(digits_splits, list(stages(tmp_path / "b", fail_at_epoch=1)))  # one, restarted
+    assert list(group) == ["ce", "cact"]
+    assert next((tmp_path / "b" / "ray_storage").rglob(".fault_injected"))  # the worker really died
+    assert group["cact"].resumed_from_epoch == 1  # restarted from its epoch-0 checkpoint, not from scratch
+    assert group["ce"].resumed_from_epoch == 0 and not group["ce"].reused
+    assert len(_dual_history(alone["cact"])) > cfg.epochs  # several dual steps per epoch
+    # same seed, same data order: each job of the group, and the replayed job, equals its fit alone
+    for m in ("ce", "cact"):
+        a, b = pl.read_parquet(alone[m].history_path), pl.read_parquet(group[m].history_path)
+        assert a.equals(b), m
+        wa, wb = train.load_model(alone[m].model_path)[0], train.load_model(group[m].model_path)[0]
+        for x, y in zip(wa.state_dict().values(), wb.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert _dual_history(group["cact"]) == _dual_history(alone["cact"])
+    assert group["cact"].final_metrics["eta"] == alone["cact"].final_metrics["eta"] != TrainConfig.eta
+    # a rerun of a finished group reuses every job instead of training again (no duplicated rows)
+    again = train.fit_group(digits_splits, list(stages(tmp_path / "b")))
+    assert all(r.reused for r in again.values())
+    assert pl.read_parquet(again["cact"].history_path).height == cfg.epochs * digits_splits.num_classes
 
 
 def _registered_checkpoints(storage: Path) -> int:
