@@ -1,15 +1,16 @@
 """Hard split CP evaluation (calibrate + sets + all metrics) vs TorchCP and MAPIE on the same random logits.
 
 Workload (defaults): 50,000 x 1,000 standard-normal logits, uniform labels, stratified half/half
-calibration/test splits drawn once by ``stages.evaluate.split_indices`` and handed to every library, alpha 0.1,
+calibration/test splits drawn once by ``cact_ops.engine.split_indices`` and handed to every library, alpha 0.1,
 non-randomised APS/RAPS (so the three implementations must agree exactly; the agreement is printed). Every
 library computes the same metrics from its own sets: accuracy, coverage, average size, CovGap, under-covered
 class ratio, SSCV, per-class coverage and size, many/medium/few-shot set size (with the library's own metric
-functions where it has them, plain torch/NumPy bincounts for the rest).
+functions where it has them, the kernels of ``cact_ops.metrics`` for the rest).
 
 Two workloads per (score, predictor):
   * 1 split   one calibration/test split (best of ``--repeats``);
-  * R splits  the evaluation protocol of ``stages.evaluate`` (R = ``--n-splits``, default 20), timed once.
+  * R splits  the evaluation protocol of ``stages.evaluate`` (R = ``--n-splits``, default 20), timed once;
+              ours is ``cact_ops.engine.evaluate_pool``, the function the stage calls.
     TorchCP and MAPIE calibrate and predict from the logits on every split (their APIs take logits or
     features); ours computes the softmax, sort and scores once and reuses them across splits.
 
@@ -32,8 +33,8 @@ import warnings
 import numpy as np
 import torch
 
-from cact_ops.metrics import DEFAULT_SIZE_BINS, shot_groups
-from stages import evaluate as E
+from cact_ops import engine as E
+from cact_ops.metrics import SetStats, shot_groups
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,23 +42,12 @@ from stages import evaluate as E
 
 
 def _extra_metrics(sets: torch.Tensor, labels: torch.Tensor, alpha: float, groups: torch.Tensor) -> dict:
-    """Per-class coverage/size, under-covered ratio, SSCV strata, shot sizes from a bool [m, K] set mask."""
-    k = sets.shape[1]
-    covered = sets[torch.arange(len(labels)), labels].double()
-    sizes = sets.sum(1)
-    n_k = torch.bincount(labels, minlength=k).double()
-    present = n_k > 0
-    cls_cov = torch.bincount(labels, weights=covered, minlength=k) / n_k
-    cls_size = torch.bincount(labels, weights=sizes.double(), minlength=k) / n_k
-    g = groups[labels]
-    shot = torch.bincount(g, weights=sizes.double(), minlength=3) / torch.bincount(g, minlength=3)
-    stratum = torch.bucketize(sizes, torch.tensor(DEFAULT_SIZE_BINS))
-    s_n = torch.bincount(stratum, minlength=len(DEFAULT_SIZE_BINS) + 1).double()
-    s_hit = torch.bincount(stratum, weights=covered, minlength=len(DEFAULT_SIZE_BINS) + 1)
-    ok = s_n > 0
-    return {"class_coverage": cls_cov, "class_size": cls_size, "shot_size": shot,
-            "undercovered": float((cls_cov[present] < 1 - alpha).double().mean()),
-            "sscv": float((s_hit[ok] / s_n[ok] - (1 - alpha)).abs().max())}
+    """Per-class coverage/size, under-covered ratio, SSCV, shot sizes from a bool [m, K] set mask, by the kernels
+    of :class:`cact_ops.metrics.SetStats` (those the evaluation stage uses)."""
+    covered = sets[torch.arange(len(labels)), labels]
+    st = SetStats(covered[None], sets.sum(1)[None], labels, sets.shape[1], [alpha], groups)
+    return {"class_coverage": st.class_coverage[0], "class_size": st.class_size[0], "shot_size": st.group_size[0],
+            "undercovered": float(st.undercovered()[0]), "sscv": float(st.sscv()[0])}
 
 
 def run_torchcp(logits, labels, cal, test, score, predictor, alpha, groups, lam, k_reg):

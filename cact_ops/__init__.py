@@ -4,9 +4,11 @@ Marani et al., Class Adaptive Conformal Training, arXiv 2601.09522; building blo
 ICLR 2022) and CALS (Liu et al., CVPR 2023).
 
 Subpackages, one concept each:
-    scores    non-conformity scores (LAC, APS, RAPS) and the training-time log-prob score
-    cp        hard split conformal prediction (standard and class-wise)
-    metrics   coverage, size, CovGap, SSCV, shot-group sizes, accuracy
+    scores    non-conformity scores (LAC, APS, RAPS), the training-time log-prob score, the score registry
+    cp        hard split conformal prediction (standard and class-wise; batched thresholds)
+    metrics   coverage, size, CovGap, SSCV, shot-group sizes, accuracy (batched kernels), the metric registry
+    engine    the CP evaluation engine: repeated calibration/test splits of a pool, summary rows
+    ranking   the engine's per-row sort of the pool and set-size kernels (NumPy on the CPU)
     smooth    differentiable quantile (torchsort) and soft sets
     alm       PHR penalty and per-class dual state (augmented Lagrangian)
     losses    CE, ConfTr, CaCT losses

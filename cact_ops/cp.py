@@ -4,11 +4,15 @@ Standard CP uses one threshold q̂ = the ceil((n+1)(1-alpha))-th smallest calibr
 P(Y in C(X)) >= 1 - alpha for exchangeable data. Class-wise (Mondrian) CP computes one q̂_k per class from the
 calibration points of class k and gives P(Y in C(X) | Y = k) >= 1 - alpha. Class-conditioning is an argument
 (``classwise=True``), not a separate code path for the user.
+
+:func:`thresholds` is the batched form the evaluation engine uses: the thresholds of R calibration splits and
+A alphas from one sort; :func:`classwise_quantile` is its one-split, one-alpha case.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from typing import Sequence
 
 import torch
 
@@ -73,18 +77,9 @@ def classwise_quantile(s: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         raise ValueError("s contains NaN")
     labels = check_labels(labels, s.shape[0], num_classes)
     alpha = check_alpha(alpha)
-    # Sort scores, then stable-sort by label: the result is grouped by class and ascending inside each class.
-    by_score = s.argsort(stable=True)
-    by_label = labels[by_score].argsort(stable=True)
-    sorted_s = s[by_score][by_label]
-    counts = torch.bincount(labels, minlength=num_classes)
-    starts = counts.cumsum(0) - counts
-    ranks = torch.ceil((counts + 1).to(torch.float64) * (1 - alpha) - _RANK_EPS).long()
-    ok = ranks <= counts
-    idx = (starts + ranks - 1).clamp(min=0, max=max(s.shape[0] - 1, 0))
-    q = torch.full((num_classes,), float("inf"), dtype=s.dtype, device=s.device)
-    if s.shape[0]:
-        q = torch.where(ok, sorted_s[idx], q)
+    q = thresholds(s[None], labels, [alpha], num_classes, classwise=True)[0][0, 0]
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)
+    ok = torch.tensor([conformal_rank(int(c), alpha) <= int(c) for c in counts.tolist()])
     if not ok.all():
         missing = (~ok).nonzero().flatten().tolist()
         empty = [k for k in missing if counts[k] == 0]
@@ -95,6 +90,43 @@ def classwise_quantile(s: torch.Tensor, labels: torch.Tensor, num_classes: int, 
             stacklevel=3,
         )
     return q
+
+
+def thresholds(cal_scores: torch.Tensor, cal_labels: torch.Tensor, alphas: Sequence[float], num_classes: int,
+               classwise: bool):
+    """Conformal thresholds for R calibration splits at once: [R, A] (standard) or [R, A, K] (class-wise), and
+    the share of +inf thresholds per alpha ([A], float64). No warnings: the caller reports the +inf share.
+
+    ``cal_scores`` [R, n_cal] are true-class scores with the same label sequence ``cal_labels`` [n_cal] in every
+    row (the layout of :func:`cact_ops.engine.split_indices`). Ranks come from :func:`conformal_rank`; a rank
+    above the number of (class) calibration points gives +inf (full sets).
+
+    >>> q, inf = thresholds(torch.tensor([[0.3, 0.1, 0.2]], dtype=torch.float64), torch.tensor([0, 0, 1]),
+    ...                     [0.4], 2, classwise=False)
+    >>> q.tolist(), inf.tolist()
+    ([[0.3]], [0.0])
+    """
+    r, n_cal = cal_scores.shape
+    inf = torch.tensor(float("inf"), dtype=cal_scores.dtype, device=cal_scores.device)
+    if not classwise:
+        ranks = [conformal_rank(n_cal, a) for a in alphas]
+        srt = cal_scores.sort(dim=1).values
+        q = torch.stack([srt[:, k - 1] if k <= n_cal else inf.expand(r) for k in ranks], dim=1)
+        return q, torch.tensor([float(k > n_cal) for k in ranks], dtype=torch.float64)
+    counts = torch.bincount(cal_labels.cpu(), minlength=num_classes)
+    starts = counts.cumsum(0) - counts
+    vals, idx = cal_scores.sort(dim=1, stable=True)
+    # Stable re-sort by class: scores ascending inside each class's block, blocks at fixed positions.
+    by_class = vals.gather(1, cal_labels.to(idx.device)[idx].argsort(dim=1, stable=True))
+    qs, fracs = [], []
+    for a in alphas:
+        ranks = torch.tensor([conformal_rank(int(c), a) for c in counts.tolist()])
+        ok = ranks <= counts
+        pos = (starts + ranks - 1).clamp(0, max(n_cal - 1, 0)).to(cal_scores.device)
+        picked = by_class[:, pos] if n_cal else inf.expand(r, num_classes)
+        qs.append(torch.where(ok.to(cal_scores.device), picked, inf))
+        fracs.append(float((~ok).double().mean()))
+    return torch.stack(qs, dim=1), torch.tensor(fracs, dtype=torch.float64)
 
 
 def calibrate(

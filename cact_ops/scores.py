@@ -1,10 +1,19 @@
-"""Non-conformity scores s(x, k): higher means less conforming (DESIGN.md section 1).
+"""Non-conformity scores s(x, k): higher means less conforming (DESIGN.md section 1), and their registry.
 
 All scores take class probabilities ``probs`` of shape [n, K] and return scores of the same shape, so a
 threshold applies column-wise (standard or class-wise). ``logprob`` is the training-time *conformity* score
 (higher = more conforming), used by the smooth operators and losses.
+
+The functions (``lac``, ``aps``, ``raps``) are the definitions. The evaluation engine (:mod:`cact_ops.engine`)
+uses them through :class:`Score` objects, registered by name in ``SCORE_REGISTRY`` (``SCORES`` / ``get_score``
+give the plain functions): a score object gives the class-ordered scores, and where the score is monotone in
+the probability rank, also the rank-ordered scores of the engine's fast path (a standard set is then a prefix
+of the classes ranked by probability, so its size is a binary search). A score that is not monotone in rank
+is added with ``register_score(Score(name, fn))`` and is evaluated through its class-ordered scores.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -17,7 +26,11 @@ def lac(probs: torch.Tensor) -> torch.Tensor:
     >>> lac(torch.tensor([[0.7, 0.2, 0.1]]))
     tensor([[0.3000, 0.8000, 0.9000]])
     """
-    return 1.0 - check_probs(probs)
+    return _lac(check_probs(probs))
+
+
+def _lac(probs: torch.Tensor) -> torch.Tensor:
+    return 1.0 - probs
 
 
 def _uniform(probs: torch.Tensor, u, generator: torch.Generator | None) -> torch.Tensor:
@@ -94,11 +107,161 @@ def logprob(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(check_matrix(logits, "logits"), dim=1)
 
 
-SCORES = {"lac": lac, "aps": aps, "raps": raps}
+# ----------------------------------------------------------------------------------------------------------
+# Score objects and the registry
+
+
+class Score:
+    """A hard non-conformity score as the evaluation engine uses it: a name and its function
+    ``fn(probs, **params)`` (``fn(probs, u=u, **params)`` when ``randomized``), giving class-ordered scores.
+
+    The base class is the general case: any score, in particular one that is not monotone in the probability
+    rank, evaluated through its class-ordered scores (standard set sizes by one comparison pass per threshold).
+    Subclasses with ``rank_monotone = True`` also give :meth:`rank_scores`, non-decreasing along each row of the
+    classes ranked by probability, which the engine uses for standard set sizes (a binary search per row).
+
+    >>> toy = Score("toy", lambda p: 1.0 - p ** 2)
+    >>> toy(torch.tensor([[0.5, 0.5]]))
+    tensor([[0.7500, 0.7500]])
+    """
+
+    rank_monotone = False  # rank_scores() exists and each of its rows is non-decreasing
+    from_ranks = False  # class_scores() scatter rank_scores() back (needs RankedPool.order)
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], randomized: bool = False):
+        self.name, self.fn, self.randomized = name, fn, randomized
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def __call__(self, probs: torch.Tensor, u=None, **params) -> torch.Tensor:
+        """The score function itself (validated input): class-ordered scores [n, K]."""
+        return self.fn(probs, u=u, **params) if self.randomized else self.fn(probs, **params)
+
+    def class_scores(self, probs: torch.Tensor, u: torch.Tensor | None = None, ranked=None,
+                     s_rank: torch.Tensor | None = None, **params) -> torch.Tensor:
+        """Class-ordered scores [n, K] (column k = class k) of softmax probabilities. ``ranked`` (a
+        :class:`cact_ops.ranking.RankedPool`) and ``s_rank`` (this score's :meth:`rank_scores`) are given by
+        the engine when it has them, for scores that derive the class order from the rank order."""
+        return self(probs, u, **params)
+
+    def rank_scores(self, ranked, u: torch.Tensor | None = None, **params) -> torch.Tensor:
+        """Rank-ordered scores [n, K] (column r = the class with the r-th largest probability), rows
+        non-decreasing. Only for ``rank_monotone`` scores."""
+        raise NotImplementedError(f"score {self.name!r} is not monotone in rank: use class_scores")
+
+
+class LAC(Score):
+    """LAC through :func:`lac`: 1 - p is decreasing in p, so 1 - (sorted probabilities) is rank-ordered."""
+
+    rank_monotone = True
+
+    def __init__(self):
+        super().__init__("lac", lac)
+
+    def class_scores(self, probs, u=None, ranked=None, s_rank=None, **params):
+        return _lac(probs)  # the engine's own softmax: no validation pass
+
+    def rank_scores(self, ranked, u=None, **params):
+        return _lac(ranked.desc)  # tied probabilities already share their score
+
+
+class APS(Score):
+    """APS through :func:`aps`; the engine computes it in rank order from one sort of each row.
+
+    Rank order: the exclusive cumulative mass of the higher ranks + U p (the exclusive sum, not cumsum - p, so
+    each row is non-decreasing exactly, also in floating point). A tied class gets the score of its tie group's
+    first rank (:meth:`cact_ops.ranking.RankedPool.share_ties`), so the score depends on the probabilities only,
+    as :func:`aps` defines it, whatever order the sort put ties in. Class order: the rank-ordered scores
+    scattered back.
+    """
+
+    rank_monotone = True
+    from_ranks = True
+
+    def __init__(self, name: str = "aps", fn=aps):
+        super().__init__(name, fn, randomized=True)
+
+    def _penalty(self, s: torch.Tensor, **params) -> None:
+        """In-place addition of a rank penalty to the rank-ordered scores ``s`` (none for APS)."""
+
+    def rank_scores(self, ranked, u=None, **params):
+        d = ranked.desc
+        u = torch.ones(d.shape[0], dtype=d.dtype, device=d.device) if u is None else u.to(d.device, d.dtype)
+        s = torch.empty_like(d)
+        s[:, 0] = 0
+        torch.cumsum(d[:, :-1], dim=1, out=s[:, 1:])  # exclusive cumulative mass: sum of strictly higher ranks
+        s.addcmul_(u[:, None], d)
+        self._penalty(s, **params)
+        ranked.share_ties(s)
+        return s
+
+    def class_scores(self, probs, u=None, ranked=None, s_rank=None, **params):
+        if ranked is None:
+            return super().class_scores(probs, u, **params)
+        return ranked.to_class_order(self.rank_scores(ranked, u, **params) if s_rank is None else s_rank)
+
+
+class RAPS(APS):
+    """RAPS through :func:`raps`: APS + lam * max(0, rank - k_reg), rank 1-based (non-decreasing in rank)."""
+
+    def __init__(self):
+        super().__init__("raps", raps)
+
+    def _penalty(self, s, lam: float = 0.01, k_reg: int = 5, **params):
+        if lam < 0 or k_reg < 0:
+            raise ValueError(f"lam and k_reg must be >= 0, got {lam}, {k_reg}")
+        rank = torch.arange(1, s.shape[1] + 1, device=s.device, dtype=s.dtype)
+        s += lam * (rank - k_reg).clamp(min=0)
+
+
+# name -> Score; SCORES is its view of plain functions (name -> fn), kept in step by register/unregister.
+SCORE_REGISTRY: dict[str, Score] = {}
+SCORES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_score(score: Score, replace: bool = False) -> Score:
+    """Add a score to the registry (and its function to ``SCORES``); the engine and the evaluation stage
+    (``--scores``) then accept its name. Returns ``score``.
+
+    >>> _ = register_score(Score("sq", lambda p: 1.0 - p ** 2)); sorted(SCORES)
+    ['aps', 'lac', 'raps', 'sq']
+    >>> unregister_score("sq")
+    """
+    if not isinstance(score, Score):
+        raise TypeError(f"register_score needs a Score, got {type(score).__name__}")
+    if not score.name or not score.name.isidentifier():
+        raise ValueError(f"a score name must be a non-empty identifier, got {score.name!r}")
+    if score.name in SCORE_REGISTRY and not replace:
+        raise ValueError(f"score {score.name!r} is already registered (replace=True to replace it)")
+    SCORE_REGISTRY[score.name] = score
+    SCORES[score.name] = score.fn
+    return score
+
+
+def unregister_score(name: str) -> None:
+    """Remove a score from the registry (``KeyError`` if it is not there)."""
+    del SCORE_REGISTRY[name]
+    del SCORES[name]
+
+
+def score_object(name) -> Score:
+    """The registered :class:`Score` called ``name`` (a Score is returned as is)."""
+    if isinstance(name, Score):
+        return name
+    try:
+        return SCORE_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown score {name!r}; known scores: {sorted(SCORE_REGISTRY)}") from None
+
+
+for _score in (LAC(), APS(), RAPS()):
+    register_score(_score)
+del _score
 
 
 def get_score(name: str):
-    """Look a hard non-conformity score up by name ("lac", "aps", "raps")."""
+    """Look a hard non-conformity score function up by name ("lac", "aps", "raps", or a registered one)."""
     try:
         return SCORES[name]
     except KeyError:

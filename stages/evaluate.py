@@ -1,10 +1,13 @@
 """Evaluation stage: hard split conformal prediction over R random calibration/test splits of the pool.
 
-For every method x score (``lac``, ``aps``, ``raps``) x predictor (``standard``, ``classwise``) x alpha, the
-pool is split ``n_splits`` times (stratified, seeded) into a calibration part and a test part; thresholds come
-from the calibration part (the finite-sample quantile of :mod:`cact_ops.cp`), sets are predicted on the test
-part, and the metrics of :mod:`cact_ops.metrics` are computed there: accuracy, coverage, average size, CovGap,
-under-covered class ratio, SSCV, many/medium/few-shot set size, per-class coverage and size. Training-time
+Read the logits of every method, run the CP engine (:func:`cact_ops.engine.evaluate_pool`), write the tables.
+For every method x score (registered in :data:`cact_ops.scores.SCORE_REGISTRY`; default ``lac``, ``aps``,
+``raps``) x predictor (``standard``, ``classwise``) x alpha, the pool is split ``n_splits`` times (stratified,
+seeded) into a calibration part and a test part; thresholds come from the calibration part, sets are predicted
+on the test part, and every summary metric of :data:`cact_ops.metrics.METRIC_REGISTRY` is computed there
+(accuracy, coverage, average size, CovGap, under-covered class ratio, SSCV, many/medium/few-shot set size), with
+per-class coverage and size. The engine, in ``cact_ops``, holds all of that math and how it stays fast; this
+module holds the config, the I/O, the input checks against the split manifest and the CLI. Training-time
 smoothing plays no part here: the guarantee holds whatever training did (Marani et al., Class Adaptive
 Conformal Training, arXiv 2601.09522).
 
@@ -14,6 +17,8 @@ Inputs, from the earlier stages: ``<run>/logits/<method>/pool.parquet`` (``sampl
 (a rerun replaces them): ``eval/summary.parquet`` (+ ``summary.csv``), ``eval/per_class.parquet``,
 ``eval/per_split.parquet`` (the per-split values the summary averages), ``eval/manifest.json`` (the evaluation
 config and the SHA-256 of every input) and, through :mod:`stages.report`, ``report.md`` and ``plots/*.png``.
+The columns come from the registries (``SUMMARY_COLUMNS``, ``PER_SPLIT_COLUMNS``, ... here are read at access
+time), so a registered metric is a new column.
 
 Paired comparison with the control (:func:`cact_ops.methods.control`, the CE fine-tune): every method sees the
 same splits, so when the control was evaluated too, the summary gets, per method, the mean over splits of
@@ -21,20 +26,6 @@ same splits, so when the control was evaluated too, the summary gets, per method
 ``PAIRED_METRICS``, and ``control``); they are NaN (``control`` null) for the control itself and when it is
 absent. The intervals are over calibration/test splits of one trained model: seed-to-seed variation is not in
 them.
-
-How it stays fast (see docs/BENCHMARKS.md). Everything that does not depend on the split is done once per
-method: the softmax and one sort of every pool row (shared by the three scores), the score matrices, the
-true-class scores. A split is then just index arithmetic: thresholds for all splits and alphas come from one
-sort of the calibration scores; standard set sizes are a binary search in each row's rank-ordered scores
-(sets of LAC, APS and RAPS are prefixes of the classes ranked by probability, so the size is the number of
-rank-ordered scores <= q); class-wise set sizes are one comparison per test row; all metrics are bincounts
-over the split axis. The metrics are computed from the two sufficient statistics of a set, its size and
-whether it covers the label; ``tests/stages/test_evaluate.py`` checks them against :mod:`cact_ops.metrics`
-applied to the explicit sets, and against a plain loop reference.
-
-Randomness (the splits and the APS/RAPS U) comes from ``EvalConfig.seed`` only: a rerun gives identical
-numbers. U is drawn once per pool sample (shared by APS and RAPS and by every method: common random numbers
-make method comparisons paired); each split then uses independent U's for its calibration and test samples.
 
 CLI (re-evaluate a finished run, no retraining)::
 
@@ -47,8 +38,6 @@ import json
 import logging
 import time
 import warnings
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -59,35 +48,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cact_ops import engine
 from cact_ops import methods as registry
-from cact_ops.cp import conformal_rank
+from cact_ops.engine import DEFAULT_SCORES, PER_CLASS_COLUMNS, PREDICTORS
 from cact_ops.methods import order_key
-from cact_ops.metrics import DEFAULT_SIZE_BINS, SHOT_GROUPS, paired_difference, shot_groups
+from cact_ops.metrics import paired_metrics
 
 from . import _io
 
 log = logging.getLogger(__name__)
 
-SCORES = ("lac", "aps", "raps")
-# Up to this many (split x alpha) thresholds, LAC's standard set sizes are counted directly (one comparison pass
-# each) rather than after a sort of every row (which costs about as much as 4-8 comparison passes).
-_DIRECT_COUNT_MAX = 4
-PREDICTORS = ("standard", "classwise")
-# Metrics compared with the control, split by split: summary columns <metric>_diff_mean, _diff_lo, _diff_hi.
-PAIRED_METRICS = ("size", "covgap", "few_size", "coverage", "accuracy", "medium_size", "many_size")
-PAIRED_COLUMNS = tuple(f"{m}_diff_{s}" for m in PAIRED_METRICS for s in ("mean", "lo", "hi")) + ("control",)
-SUMMARY_COLUMNS = (
-    "method", "score", "predictor", "alpha", "n_splits", "accuracy", "coverage_mean", "coverage_std",
-    "size_mean", "size_std", "covgap_mean", "covgap_std", "undercovered_mean", "sscv_mean",
-    "many_size_mean", "medium_size_mean", "few_size_mean", "inf_threshold_frac",
-) + PAIRED_COLUMNS
-PER_SPLIT_METRICS = ("accuracy", "coverage", "size", "covgap", "undercovered", "sscv", "many_size", "medium_size",
-                     "few_size")
-PER_SPLIT_COLUMNS = ("method", "score", "predictor", "alpha", "split") + PER_SPLIT_METRICS
-PER_CLASS_COLUMNS = (
-    "method", "score", "predictor", "alpha", "class", "class_name", "shot", "train_count", "test_count",
-    "coverage_mean", "size_mean",
-)
+# Read from the registries at access time (module __getattr__), so a score or metric registered after this
+# module's import is in them.
+_LIVE = {
+    "SCORES": engine.score_names,  # every registered score (the default evaluates DEFAULT_SCORES)
+    "PER_SPLIT_METRICS": engine.per_split_metrics,
+    "PER_SPLIT_COLUMNS": engine.per_split_columns,
+    # Metrics compared with the control, split by split: summary columns <metric>_diff_mean, _diff_lo, _diff_hi.
+    "PAIRED_METRICS": paired_metrics,
+    "PAIRED_COLUMNS": engine.paired_columns,
+    "SUMMARY_COLUMNS": engine.summary_columns,
+}
+
+
+def __getattr__(name: str):
+    if name in _LIVE:
+        return _LIVE[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +92,7 @@ class EvalConfig:
     run_dir: str | Path
     splits_root: str | Path | None = None  # None: <run_dir>/splits
     methods: Sequence[str] | None = None  # None: every method with logits under <run_dir>/logits/
-    scores: Sequence[str] = SCORES
+    scores: Sequence[str] = DEFAULT_SCORES
     predictors: Sequence[str] = PREDICTORS
     alphas: Sequence[float] = (0.1, 0.05)
     n_splits: int = 20  # R random calibration/test splits of the pool
@@ -126,7 +113,8 @@ class EvalConfig:
             self.methods = tuple(self.methods)
 
     def validate(self) -> None:
-        for name, values, known in (("score", self.scores, SCORES), ("predictor", self.predictors, PREDICTORS)):
+        for name, values, known in (("score", self.scores, engine.score_names()),
+                                    ("predictor", self.predictors, PREDICTORS)):
             bad = [v for v in values if v not in known]
             if bad or not values:
                 raise ValueError(f"unknown or no {name}(s) {bad}; known: {', '.join(known)}")
@@ -282,457 +270,7 @@ def discover_methods(run_dir: str | Path) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The evaluation engine: pure tensor functions
-
-
-def _stream_seed(seed: int, stream: str) -> int:
-    """An independent 63-bit seed per random stream ("splits", "u"), derived from the one config seed."""
-    state = np.random.SeedSequence([int(seed), zlib.crc32(stream.encode())]).generate_state(1, np.uint64)[0]
-    return int(state) & (2**63 - 1)
-
-
-def split_indices(labels: torch.Tensor, n_splits: int, cal_fraction: float = 0.5, seed: int = 0):
-    """Stratified random calibration/test splits of a pool: index tensors ``cal`` [R, n_cal], ``test`` [R, n_test].
-
-    Class k gives ``floor(cal_fraction * n_k + 0.5)`` calibration points to every split. Both halves are grouped
-    by class in ascending order, so ``labels[cal[r]]`` (and ``labels[test[r]]``) is the same for every split r.
-    One argsort of random keys offset by the label does the grouping and the shuffle at once.
-
-    >>> cal, test = split_indices(torch.tensor([0, 1, 0, 1, 1, 0]), n_splits=3)
-    >>> cal.shape, torch.tensor([0, 1, 0, 1, 1, 0])[cal[0]].tolist()
-    (torch.Size([3, 4]), [0, 0, 1, 1])
-    """
-    labels = torch.as_tensor(labels).long().cpu()
-    n = labels.numel()
-    gen = torch.Generator().manual_seed(_stream_seed(seed, "splits"))
-    keys = torch.rand(n_splits, n, generator=gen, dtype=torch.float64) + labels.double()
-    perm = keys.argsort(dim=1, stable=True)
-    counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if n else 0)
-    sorted_labels = labels.sort().values
-    starts = counts.cumsum(0) - counts
-    position = torch.arange(n) - starts[sorted_labels]
-    n_cal = torch.floor(counts.double() * cal_fraction + 0.5).long()
-    is_cal = position < n_cal[sorted_labels]
-    return perm[:, is_cal], perm[:, ~is_cal]
-
-
-def draw_u(n: int, seed: int = 0) -> torch.Tensor:
-    """U ~ Unif(0, 1) per pool sample for randomised APS/RAPS (float64, seeded).
-
-    >>> bool((draw_u(4, seed=1) == draw_u(4, seed=1)).all())
-    True
-    """
-    gen = torch.Generator().manual_seed(_stream_seed(seed, "u"))
-    return torch.rand(n, generator=gen, dtype=torch.float64)
-
-
-@dataclass
-class RankedPool:
-    """Probabilities of every pool row sorted in decreasing order, once per method (shared by all scores).
-
-    ``tie_*`` list the entries whose probability equals the one ranked just above: a tied class gets the score
-    of its group's first rank, so a score depends on the probabilities only (sum of strictly larger p's for
-    APS, 1 + number of strictly larger p's as the RAPS rank), whatever order the sort put ties in.
-    """
-
-    probs: torch.Tensor  # [n, K]
-    desc: torch.Tensor  # [n, K] probabilities, largest first
-    order: torch.Tensor | None  # [n, K] class at each rank; only built when class-order scores are needed
-    rank_y: torch.Tensor  # [n] 0-based rank of the true class (number of strictly larger probabilities)
-    tie_rows: torch.Tensor
-    tie_cols: torch.Tensor
-    tie_start: torch.Tensor
-
-
-# On the CPU, NumPy's sort, comparisons and bool counts are several times faster than torch's (measured on the
-# CI machine); elsewhere the torch code runs on the tensors' device. Tests switch this off to run that code here.
-_NUMPY_ON_CPU = True
-
-
-def _numpy_path(t: torch.Tensor) -> bool:
-    return _NUMPY_ON_CPU and t.device.type == "cpu"
-
-
-def _in_threads(fn, n: int, min_block: int = 1024) -> None:
-    """Run ``fn(slice)`` over up to ``torch.get_num_threads()`` contiguous blocks of ``range(n)`` in threads.
-
-    NumPy releases the GIL in sorts, ufuncs and reductions, so blocks run in parallel (NumPy itself is
-    single-threaded); with one thread, or fewer than two blocks of ``min_block``, it is a plain call.
-    """
-    parts = max(1, min(torch.get_num_threads(), n // max(min_block, 1)))
-    if parts == 1:
-        fn(slice(0, n))
-        return
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    with ThreadPoolExecutor(parts) as pool:
-        list(pool.map(fn, [slice(bounds[i], bounds[i + 1]) for i in range(parts)]))
-
-
-def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> RankedPool:
-    """Sort each row of ``probs`` once, largest first (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere)."""
-    labels = labels.to(probs.device)
-    cpu = _numpy_path(probs)
-    if cpu:
-        neg = np.negative(probs.numpy())  # ascending sort of -p = descending p, without a reversed copy
-        if need_order:
-            order_np = np.empty(neg.shape, dtype=np.int64)
-
-            def argsort_rows(rows: slice):
-                order_np[rows] = np.argsort(neg[rows], axis=1)
-
-            _in_threads(argsort_rows, neg.shape[0])
-            order = torch.from_numpy(order_np)
-            desc = probs.gather(1, order)
-        else:
-            _in_threads(lambda rows: neg[rows].sort(axis=1), neg.shape[0])  # in place: np.sort would copy
-            desc, order = torch.from_numpy(np.negative(neg, out=neg)), None
-    else:
-        desc, order = probs.sort(dim=1, descending=True)
-        order = order if need_order else None
-    tied = desc[:, 1:] == desc[:, :-1]
-    rows, cols = tied.nonzero(as_tuple=True)
-    cols = cols + 1
-    start = cols - 1
-    # Runs of ties are short; walk each tied entry back to its group's first rank.
-    while True:
-        more = (start > 0) & tied[rows, (start - 1).clamp(min=0)]
-        if not bool(more.any()):
-            break
-        start = torch.where(more, start - 1, start)
-    p_y = probs.gather(1, labels[:, None])
-    rank_y = _count_true(torch.from_numpy(probs.numpy() > p_y.numpy()) if cpu else probs > p_y)
-    return RankedPool(probs, desc, order, rank_y, rows, cols, start)
-
-
-def _count_true(mask: torch.Tensor) -> torch.Tensor:
-    """Per-row number of True entries of a bool [n, K] mask (NumPy on the CPU: several times faster there)."""
-    if _numpy_path(mask):
-        return torch.from_numpy(mask.numpy().sum(axis=1, dtype=np.int64))
-    return mask.sum(dim=1)
-
-
-def classwise_sizes(s_class: torch.Tensor, test: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Class-wise set sizes |{k : s(x, k) <= q_k}| of the test rows: [R, A, m] from scores [n, K], q [R, A, K].
-
-    The one O(m K) step per (split, alpha); the rows of a split are gathered once and shared by the alphas.
-    """
-    r_, a_, _ = q.shape
-    m = test.shape[1]
-    if not _numpy_path(s_class):
-        out = torch.empty(r_, a_, m, dtype=torch.int64, device=s_class.device)
-        for r in range(r_):
-            rows = s_class.index_select(0, test[r])
-            for a in range(a_):
-                out[r, a] = (rows <= q[r, a]).sum(dim=1)
-        return out
-    s_np, q_np, test_np = s_class.numpy(), q.numpy(), test.numpy()
-    out = np.empty((r_, a_, m), dtype=np.int64)
-
-    def splits(block: slice):  # one thread per block of splits, each with its own buffers
-        rows = np.empty((m, s_np.shape[1]), dtype=s_np.dtype)
-        mask = np.empty(rows.shape, dtype=bool)
-        for r in range(block.start, block.stop):
-            np.take(s_np, test_np[r], axis=0, out=rows)
-            for a in range(a_):
-                np.less_equal(rows, q_np[r, a], out=mask)
-                out[r, a] = mask.sum(axis=1, dtype=np.int32)
-
-    _in_threads(splits, r_, min_block=1 if m * s_np.shape[1] >= 1 << 20 else r_)  # threads for big splits only
-    return torch.from_numpy(out)
-
-
-def rank_ordered_scores(ranked: RankedPool, score: str, u: torch.Tensor | None, lam: float = 0.01,
-                        k_reg: int = 5) -> torch.Tensor:
-    """Non-conformity scores s(x, k) in rank order (column r = the class with the r-th largest probability).
-
-    Same definitions as :mod:`cact_ops.scores`: LAC 1 - p; APS = mass of strictly more probable classes + U p;
-    RAPS = APS + lam * max(0, rank - k_reg). Each row is non-decreasing, exactly, also in floating point: APS
-    uses the exclusive cumulative sum (not cumsum - p), and fl() is monotone. So a standard set is a prefix of
-    the rank order and its size is a binary search.
-
-    >>> p = torch.tensor([[0.2, 0.7, 0.1]])
-    >>> rank_ordered_scores(rank_pool(p, torch.tensor([0]), False), "aps", u=torch.ones(1))
-    tensor([[0.7000, 0.9000, 1.0000]])
-    """
-    d = ranked.desc
-    if score == "lac":
-        return 1.0 - d  # ties already share their value
-    if score not in ("aps", "raps"):
-        raise ValueError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
-    u = torch.ones(d.shape[0], dtype=d.dtype, device=d.device) if u is None else u.to(d.device, d.dtype)
-    s = torch.empty_like(d)
-    s[:, 0] = 0
-    torch.cumsum(d[:, :-1], dim=1, out=s[:, 1:])  # exclusive cumulative mass: sum of strictly higher ranks
-    s.addcmul_(u[:, None], d)
-    if score == "raps":
-        rank = torch.arange(1, d.shape[1] + 1, device=d.device, dtype=d.dtype)
-        s += lam * (rank - k_reg).clamp(min=0)
-    if ranked.tie_rows.numel():
-        s[ranked.tie_rows, ranked.tie_cols] = s[ranked.tie_rows, ranked.tie_start]
-    return s
-
-
-def class_ordered_scores(ranked: RankedPool, score: str, s_rank: torch.Tensor) -> torch.Tensor:
-    """The same scores in class order (column k = class k), for class-wise thresholds."""
-    if score == "lac":
-        return 1.0 - ranked.probs
-    if ranked.order is None:
-        raise ValueError("rank_pool(..., need_order=True) is needed for class-order APS/RAPS scores")
-    return torch.empty_like(s_rank).scatter_(1, ranked.order, s_rank)
-
-
-def thresholds(cal_scores: torch.Tensor, cal_labels: torch.Tensor, alphas: Sequence[float], num_classes: int,
-               classwise: bool):
-    """Conformal thresholds for R splits at once: [R, A] (standard) or [R, A, K] (class-wise), and the share of
-    +inf thresholds per alpha ([A]).
-
-    ``cal_scores`` [R, n_cal] are true-class scores whose columns are grouped by class as ``cal_labels`` (the
-    layout of :func:`split_indices`). Ranks come from :func:`cact_ops.cp.conformal_rank`; a rank above the
-    number of calibration points gives +inf (full sets).
-
-    >>> q, inf = thresholds(torch.tensor([[0.3, 0.1, 0.2]], dtype=torch.float64), torch.tensor([0, 0, 1]),
-    ...                     [0.4], 2, classwise=False)
-    >>> q.tolist(), inf.tolist()
-    ([[0.3]], [0.0])
-    """
-    r, n_cal = cal_scores.shape
-    inf = torch.tensor(float("inf"), dtype=cal_scores.dtype, device=cal_scores.device)
-    if not classwise:
-        ranks = [conformal_rank(n_cal, a) for a in alphas]
-        srt = cal_scores.sort(dim=1).values
-        q = torch.stack([srt[:, k - 1] if k <= n_cal else inf.expand(r) for k in ranks], dim=1)
-        return q, torch.tensor([float(k > n_cal) for k in ranks], dtype=torch.float64)
-    counts = torch.bincount(cal_labels.cpu(), minlength=num_classes)
-    starts = counts.cumsum(0) - counts
-    vals, idx = cal_scores.sort(dim=1, stable=True)
-    # Stable re-sort by class: scores ascending inside each class's block, blocks at fixed positions.
-    by_class = vals.gather(1, cal_labels.to(idx.device)[idx].argsort(dim=1, stable=True))
-    qs, fracs = [], []
-    for a in alphas:
-        ranks = torch.tensor([conformal_rank(int(c), a) for c in counts.tolist()])
-        ok = ranks <= counts
-        pos = (starts + ranks - 1).clamp(0, max(n_cal - 1, 0)).to(cal_scores.device)
-        picked = by_class[:, pos] if n_cal else inf.expand(r, num_classes)
-        qs.append(torch.where(ok.to(cal_scores.device), picked, inf))
-        fracs.append(float((~ok).double().mean()))
-    return torch.stack(qs, dim=1), torch.tensor(fracs, dtype=torch.float64)
-
-
-def set_metrics(covered: torch.Tensor, sizes: torch.Tensor, labels: torch.Tensor, alphas: Sequence[float],
-                num_classes: int, groups: torch.Tensor, size_bins=DEFAULT_SIZE_BINS) -> dict[str, torch.Tensor]:
-    """All set metrics of :mod:`cact_ops.metrics` from per-sample statistics, batched over splits and alphas.
-
-    ``covered`` (bool) and ``sizes`` (int) are [..., A, m] (A = len(alphas)) over the test samples with labels
-    ``labels`` [m]; ``groups`` [K] is :func:`cact_ops.metrics.shot_groups`. Returns float64 tensors:
-    ``coverage``, ``size``, ``covgap``, ``undercovered``, ``sscv``, ``many_size``/``medium_size``/``few_size`` of shape [..., A], and
-    ``class_coverage``, ``class_size`` [..., A, K] (NaN for classes without a test sample).
-
-    >>> m = set_metrics(torch.tensor([[True, False]]), torch.tensor([[1, 2]]), torch.tensor([0, 1]), [0.1], 2,
-    ...                 torch.tensor([0, 2]))
-    >>> m["coverage"].tolist(), m["covgap"].tolist(), m["few_size"].tolist()
-    ([0.5], [50.0], [2.0])
-    """
-    dev = covered.device
-    labels = labels.to(dev)
-    cov = covered.to(torch.float64)
-    size = sizes.to(torch.float64)
-    # [A]: broadcasts over the alpha axis of [..., A] results; target[:, None] over [..., A, K] ones.
-    target = torch.tensor([1.0 - a for a in alphas], dtype=torch.float64, device=dev)
-
-    def per_bin(values, bins, n_bins):  # sums of values per bin along the last axis
-        out = torch.zeros(*values.shape[:-1], n_bins, dtype=torch.float64, device=dev)
-        return out.scatter_add_(-1, bins.expand_as(values), values)
-
-    n_k = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    present = n_k > 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64, device=dev)
-    class_cov = torch.where(present, per_bin(cov, labels, num_classes) / n_k.clamp(min=1), nan)
-    class_size = torch.where(present, per_bin(size, labels, num_classes) / n_k.clamp(min=1), nan)
-    gap = (class_cov[..., present] - target[:, None]).abs()
-    under = (class_cov[..., present] < target[:, None]).to(torch.float64)
-    # SSCV: bucketize puts size <= edge[i] in stratum i, as cact_ops.metrics.sscv does.
-    edges = torch.as_tensor(size_bins, dtype=sizes.dtype, device=dev)
-    stratum = torch.bucketize(sizes, edges, right=False)
-    n_strata = len(size_bins) + 1
-    s_count = per_bin(torch.ones_like(cov), stratum, n_strata)
-    s_hits = per_bin(cov, stratum, n_strata)
-    viol = torch.where(s_count > 0, (s_hits / s_count.clamp(min=1) - target[:, None]).abs(), -torch.inf)
-    g = groups.to(dev)[labels]
-    g_count = torch.bincount(g, minlength=len(SHOT_GROUPS)).to(torch.float64)
-    g_size = torch.where(g_count > 0, per_bin(size, g, len(SHOT_GROUPS)) / g_count.clamp(min=1), nan)
-    out = {
-        "coverage": cov.mean(-1),
-        "size": size.mean(-1),
-        "covgap": 100.0 * gap.mean(-1) if bool(present.any()) else nan.expand(cov.shape[:-1]),
-        "undercovered": under.mean(-1) if bool(present.any()) else nan.expand(cov.shape[:-1]),
-        "sscv": viol.amax(-1),
-        "class_coverage": class_cov,
-        "class_size": class_size,
-    }
-    for i, name in enumerate(SHOT_GROUPS):
-        out[f"{name}_size"] = g_size[..., i]
-    return out
-
-
-@dataclass
-class ScoreResult:
-    """Metrics of one (score, predictor) over R splits x A alphas (tensors [R, A] and [R, A, K])."""
-
-    score: str
-    predictor: str
-    metrics: dict[str, torch.Tensor]
-    inf_frac: torch.Tensor  # [A] share of +inf thresholds
-
-
-def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int],
-                  scores: Sequence[str] = SCORES, predictors: Sequence[str] = PREDICTORS,
-                  alphas: Sequence[float] = (0.1, 0.05), n_splits: int = 20, cal_fraction: float = 0.5,
-                  seed: int = 0, raps_lam: float = 0.01, raps_k_reg: int = 5, randomized: bool = True,
-                  device: str = "cpu", dtype: torch.dtype = torch.float32, splits=None):
-    """Hard split CP of one method's pool logits over ``n_splits`` splits: (accuracy [R], list of ScoreResult).
-
-    ``splits`` may pass precomputed ``(cal, test)`` from :func:`split_indices` (the benchmark and the tests do);
-    by default they are drawn from ``seed``.
-
-    >>> _ = torch.manual_seed(0); x = torch.randn(200, 3); y = x.argmax(1)
-    >>> acc, res = evaluate_pool(x, y, [50, 20, 5], scores=["lac"], predictors=["standard"], n_splits=2)
-    >>> acc.tolist(), res[0].metrics["coverage"].shape
-    ([1.0, 1.0], torch.Size([2, 2]))
-    """
-    num_classes = logits.shape[1]
-    labels = labels.long()
-    cal, test = split_indices(labels, n_splits, cal_fraction, seed) if splits is None else splits
-    dev = torch.device(device)
-    logits, labels_d = logits.to(dev, dtype), labels.to(dev)
-    cal, test = cal.to(dev), test.to(dev)
-    y_cal, y_test = labels_d[cal[0]], labels_d[test[0]]
-    groups = shot_groups(train_counts)
-    if groups.numel() != num_classes:
-        raise ValueError(f"train_counts has {groups.numel()} classes but logits have {num_classes}")
-    accuracy = (logits.argmax(dim=1) == labels_d)[test].to(torch.float64).mean(dim=1)
-    probs = torch.softmax(logits, dim=1)
-    r_, a_ = cal.shape[0], len(alphas)
-    # One sort of every row serves APS/RAPS and LAC's standard sizes (a binary search per threshold). LAC alone
-    # with a few thresholds is cheaper without it: one comparison pass per (split, alpha).
-    need_sort = any(s != "lac" for s in scores) or ("standard" in predictors and r_ * a_ > _DIRECT_COUNT_MAX)
-    need_order = "classwise" in predictors and any(s != "lac" for s in scores)
-    ranked = rank_pool(probs, labels_d, need_order) if need_sort else None
-    u = draw_u(len(labels), seed).to(dev, dtype) if randomized else None
-    results = []
-    for score in scores:
-        if score == "lac":
-            s_rank = None if ranked is None else rank_ordered_scores(ranked, score, u)
-            s_class = 1.0 - probs if ("classwise" in predictors or s_rank is None) else None
-            true = 1.0 - probs.gather(1, labels_d[:, None]).squeeze(1)  # = s_rank at the label's rank, bit for bit
-        else:
-            s_rank = rank_ordered_scores(ranked, score, u, raps_lam, raps_k_reg)
-            true = s_rank.gather(1, ranked.rank_y[:, None]).squeeze(1)
-            s_class = class_ordered_scores(ranked, score, s_rank) if "classwise" in predictors else None
-        t_cal, t_test = true[cal], true[test]
-        for predictor in predictors:
-            classwise = predictor == "classwise"
-            q, inf_frac = thresholds(t_cal, y_cal, alphas, num_classes, classwise)
-            if classwise:
-                covered = t_test[:, None, :] <= q[:, :, y_test]
-                sizes = classwise_sizes(s_class, test, q)
-            elif s_rank is None:
-                covered = t_test[:, None, :] <= q[:, :, None]
-                sizes = classwise_sizes(s_class, test, q[:, :, None].expand(r_, a_, num_classes).contiguous())
-            else:
-                covered = t_test[:, None, :] <= q[:, :, None]
-                # Every pool row at once: one binary search per (row, split, alpha) in the row's sorted scores.
-                flat = q.reshape(1, r_ * a_).expand(s_rank.shape[0], r_ * a_).contiguous()
-                all_sizes = torch.searchsorted(s_rank, flat, right=True).view(-1, r_, a_)
-                sizes = all_sizes.permute(1, 2, 0).gather(2, test[:, None, :].expand(r_, a_, -1))
-            metrics = set_metrics(covered, sizes, y_test, alphas, num_classes, groups)
-            results.append(ScoreResult(score, predictor, metrics, inf_frac))
-    return accuracy, results
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Summaries
-
-
-def _std(x: torch.Tensor) -> float:
-    return float(x.std(correction=1)) if x.numel() > 1 else float("nan")
-
-
-def summarize(method: str, accuracy: torch.Tensor, results: Sequence[ScoreResult], alphas: Sequence[float],
-              classes: Sequence[str], train_counts: Sequence[int], test_counts: Sequence[int]):
-    """Rows of ``summary`` and ``per_class`` (lists of dicts) for one method: means (and stds) over splits."""
-    groups = shot_groups(train_counts).tolist()
-    acc = float(accuracy.mean())
-    summary, per_class = [], []
-    for res in results:
-        m = {k: v.cpu() for k, v in res.metrics.items()}
-        for a, alpha in enumerate(alphas):
-            summary.append({
-                "method": method, "score": res.score, "predictor": res.predictor, "alpha": float(alpha),
-                "n_splits": int(accuracy.numel()), "accuracy": acc,
-                "coverage_mean": float(m["coverage"][:, a].mean()), "coverage_std": _std(m["coverage"][:, a]),
-                "size_mean": float(m["size"][:, a].mean()), "size_std": _std(m["size"][:, a]),
-                "covgap_mean": float(m["covgap"][:, a].mean()), "covgap_std": _std(m["covgap"][:, a]),
-                "undercovered_mean": float(m["undercovered"][:, a].mean()),
-                "sscv_mean": float(m["sscv"][:, a].mean()),
-                **{f"{g}_size_mean": float(m[f"{g}_size"][:, a].mean()) for g in SHOT_GROUPS},
-                "inf_threshold_frac": float(res.inf_frac[a]),
-            })
-            cov_k = m["class_coverage"][:, a].mean(0).tolist()
-            size_k = m["class_size"][:, a].mean(0).tolist()
-            for k, name in enumerate(classes):
-                per_class.append({
-                    "method": method, "score": res.score, "predictor": res.predictor, "alpha": float(alpha),
-                    "class": k, "class_name": str(name), "shot": SHOT_GROUPS[groups[k]],
-                    "train_count": int(train_counts[k]), "test_count": int(test_counts[k]),
-                    "coverage_mean": cov_k[k], "size_mean": size_k[k],
-                })
-    return summary, per_class
-
-
-def per_split_rows(method: str, accuracy: torch.Tensor, results: Sequence[ScoreResult],
-                   alphas: Sequence[float]) -> list[dict]:
-    """Rows of ``per_split`` for one method: the values of every split that :func:`summarize` averages."""
-    acc = accuracy.cpu().tolist()
-    rows = []
-    for res in results:
-        m = {k: res.metrics[k].cpu() for k in PER_SPLIT_METRICS if k != "accuracy"}
-        for a, alpha in enumerate(alphas):
-            values = {k: v[:, a].tolist() for k, v in m.items()}
-            for r in range(len(acc)):
-                rows.append({"method": method, "score": res.score, "predictor": res.predictor, "alpha": float(alpha),
-                             "split": r, "accuracy": acc[r], **{k: v[r] for k, v in values.items()}})
-    return rows
-
-
-def paired_differences(per_split: pl.DataFrame, control: str | None = None) -> pl.DataFrame:
-    """Per (method, score, predictor, alpha): the paired mean of (method - control) over the splits and its 95%
-    Student-t interval (:func:`cact_ops.metrics.paired_difference`) for ``PAIRED_METRICS``, and ``control``.
-
-    ``control`` defaults to :func:`cact_ops.methods.control`. Rows of the control itself, and every row when the
-    control is not in ``per_split``, have NaN differences and a null ``control``. The splits are matched by
-    index, which pairs them: every method was evaluated on the same splits.
-    """
-    control = registry.control() if control is None else control
-    by_block = {key: d.sort("split") for key, d in
-                per_split.filter(pl.col("method") == control).group_by(["score", "predictor", "alpha"])}
-    nan = float("nan")
-    rows = []
-    keys = ["method", "score", "predictor", "alpha"]
-    for (method, score, predictor, alpha), d in per_split.group_by(keys, maintain_order=True):
-        row = {"method": method, "score": score, "predictor": predictor, "alpha": alpha,
-               **{c: nan for c in PAIRED_COLUMNS[:-1]}, "control": None}
-        ref = by_block.get((score, predictor, alpha))
-        if method != control and ref is not None:
-            d = d.sort("split")
-            if not d["split"].equals(ref["split"]):
-                raise ValueError(f"{method} and {control} were evaluated on different splits ({score}, {predictor}, "
-                                 f"alpha={alpha}): no paired comparison")
-            for metric in PAIRED_METRICS:
-                mean, lo, hi = paired_difference(d[metric].to_numpy(), ref[metric].to_numpy())
-                row |= {f"{metric}_diff_mean": mean, f"{metric}_diff_lo": lo, f"{metric}_diff_hi": hi}
-            row["control"] = control
-        rows.append(row)
-    return _frame(rows, keys + list(PAIRED_COLUMNS))
+# Frames
 
 
 _SCHEMA = {
@@ -787,7 +325,7 @@ def run(config: EvalConfig) -> EvalResult:
         check_against_manifest(pool, manifest)
         if reference is None:
             reference = pool
-            splits = split_indices(pool.labels, config.n_splits, config.cal_fraction, config.seed)
+            splits = engine.split_indices(pool.labels, config.n_splits, config.cal_fraction, config.seed)
         elif not (np.array_equal(pool.sample_id, reference.sample_id)
                   and torch.equal(pool.labels, reference.labels)):
             raise ValueError(f"{pool.path}: sample_id/label differ from {reference.path}; all methods must be "
@@ -795,22 +333,21 @@ def run(config: EvalConfig) -> EvalResult:
         inputs[str(pool.path.relative_to(run_dir))] = _io.sha256_file(pool.path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one clear warning per alpha below, not one per split
-            accuracy, results = evaluate_pool(
+            accuracy, results = engine.evaluate_pool(
                 pool.logits, pool.labels, train_counts, config.scores, config.predictors, config.alphas,
                 config.n_splits, config.cal_fraction, config.seed, config.raps_lam, config.raps_k_reg,
                 config.randomized, config.device, dtype, splits=splits)
         test_counts = torch.bincount(pool.labels[splits[1][0]], minlength=len(classes)).tolist()
-        rows, cls_rows = summarize(method, accuracy, results, config.alphas, classes, train_counts, test_counts)
+        rows, cls_rows = engine.summarize(method, accuracy, results, config.alphas, classes, train_counts,
+                                          test_counts)
         summary_rows += rows
         class_rows += cls_rows
-        split_rows += per_split_rows(method, accuracy, results, config.alphas)
+        split_rows += engine.per_split_rows(method, accuracy, results, config.alphas)
         log.info("evaluated %s: %d rows x %d classes, %d splits, %.2fs", method, pool.logits.shape[0],
                  pool.logits.shape[1], config.n_splits, time.perf_counter() - t0)
         del pool
-    per_split = _frame(split_rows, PER_SPLIT_COLUMNS)
-    summary = _frame(summary_rows, SUMMARY_COLUMNS[:-len(PAIRED_COLUMNS)]).join(
-        paired_differences(per_split), on=["method", "score", "predictor", "alpha"], how="left",
-        maintain_order="left")
+    per_split = _frame(split_rows, engine.per_split_columns())
+    summary = _frame(engine.with_paired(summary_rows, split_rows, registry.control()), engine.summary_columns())
     per_class = _frame(class_rows, PER_CLASS_COLUMNS)
     _warn_infinite(summary, splits[0].shape[1])
     out = run_dir / "eval"
@@ -838,7 +375,7 @@ def _parse(argv=None) -> EvalConfig:
     p.add_argument("run_dir", help="run folder with logits/<method>/pool.parquet and splits/manifest.json")
     p.add_argument("--splits-root", default=None, help="split folder (default RUN_DIR/splits)")
     p.add_argument("--methods", nargs="+", default=None, help="default: every method with logits")
-    p.add_argument("--scores", nargs="+", default=list(SCORES), choices=SCORES)
+    p.add_argument("--scores", nargs="+", default=list(DEFAULT_SCORES), choices=engine.score_names())
     p.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
     p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.05])
     p.add_argument("--n-splits", type=int, default=20)

@@ -28,33 +28,33 @@ import polars as pl
 
 from cact_ops import methods as registry
 from cact_ops.methods import order_key
-from cact_ops.metrics import paired_difference
+from cact_ops.metrics import METRIC_REGISTRY, paired_difference, paired_metrics
 
 from . import _io
 
-# Columns of the tables: (summary column, header, lower is better?, format). None: not ranked.
-_COLUMNS = (
-    ("accuracy", "accuracy", False, "{:.3f}"),
-    ("coverage_mean", "coverage", None, "{:.3f}"),
-    ("size_mean", "size", True, "{:.2f}"),
-    ("covgap_mean", "CovGap", True, "{:.2f}"),
-    ("undercovered_mean", "under-covered", True, "{:.3f}"),
-    ("sscv_mean", "SSCV", True, "{:.3f}"),
-    ("many_size_mean", "many-shot size", True, "{:.2f}"),
-    ("medium_size_mean", "medium-shot size", True, "{:.2f}"),
-    ("few_size_mean", "few-shot size", True, "{:.2f}"),
-)
-_STD = {"coverage_mean": "coverage_std", "size_mean": "size_std", "covgap_mean": "covgap_std"}
-# Columns of the paired tables: (metric of eval/per_split.parquet, header, format of a signed difference).
-_PAIRED = (
-    ("size", "size", "{:+.3f}"),
-    ("covgap", "CovGap", "{:+.2f}"),
-    ("many_size", "many-shot size", "{:+.3f}"),
-    ("medium_size", "medium-shot size", "{:+.3f}"),
-    ("few_size", "few-shot size", "{:+.3f}"),
-    ("coverage", "coverage", "{:+.3f}"),
-    ("accuracy", "accuracy", "{:+.3f}"),
-)
+# The table columns come from the metric registry (cact_ops.metrics.METRIC_REGISTRY), read at call time: a
+# registered metric is a column here too.
+
+
+def _columns() -> list[tuple[str, str, bool | None, str]]:
+    """Columns of the summary tables: (summary column, header, lower is better? (None: not ranked), format)."""
+    return [(m.mean_column, m.header, m.lower_is_better, m.fmt) for m in METRIC_REGISTRY.values()]
+
+
+def _std_columns() -> dict[str, str]:
+    """Summary mean column -> its std column, for the metrics that have one."""
+    return {m.mean_column: f"{m.name}_std" for m in METRIC_REGISTRY.values() if m.std}
+
+
+def _paired() -> list[tuple[str, str, str]]:
+    """Columns of the paired tables: (metric of eval/per_split.parquet, header, format of a signed difference);
+    the lower-is-better metrics first, then the unranked ones, then the higher-is-better ones."""
+    side, order = {True: 0, None: 1, False: 2}, list(METRIC_REGISTRY)
+    metrics = sorted((METRIC_REGISTRY[n] for n in paired_metrics()),
+                     key=lambda m: (side[m.lower_is_better], order.index(m.name)))
+    return [(m.name, m.header, m.diff_fmt) for m in metrics]
+
+
 # A multiplier at or below max(this, 10 x the run's lambda_min) in the last epoch counts as at its floor.
 LAMBDA_FLOOR = 1e-3
 _MARKERS = "osD^vP*X"
@@ -121,7 +121,8 @@ def markdown_table(df: pl.DataFrame, per_split: pl.DataFrame | None = None) -> s
     | ce | 0.800 | 0.900 ± 0.010 | 3.00 ± 0.10 |
     | cact | 0.700 | 0.910 ± 0.010 | **2.00** ± 0.10 |
     """
-    cols = [c for c in _COLUMNS if c[0] in df.columns]
+    cols = [c for c in _columns() if c[0] in df.columns]
+    stds = _std_columns()
     bold = {}
     if per_split is not None:
         for name, _, lower, _ in cols:
@@ -135,7 +136,7 @@ def markdown_table(df: pl.DataFrame, per_split: pl.DataFrame | None = None) -> s
             cell = _fmt(row[name], fmt)
             if bold.get(name) == row["method"]:
                 cell = f"**{cell}**"
-            std = _STD.get(name)
+            std = stds.get(name)
             if std in row and not _missing(row[std]):
                 cell += " ± " + fmt.format(row[std])
             cells.append(cell)
@@ -406,7 +407,7 @@ def paired_tables(summary: pl.DataFrame, score: str, methods: Sequence[str]) -> 
     if control not in methods:
         return lines + [f"{control} was not evaluated in this run: there is no control to compare against.", ""]
     n = int(summary["n_splits"][0])
-    cols = [c for c in _PAIRED if f"{c[0]}_diff_mean" in summary.columns]
+    cols = [c for c in _paired() if f"{c[0]}_diff_mean" in summary.columns]
     lines += [f"Each cell: the mean over the R = {n} calibration/test splits of (method − {control}), paired split "
               "by split (every method is evaluated on the same splits), and its 95% Student-t interval "
               "[lo, hi]; **bold**: the interval excludes zero. Negative is better for size and CovGap, positive for "

@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cact_ops import engine as CP
 from cact_ops import metrics as M
+from cact_ops import ranking, scores as S
 from stages import evaluate as E
 
 # The toy pool's smallest class is deliberately too small for a class-wise threshold; tests that care assert it.
@@ -186,8 +188,8 @@ def test_matches_loop_reference(run_dir):
     for method in ("ce", "cact"):
         pool = E.read_logits(run_dir / "logits" / method / "pool.parquet")
         labels = pool.labels.numpy()
-        cal, test = E.split_indices(pool.labels, 3, 0.5, seed=0)
-        u = E.draw_u(len(labels), seed=0).numpy()
+        cal, test = CP.split_indices(pool.labels, 3, 0.5, seed=0)
+        u = CP.draw_u(len(labels), seed=0).numpy()
         ref = reference_summary(pool.logits.numpy(), labels, cal.numpy(), test.numpy(), (0.1, 0.05),
                                 TRAIN_COUNTS, u)
         for (score, predictor, alpha), (per_split, acc) in ref.items():
@@ -223,7 +225,7 @@ def test_matches_loop_reference(run_dir):
 
 
 def test_set_metrics_match_cact_ops_metrics():
-    """The sufficient-statistics metrics equal cact_ops.metrics on the explicit sets."""
+    """The batched metrics the engine computes equal cact_ops.metrics' functions on the explicit sets."""
     g = torch.Generator().manual_seed(3)
     k, m = 12, 400
     sets = torch.rand(2, m, k, generator=g) < torch.rand(2, m, 1, generator=g)
@@ -231,7 +233,7 @@ def test_set_metrics_match_cact_ops_metrics():
     train_counts = [300, 250, 150, 120, 90, 60, 40, 25, 19, 10, 5, 2]
     alphas = (0.1, 0.3)
     covered = sets[:, torch.arange(m), labels]
-    got = E.set_metrics(covered, sets.sum(-1), labels, alphas, k, M.shot_groups(train_counts))
+    got = M.set_metrics(covered, sets.sum(-1), labels, alphas, k, M.shot_groups(train_counts))
     for a, alpha in enumerate(alphas):
         s = sets[a]
         assert float(got["coverage"][a]) == pytest.approx(float(M.coverage(s, labels)), abs=1e-6)
@@ -252,17 +254,20 @@ def test_scores_and_thresholds_match_cact_ops():
     labels_np, logits_np = make_logits([30, 25, 20, 15], seed=5, ties=False)
     logits, labels = torch.from_numpy(logits_np).double(), torch.from_numpy(labels_np)
     probs = torch.softmax(logits, 1)
-    ranked = E.rank_pool(probs, labels, need_order=True)
-    u = E.draw_u(len(labels), seed=1).double()
+    ranked = ranking.rank_pool(probs, labels, need_order=True)
+    u = CP.draw_u(len(labels), seed=1).double()
     expected = {"lac": scores.lac(probs), "aps": scores.aps(probs, u=u), "raps": scores.raps(probs, 0.1, 1, u=u)}
-    cal, _ = E.split_indices(labels, 2, 0.5, seed=4)
+    params = {"raps": dict(lam=0.1, k_reg=1)}
+    cal, _ = CP.split_indices(labels, 2, 0.5, seed=4)
     for name, want in expected.items():
-        s = E.rank_ordered_scores(ranked, name, u, lam=0.1, k_reg=1)
-        torch.testing.assert_close(E.class_ordered_scores(ranked, name, s), want)
+        score = S.score_object(name)
+        s = score.rank_scores(ranked, u, **params.get(name, {}))
+        torch.testing.assert_close(score.class_scores(probs, u, ranked=ranked, s_rank=s), want)
+        torch.testing.assert_close(score(probs, u, **params.get(name, {})), want)  # the functional form
         assert bool((s[:, 1:] >= s[:, :-1]).all())
         true = s.gather(1, ranked.rank_y[:, None]).squeeze(1)
         for classwise in (False, True):
-            q, _ = E.thresholds(true[cal], labels[cal[0]], [0.2], 4, classwise)
+            q, _ = cp.thresholds(true[cal], labels[cal[0]], [0.2], 4, classwise)
             for r in range(2):
                 want_q = cp.calibrate(want[cal[r]], labels[cal[r]], 0.2, classwise=classwise)
                 torch.testing.assert_close(q[r, 0], want_q)
@@ -270,21 +275,21 @@ def test_scores_and_thresholds_match_cact_ops():
 
 def test_split_indices_stratified_and_seeded():
     labels = torch.tensor([0] * 7 + [1] * 4 + [2] * 1)
-    cal, test = E.split_indices(labels, n_splits=5, cal_fraction=0.5, seed=9)
+    cal, test = CP.split_indices(labels, n_splits=5, cal_fraction=0.5, seed=9)
     assert cal.shape == (5, 4 + 2 + 1) and test.shape == (5, 3 + 2 + 0)
     for r in range(5):
         assert sorted(cal[r].tolist() + test[r].tolist()) == list(range(12))
         assert labels[cal[r]].tolist() == [0, 0, 0, 0, 1, 1, 2]
     assert not all(torch.equal(cal[0], cal[r]) for r in range(1, 5))
-    again = E.split_indices(labels, n_splits=5, cal_fraction=0.5, seed=9)
+    again = CP.split_indices(labels, n_splits=5, cal_fraction=0.5, seed=9)
     assert torch.equal(cal, again[0]) and torch.equal(test, again[1])
 
 
 def test_float32_close_to_float64():
     labels, logits = make_logits([40] * 5, seed=2)
     kw = dict(train_counts=[100, 50, 30, 20, 10], n_splits=4, alphas=(0.1,))
-    acc32, r32 = E.evaluate_pool(torch.from_numpy(logits), torch.from_numpy(labels), dtype=torch.float32, **kw)
-    acc64, r64 = E.evaluate_pool(torch.from_numpy(logits), torch.from_numpy(labels), dtype=torch.float64, **kw)
+    acc32, r32 = CP.evaluate_pool(torch.from_numpy(logits), torch.from_numpy(labels), dtype=torch.float32, **kw)
+    acc64, r64 = CP.evaluate_pool(torch.from_numpy(logits), torch.from_numpy(labels), dtype=torch.float64, **kw)
     assert torch.equal(acc32, acc64)
     for a, b in zip(r32, r64):
         assert (a.score, a.predictor) == (b.score, b.predictor)
@@ -384,9 +389,9 @@ def test_lac_direct_count_equals_sorted_path():
     labels, logits = make_logits([30, 30, 30, 30, 30], seed=4)
     x, y = torch.from_numpy(logits), torch.from_numpy(labels)
     kw = dict(train_counts=[100, 50, 30, 20, 10], n_splits=2, alphas=(0.1, 0.2), predictors=("standard",))
-    _, direct = E.evaluate_pool(x, y, scores=("lac",), **kw)
-    _, sorted_ = E.evaluate_pool(x, y, scores=("lac", "aps"), **kw)
-    assert 2 * 2 <= E._DIRECT_COUNT_MAX
+    _, direct = CP.evaluate_pool(x, y, scores=("lac",), **kw)
+    _, sorted_ = CP.evaluate_pool(x, y, scores=("lac", "aps"), **kw)
+    assert 2 * 2 <= CP._DIRECT_COUNT_MAX
     for name, v in direct[0].metrics.items():
         torch.testing.assert_close(v, sorted_[0].metrics[name], equal_nan=True, rtol=0, atol=0)
 
@@ -396,9 +401,9 @@ def test_torch_path_equals_numpy_path(monkeypatch):
     labels, logits = make_logits([25, 20, 15, 10], seed=8)
     kw = dict(train_counts=[100, 50, 20, 5], n_splits=3, alphas=(0.1, 0.2))
     x, y = torch.from_numpy(logits), torch.from_numpy(labels)
-    acc_np, res_np = E.evaluate_pool(x, y, **kw)
-    monkeypatch.setattr(E, "_NUMPY_ON_CPU", False)
-    acc_t, res_t = E.evaluate_pool(x, y, **kw)
+    acc_np, res_np = CP.evaluate_pool(x, y, **kw)
+    monkeypatch.setattr(ranking, "_NUMPY_ON_CPU", False)
+    acc_t, res_t = CP.evaluate_pool(x, y, **kw)
     assert torch.equal(acc_np, acc_t)
     for a, b in zip(res_np, res_t):
         for name, v in a.metrics.items():
@@ -413,9 +418,9 @@ def test_threads_do_not_change_results():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _, one = E.evaluate_pool(x, y, **kw)
+        _, one = CP.evaluate_pool(x, y, **kw)
         torch.set_num_threads(2)
-        _, two = E.evaluate_pool(x, y, **kw)
+        _, two = CP.evaluate_pool(x, y, **kw)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, two):
@@ -501,3 +506,68 @@ def test_methods_in_registry_order(run_dir):
     res = E.run(E.EvalConfig(run_dir, methods=("cact", "ce"), n_splits=2, alphas=(0.1,), report=False))
     assert res.summary["method"].unique(maintain_order=True).to_list() == ["ce", "cact"]
     assert res.per_split["method"].unique(maintain_order=True).to_list() == ["ce", "cact"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registries: a new score and a new summary metric are one entry each
+
+
+@pytest.mark.filterwarnings("ignore:class-wise calibration")
+def test_registered_score_and_metric_reach_engine_stage_and_report(run_dir):
+    """A score that is not monotone in the probability rank (class-weighted LAC) and a new summary metric (share
+    of empty sets), registered through the public registries: the engine evaluates the score through its
+    class-ordered scores (equal to explicit sets of cact_ops.cp), and the metric is a column of per_split, the
+    summary (with paired columns), the report and ScoreResult.metrics. Unregistered afterwards."""
+    from cact_ops import cp
+
+    weights = torch.linspace(1.0, 2.0, len(CLASSES), dtype=torch.float64)
+    toy = S.Score("weighted", lambda p: 1.0 - p * weights.to(p.dtype) / 2)
+    empty = M.SummaryMetric("empty_frac", lambda st: (st.sizes == 0).double().mean(-1), "empty sets", True,
+                            paired=True)
+    S.register_score(toy)
+    M.register_metric(empty)
+    try:
+        assert not toy.rank_monotone and S.get_score("weighted") is toy.fn and "weighted" in E.SCORES
+        labels, logits = make_logits(POOL_COUNTS, seed=3)
+        x, y = torch.from_numpy(logits).double(), torch.from_numpy(labels)
+        cal, test = CP.split_indices(y, 3, 0.5, seed=0)
+        alphas = (0.1, 0.3)
+        _, results = CP.evaluate_pool(x, y, TRAIN_COUNTS, scores=("weighted", "aps"), alphas=alphas,
+                                      splits=(cal, test), dtype=torch.float64)
+        assert [(r.score, r.predictor) for r in results] == [("weighted", "standard"), ("weighted", "classwise"),
+                                                            ("aps", "standard"), ("aps", "classwise")]
+        s = toy(torch.softmax(x, 1))
+        ranks = s.argsort(1)  # the toy's class order by score differs from the probability rank somewhere
+        assert not torch.equal(ranks, (-torch.softmax(x, 1)).argsort(1))
+        for res in results[:2]:
+            assert "empty_frac" in res.metrics
+            for r in range(3):
+                yt = y[test[r]]
+                for a, alpha in enumerate(alphas):
+                    q = cp.calibrate(s[cal[r]], y[cal[r]], alpha, classwise=res.predictor == "classwise")
+                    sets = cp.predict_sets(s[test[r]], q)
+                    got = {k: float(v[r, a]) for k, v in res.metrics.items() if v.dim() == 2}
+                    assert got["coverage"] == pytest.approx(float(M.coverage(sets, yt)), abs=1e-7)
+                    assert got["size"] == pytest.approx(float(M.average_size(sets)), abs=1e-6)
+                    assert got["covgap"] == pytest.approx(float(M.covgap(sets, yt, alpha, len(CLASSES))), abs=1e-4)
+                    assert got["empty_frac"] == pytest.approx(float((sets.sum(1) == 0).double().mean()), abs=1e-12)
+        # The stage: the score is accepted by name, the metric is a column everywhere, the report shows it.
+        run = E.run(E.EvalConfig(run_dir, n_splits=3, alphas=(0.1,), scores=("lac", "weighted")))
+        assert "empty_frac" in E.PER_SPLIT_METRICS and "empty_frac" in E.PAIRED_METRICS
+        assert run.summary.columns == list(E.SUMMARY_COLUMNS) and run.per_split.columns == list(E.PER_SPLIT_COLUMNS)
+        assert run.per_split.columns[-1] == "empty_frac"
+        assert E.SUMMARY_COLUMNS[-4:] == ("empty_frac_diff_mean", "empty_frac_diff_lo", "empty_frac_diff_hi",
+                                          "control")
+        assert run.summary["score"].unique(maintain_order=True).to_list() == ["lac", "weighted"]
+        for row in run.summary.iter_rows(named=True):
+            d = _block(run.per_split, row["method"], row["score"], row["predictor"], row["alpha"])
+            assert d["empty_frac"].mean() == pytest.approx(row["empty_frac_mean"], abs=1e-12)
+        assert "| empty sets |" in run.report_path.read_text()
+        assert E.main([str(run_dir), "--scores", "weighted", "--n-splits", "2", "--no-report"]) == 0
+    finally:
+        S.unregister_score("weighted")
+        M.unregister_metric("empty_frac")
+    assert "weighted" not in E.SCORES and "weighted" not in S.SCORES
+    assert "empty_frac" not in E.PER_SPLIT_METRICS and not any("empty" in c for c in E.SUMMARY_COLUMNS)
+    with pytest.raises(ValueError, match="unknown or no score"):
+        E.EvalConfig(run_dir, scores=("weighted",)).validate()
