@@ -124,6 +124,14 @@ def _eta(args: argparse.Namespace) -> tuple[float, float | None]:
     return TrainConfig.eta, args.eta_relative if args.eta_relative is not None else TrainConfig.eta_relative
 
 
+def _penalty_never_acted(result) -> bool:
+    """Whether a conformal method's penalty (train_penalty in metrics.parquet) was 0 in every epoch."""
+    import polars as pl
+
+    metrics = pl.read_parquet(result.metrics_path)
+    return "train_penalty" in metrics.columns and metrics.height > 0 and bool((metrics["train_penalty"] == 0).all())
+
+
 class _Clock:
     def __init__(self):
         self.t0 = time.time()
@@ -197,6 +205,10 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
             print(f"  note: every lambda of {m} stayed below 1e-3: the backbone already meets each class's size "
                   f"constraint (soft size <= eta={fm.get('eta', loop.eta):.3g}) on D_val, so {m} reduces to CE "
                   f"fine-tuning here (a smaller --eta-relative sets eta further below the backbone's soft size)")
+        elif method_registry.get(m).loss != "ce" and _penalty_never_acted(r):
+            print(f"  note: the conformal term of {m} was zero in every epoch (train_penalty = 0: the soft sets "
+                  f"on the training batches were already below kappa={loop.kappa:g}), so {m} trained as CE "
+                  f"fine-tuning here")
     clock.stage("training")
 
     infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu))
