@@ -267,7 +267,8 @@ def plot_lambda(histories: dict[str, pl.DataFrame], train_counts: Sequence[int],
     # Methods without a dual step (ce, conftr) carry a constant lambda: show the methods whose multipliers move,
     # else the CaCT ones (whose multipliers then stayed put, which is worth seeing), else all.
     varying = {m: h for m, h in usable.items() if h["lambda"].drop_nulls().n_unique() > 1}
-    usable = varying or {m: h for m, h in usable.items() if m.startswith("cact")} or usable
+    usable = varying or {m: h for m, h in usable.items()
+                         if m in registry.names() and registry.get(m).uses_dual} or usable
     if not usable:
         return None
     from matplotlib.figure import Figure

@@ -73,7 +73,7 @@ class TrainStageConfig:
     finetune: str = "all"  # all | head: which parameters a fine-tune updates
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data
+    cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data (>= 0.5)
     # shard: each worker streams its own Ray Data shard of the train split (scales to any size); global: every
     # worker reads the split and takes its contiguous slice of one seeded global batch order, so a run gives the
     # same batches, and up to float rounding the same model and multipliers, with any number of workers (not
@@ -225,8 +225,27 @@ def _run_name(config: TrainStageConfig, splits, spec: dict) -> str:
     return f"{config.method}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+# The least CPU share a training worker gets by default: below it the torch processes only fight for the cores
+# (64 workers on 2 CPUs drove the load to 120 and crashed). An explicit cpus_per_worker is taken as given.
+MIN_DEFAULT_CPUS_PER_WORKER = 0.5
+
+
+def _worker_cpus(config: TrainStageConfig, total_cpu: float) -> float:
+    """CPUs per worker: as configured, else up to 1 each, leaving room for Ray Data's read tasks (a worker group
+    holding every CPU would wait forever for its own input)."""
+    return config.cpus_per_worker or min(1.0, total_cpu / (config.num_workers + 1))
+
+
 def _check_resources(config: TrainStageConfig, cpus_per_worker: float) -> None:
     res = ray.cluster_resources()
+    if not config.cpus_per_worker and cpus_per_worker < MIN_DEFAULT_CPUS_PER_WORKER:
+        fit = max(0, int(res.get("CPU", 0) / MIN_DEFAULT_CPUS_PER_WORKER) - 1)
+        raise ValueError(
+            f"num_workers={config.num_workers} would get {cpus_per_worker:.2g} CPUs each on a Ray cluster of "
+            f"{res.get('CPU', 0):g} CPUs (at least {MIN_DEFAULT_CPUS_PER_WORKER:g} each, with room left for Ray "
+            f"Data): at most {fit} workers fit; lower num_workers (--num-workers), set cpus_per_worker, or add nodes "
+            "(--autoscale on a cluster that adds them)"
+        )
     need_cpu = cpus_per_worker * config.num_workers
     if need_cpu > res.get("CPU", 0) + 1e-9:
         raise ValueError(
@@ -315,7 +334,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     if not ray.is_initialized():
         ray.init(log_to_driver=first.verbose)
     total_cpu = ray.cluster_resources().get("CPU", 1)
-    cpus = first.cpus_per_worker or min(1.0, total_cpu / (first.num_workers + 1))
+    cpus = _worker_cpus(first, total_cpu)
     if first.check_resources:
         _check_resources(first, cpus)
 

@@ -184,6 +184,9 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
     with pytest.raises(ValueError, match="num_workers=64"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "w"), num_workers=64,
                                                         cpus_per_worker=1.0))
+    # the default CPU share: 64 workers on 2 CPUs would get 0.03 CPUs each; refused, saying how many fit
+    with pytest.raises(ValueError, match=r"num_workers=64 would get 0.031 CPUs.*at most 3 workers fit"):
+        train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "w"), num_workers=64))
     with pytest.raises(ValueError, match="GPU"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "g"), use_gpu=True))
     (tmp_path / "nomanifest").mkdir()
