@@ -50,6 +50,10 @@ class InferConfig:
     use_gpu: bool = False  # one GPU per model actor (falls back to the CPU where CUDA is absent)
     concurrency: int = 1  # number of model actors
     num_cpus: float = 1.0  # CPUs per model actor
+    # Splits up to this size on disk (all together) run through the same predictor in this process: on small
+    # data the Ray Data read tasks and actor start-up (about 10 s on 2 CPUs) cost far more than the forward
+    # passes. 0: always Ray Data. Never with use_gpu (the driver may have no GPU).
+    local_max_bytes: int = 64 << 20
     image_size: int | None = None  # None: the image_size stored in each model.pt
 
     def __post_init__(self):
@@ -123,8 +127,13 @@ def _logits_table(sample_id: np.ndarray, label: np.ndarray, logits: np.ndarray) 
                      "logits": pa.FixedSizeListArray.from_arrays(flat, k)})
 
 
+def _bytes(files) -> int:
+    return sum(f.stat().st_size for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")))
+
+
 def run(config: InferConfig) -> InferResult:
-    """Write ``<run>/logits/<method>/<split>.parquet`` for every method and split (Ray Data ``map_batches``)."""
+    """Write ``<run>/logits/<method>/<split>.parquet`` for every method and split (Ray Data ``map_batches``, or
+    the same predictor in this process for splits up to ``local_max_bytes``)."""
     import ray
 
     from . import longtail
@@ -143,19 +152,27 @@ def run(config: InferConfig) -> InferResult:
     columns = ["sample_id", "label", payload.get("column") or payload["kind"]]
     result = InferResult(run_dir=run_dir, paths={m: {} for m in methods})
     files = {str(splits.path(s).resolve()): s for s in config.splits}
-    # One dataset over all splits: the model actors start (and load every model) once.
-    ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
-    ds = ds.map_batches(
-        LogitsPredictor,
-        fn_constructor_kwargs={"model_paths": {m: str(p) for m, p in model_paths.items()}, "payload": payload,
-                               "use_gpu": config.use_gpu, "image_size": config.image_size},
-        batch_size=config.batch_size, batch_format="pyarrow", concurrency=config.concurrency,
-        num_gpus=1 if config.use_gpu else 0, num_cpus=config.num_cpus,
-    )
+    predictor_kwargs = {"model_paths": {m: str(p) for m, p in model_paths.items()}, "payload": payload,
+                        "use_gpu": config.use_gpu, "image_size": config.image_size}
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for name, values in batch.items():
-            parts.setdefault(name, []).append(np.asarray(values))
+    if not config.use_gpu and _bytes(files) <= config.local_max_bytes:
+        predictor = LogitsPredictor(**predictor_kwargs)
+        for path in files:
+            table = splits.read_table(files[path], columns=columns)
+            for start in range(0, table.num_rows, config.batch_size):
+                batch = table.slice(start, config.batch_size)
+                out = predictor(batch.append_column("path", pa.array([path] * batch.num_rows)))
+                for name, values in out.items():
+                    parts.setdefault(name, []).append(np.asarray(values))
+    else:
+        # One dataset over all splits: the model actors start (and load every model) once.
+        ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
+        ds = ds.map_batches(LogitsPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=config.batch_size,
+                            batch_format="pyarrow", concurrency=config.concurrency,
+                            num_gpus=1 if config.use_gpu else 0, num_cpus=config.num_cpus)
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for name, values in batch.items():
+                parts.setdefault(name, []).append(np.asarray(values))
     cols = {name: np.concatenate(v) for name, v in parts.items()}
     origin = np.array([files.get(str(Path(p).resolve()), "") for p in cols.get("path", [])])
     for split in config.splits:

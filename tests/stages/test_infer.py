@@ -48,11 +48,13 @@ def save_model(path, seed):
 
 
 @pytest.mark.ray
-def test_infer_matches_direct_model_and_feeds_evaluate(tmp_path, ray_cluster):
+@pytest.mark.parametrize("local_max_bytes", [0, 64 << 20], ids=["ray-data", "in-process"])
+def test_infer_matches_direct_model_and_feeds_evaluate(tmp_path, ray_cluster, local_max_bytes):
+    """Both paths (Ray Data actors; the same predictor in this process for small splits) write these logits."""
     run = tmp_path / "run"
     write_splits(run / "splits")
     models = {m: save_model(run / "train" / m / "model.pt", seed) for seed, m in enumerate(("cact", "ce"))}
-    res = I.run(I.InferConfig(run, batch_size=16))
+    res = I.run(I.InferConfig(run, batch_size=16, local_max_bytes=local_max_bytes))
     assert list(res.paths) == ["ce", "cact"]  # canonical order
     assert res.rows == {"val": 18, "pool": 42}
     for m, model in models.items():
