@@ -1,6 +1,6 @@
 """CaCT on scikit-learn's digits, made long-tailed: the embedded default that needs no data files.
 
-    python pipelines/digits_lt.py                 # all six methods, about 4 minutes on 2 CPU cores
+    python pipelines/digits_lt.py                 # all six methods, about 70 s on 2 CPU cores
     python pipelines/digits_lt.py --methods ce,cact --epochs 10
 """
 from _common import Defaults, parser, run

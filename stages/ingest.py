@@ -19,9 +19,9 @@ decoding happens in the readers (:mod:`stages.payload`). ``sample_id`` is unique
 and stable: the row's index in official order, test rows offset by the number of training rows (digits: the
 index in ``load_digits`` order; ImageNet-LT lists: the line index, lists concatenated train, val, test).
 
-Two ways to read a source: :func:`iter_source` streams Arrow tables in plain Python (what the long-tail build
-uses, optionally fetching only chosen ``sample_id`` s), and :func:`read_source` gives the same rows as a lazy
-Ray Dataset (one read task per chunk). ``Source.labels(split)`` is the cheap labels-only table
+Two ways to read a source: ``Source.iter_batches`` streams Arrow tables in plain Python (what the long-tail
+build uses, optionally fetching only chosen ``sample_id`` s), and :func:`read_source` gives the same rows as a
+lazy Ray Dataset (one read task per chunk). ``Source.labels(split)`` is the cheap labels-only table
 (``sample_id``, ``label``) on which selections are made.
 
 Every problem with the input raises :class:`SourceError` (a ``ValueError``) or ``FileNotFoundError`` whose
@@ -1021,17 +1021,6 @@ def open_source(spec: SourceSpec | str | None = None, **kwargs: Any) -> Source:
     elif kwargs:
         raise TypeError("pass either a SourceSpec or keyword fields, not both")
     return _SOURCES[spec.dataset](spec)
-
-
-def iter_source(spec: SourceSpec | Source, split: str = "train",
-                sample_ids: np.ndarray | None = None) -> Iterator[pa.Table]:
-    """Stream a split as Arrow tables (``sample_id``, ``label``, payload), no Ray needed.
-
-    >>> sum(t.num_rows for t in iter_source(SourceSpec(), "test"))
-    896
-    """
-    src = spec if isinstance(spec, Source) else open_source(spec)
-    yield from src.iter_batches(split, sample_ids)
 
 
 def read_source(spec: SourceSpec | Source, split: str = "train") -> "ray.data.Dataset":  # noqa: F821

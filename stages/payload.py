@@ -79,11 +79,6 @@ def vocab_document(vocab: Sequence[str], max_size: int, min_count: int) -> dict:
             "fit_on": "train"}
 
 
-def load_vocab(path: str | Path) -> list[str]:
-    """Token list of a ``vocab.json`` (id of ``tokens[i]`` is ``i + 2``)."""
-    return list(json.loads(Path(path).read_text())["tokens"])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Decoding
 

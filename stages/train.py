@@ -3,11 +3,11 @@
 A thin adapter around :class:`cact_ops.training.EpochLoop`. What it adds:
 
 * a Ray Train V2 ``TorchTrainer`` (DDP, one Ray Data shard of the train split per worker, GPU when asked);
-* the dual update coordinated on the driver: a ``DualCoordinator`` actor owns the ``DualState``. At every epoch
-  end the workers all-reduce per-class sums and counts on their part of the dual-step data, rank 0 sends them
-  with the epoch number, the coordinator applies the step and returns lambda and rho, rank 0 broadcasts them.
-  A call repeated for an epoch already applied returns the stored answer, so a restarted worker cannot apply
-  a step twice;
+* the dual update coordinated on the driver: one small actor per worker group (:mod:`stages.coordinator`)
+  owns the ``DualState`` of each CaCT job. At every dual step the workers all-reduce per-class sums and counts
+  on their part of the dual-step data, rank 0 sends them with the step's number, the coordinator applies the
+  step and returns lambda and rho, rank 0 broadcasts them. A call repeated for a step already applied returns
+  the stored answer, so a restarted worker cannot apply a step twice;
 * a checkpoint every epoch (model, optimizer, scheduler, RNG, lambda, rho, history). A restarted worker group
   resumes from the latest one and re-seeds the coordinator from it; re-running the same command after the
   driver died resumes the run (same run name and storage path) instead of starting over;
@@ -46,7 +46,6 @@ import ray
 import torch
 import torch.nn as nn
 
-from cact_ops.alm import DualConfig, DualState
 from cact_ops import distributed as _dist
 from cact_ops import methods as method_registry
 from cact_ops.losses import METHODS
@@ -54,10 +53,9 @@ from cact_ops.models import build_model
 from cact_ops.training import EpochLoop, TrainConfig, format_epoch, val_cal_mask
 
 from . import _io
+from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# An explicit namespace: a driver, a Tune trial and the Train workers each run in their own namespace otherwise.
-COORDINATOR_NAMESPACE = "cact"
 
 
 @dataclass
@@ -344,42 +342,40 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     name = names[0] if len(configs) == 1 else \
         "group-" + hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
     storage = first.storage_path or str((Path(first.out) / "ray_storage").resolve())
-    jobs, coordinators = [], {}
-    for i in todo:
-        c = configs[i]
-        coordinator = None
-        if method_registry.get(c.method).uses_dual:
-            coordinator = f"cact-dual-{names[i]}"
-            coordinators[c.method] = DualCoordinator.options(name=coordinator, namespace=COORDINATOR_NAMESPACE,
-                                                              get_if_exists=True).remote(
-                specs[i]["num_classes"], dataclasses.asdict(c.loop.dual_config))
-        jobs.append({"stage": _jsonable(c.to_dict()), "spec": specs[i], "coordinator": coordinator,
-                     "name": names[i]})
+    jobs = [{"stage": _jsonable(configs[i].to_dict()), "spec": specs[i], "name": names[i]} for i in todo]
+    duals = {names[i]: (specs[i]["num_classes"], dataclasses.asdict(configs[i].loop.dual_config))
+             for i in todo if method_registry.get(configs[i].method).uses_dual}
+    coordinator_name = f"cact-dual-{name}" if duals else None
+    coordinator = DualCoordinator.options(name=coordinator_name, namespace=COORDINATOR_NAMESPACE,
+                                          get_if_exists=True).remote(duals) if duals else None
 
     from ray.data import ExecutionOptions
 
-    train_ds = dataset if dataset is not None else train_dataset(splits, first.materialize_bytes)
+    # data_order="global": every worker reads the split itself; no Ray Data shards (nor their actors) needed
+    streamed = any(configs[i].data_order == "shard" for i in todo)
+    train_ds = (dataset if dataset is not None else train_dataset(splits, first.materialize_bytes)) \
+        if streamed else None
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()),
-                           "marker_dir": str(Path(storage) / name)},
+                           "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=first.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
-        datasets={"train": train_ds},
+        datasets={"train": train_ds} if streamed else None,
         # preserve_order: each worker sees its rows in the same order on every run, so a seed fixes the result.
         dataset_config=DataConfig(datasets_to_split=["train"],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
+                                  execution_options=ExecutionOptions(preserve_order=True)) if streamed else None,
     )
     release_orphaned_placement_groups()  # e.g. left by an earlier attempt of this fit that was killed
     histories = {}
     try:
         result = trainer.fit()
     finally:
-        for method, coordinator in coordinators.items():
-            histories[method] = _safe_get(coordinator.history.remote())
+        if coordinator is not None:
+            histories = {job: _safe_get(coordinator.history.remote(job)) for job in duals}
             ray.kill(coordinator)
         release_orphaned_placement_groups()
     for i in todo:
@@ -390,7 +386,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         results[c.method] = _result_from_disk(c)
         written = json.loads((c.method_dir / "dual.json").read_text())["history"] \
             if (c.method_dir / "dual.json").is_file() else None
-        if histories.get(c.method) is not None and histories[c.method] != written:
+        if histories.get(names[i]) is not None and histories[names[i]] != written:
             raise RuntimeError(f"{c.method}: the coordinator's multiplier history differs from the one written: "
                                "please report this")
     return {m: results[m] for m in methods}
@@ -527,7 +523,6 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     overrides = overrides or {}
     results: dict[str, TrainResult] = {}
     splits = _splits(splits)
-    dataset = train_dataset(splits)  # read once, shared by every fit
     ce_cfg = None
     if backbone is not None and not from_scratch:
         results["ce"] = backbone
@@ -549,6 +544,8 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
             init = results["ce"].model_path if ce_cfg is None else ce_cfg.method_dir / "model.pt"
             configs.append(TrainStageConfig(out=out, loop=ft, init_from=str(init), **stage_kwargs))
     slots = _group_slots(ce_cfg or (configs[0] if configs else None), parallel)
+    # several groups share one read of the train split; a single group reads it only if it trains something
+    dataset = train_dataset(splits) if slots > 1 else None
     if ce_cfg is not None and (slots == 1 or not configs or from_scratch):
         # the backbone first in the same worker group: the fine-tunes read its model.pt once it is written
         configs = [ce_cfg] + configs
@@ -626,39 +623,8 @@ def _fit_group_task(splits_root: str, configs: list[TrainStageConfig], dataset) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The coordinator actor (driver side) and the communication helpers (worker side)
+# The communication helpers (worker side)
 # ----------------------------------------------------------------------------------------------------------------
-class _Coordinator:
-    """Owns the DualState of one run; applies each dual step exactly once (keyed by its step number)."""
-
-    def __init__(self, num_classes: int, dual_config: dict):
-        self.dual = DualState(num_classes, DualConfig(**dual_config))
-        self.results: dict[int, dict] = {}  # epoch -> dual state after that epoch's step
-
-    def update(self, step: int, grad_sums, counts, h_means, epoch: int) -> dict:
-        """Dual step number ``step`` (0, 1, ...; several per epoch with ``dual_every_steps``)."""
-        if step in self.results:  # a repeated call (e.g. after a restart): the stored answer, applied once
-            self.dual.load_state_dict(self.results[step])
-            return self.results[step]
-        if self.dual.steps != step:
-            raise RuntimeError(f"dual step {step} asked, but the state has {self.dual.steps} steps")
-        self.dual.update(grad_sums, counts, h_means, epoch=epoch)
-        self.results[step] = self.dual.state_dict()
-        return self.results[step]
-
-    def seed(self, state: dict) -> None:
-        """Re-seed from a checkpoint's dual state (after a restart); stored answers stay authoritative."""
-        self.dual.load_state_dict(state)
-
-    def history(self) -> list:
-        return self.dual.history
-
-    def state(self) -> dict:
-        return self.dual.state_dict()
-
-
-# num_cpus=0: the coordinator only does bookkeeping and must never wait for a CPU that the workers hold.
-DualCoordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator)
 
 
 class TorchDistComm:
@@ -756,7 +722,9 @@ def _train_loop_per_worker(cfg: dict) -> None:
     splits = longtail.load(cfg["splits"])
     device = ray.train.torch.get_device()
     comm = TorchDistComm(device)
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train") if any(j["stage"]["data_order"] == "shard" for j in cfg["jobs"]) \
+        else None
+    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -770,7 +738,7 @@ def _train_loop_per_worker(cfg: dict) -> None:
             continue
         t0 = time.time()
         final = _train_job(job, state if i == current else None, splits, device, comm, shard, rank, world,
-                           Path(cfg["marker_dir"]) / job["name"])
+                           Path(cfg["marker_dir"]) / job["name"], coordinator)
         if rank == 0:
             stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
             _write_outputs(stage, job["spec"], final, time.time() - t0)
@@ -778,7 +746,7 @@ def _train_loop_per_worker(cfg: dict) -> None:
 
 
 def _train_job(job: dict, state: dict | None, splits, device, comm, shard, rank: int, world: int,
-               marker_dir: Path) -> dict:
+               marker_dir: Path, coordinator) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
     import ray.train
     import ray.train.torch
@@ -792,12 +760,10 @@ def _train_job(job: dict, state: dict | None, splits, device, comm, shard, rank:
     payload = splits.payload
     model = build_stage_model(job["spec"], stage.init_from, stage.finetune)
     model = ray.train.torch.prepare_model(model)
-    coordinator = ray.get_actor(job["coordinator"], namespace=COORDINATOR_NAMESPACE) if job["coordinator"] else None
-
     def dual_update(dual, grad_sums, counts, h_means, step, epoch):
         answer = None
         if rank == 0:
-            answer = ray.get(coordinator.update.remote(step, grad_sums, counts, h_means, epoch))
+            answer = ray.get(coordinator.update.remote(job["name"], step, grad_sums, counts, h_means, epoch))
         dual.load_state_dict(comm.broadcast_object(answer))
 
     loop = EpochLoop(model, loop_cfg, job["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
@@ -806,8 +772,8 @@ def _train_job(job: dict, state: dict | None, splits, device, comm, shard, rank:
     if state is not None:
         loop.load_state_dict(state)
         resumed_from = loop.epoch
-        if rank == 0 and coordinator is not None and state.get("dual") is not None:
-            ray.get(coordinator.seed.remote(state["dual"]))
+        if rank == 0 and state.get("dual") is not None and method_registry.get(loop_cfg.method).uses_dual:
+            ray.get(coordinator.seed.remote(job["name"], state["dual"]))
 
     dual_table = splits.read_table("train" if loop_cfg.dual_source == "train" else "val")
     is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)

@@ -21,8 +21,8 @@ What our switches allow (the pipeline flags plus TrainConfig fields passed throu
     model 'linear' (784 -> 10 logits, inputs in [0, 1], not whitened), --from-scratch, 50 epochs, SGD momentum 0.9
     (not Nesterov), weight decay 5e-4, cosine schedule (not exponential), batch 100 (CE) / 500 (ConfTr), lr 0.05,
     --train-alpha 0.01, --temperature 0.5, size_transform 'log', kappa 1, cal_fraction 0.5, conftr_lambda 1.
-    Not available: cross-entropy weight 0 (our ConfTrLoss always adds the CE term with weight 1; ce_weight is a
-    constructor argument of cact_ops.losses but not a TrainConfig field), their sorting network (we use
+    Not used here: cross-entropy weight 0 (TrainConfig.ce_weight, which this reproduction leaves at 1). Not
+    available: their sorting network (we use
     torchsort with regularization_strength 1.0, our default), Nesterov, the exponential decay, whitening.
     Evaluation: the pipeline keeps a stratified 20% of the test set as D_val and splits the remaining 8000 into
     stratified calibration/test halves (4000/4000) --n-splits times; we use 10 like their 10 trials.
