@@ -4,7 +4,9 @@ evaluate -> report. A dataset's pipeline script only adds its own flags and defa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -44,7 +46,9 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, required=d.needs_data_root,
                    help="folder holding the dataset in its official format")
-    g.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-lt-if<IF>-seed<seed>)")
+    g.add_argument("--out", default=None,
+                   help="run folder (default: runs/<dataset>-lt-if<IF>-seed<seed>): new, empty, or one this project "
+                        "created (marked by .cact-run.json), which is then reused")
     g.add_argument("--imbalance-factor", type=float, default=d.imbalance_factor,
                    help="IF = n_max / n_min of the exponential long-tail profile (1 = balanced)")
     g.add_argument("--val-fraction", type=float, default=0.2,
@@ -124,6 +128,86 @@ def _eta(args: argparse.Namespace) -> tuple[float, float | None]:
     return TrainConfig.eta, args.eta_relative if args.eta_relative is not None else TrainConfig.eta_relative
 
 
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (flag, attribute, accepted values in words, test): every numeric flag, checked before anything starts.
+_FLAG_CHECKS = (
+    ("--imbalance-factor", "imbalance_factor", "a finite number >= 1 (1 = balanced)", lambda v: _real(v) and v >= 1),
+    ("--val-fraction", "val_fraction", "a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
+    ("--epochs", "epochs", "an integer >= 1", lambda v: v >= 1),
+    ("--finetune-epochs", "finetune_epochs", "an integer >= 1", lambda v: v >= 1),
+    ("--batch-size", "batch_size", "an integer >= 2", lambda v: v >= 2),
+    ("--lr", "lr", "a finite number > 0", lambda v: _real(v) and v > 0),
+    ("--image-size", "image_size", "an integer >= 1 (or unset: the stored size)", lambda v: v is None or v >= 1),
+    ("--train-alpha", "train_alpha", "a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
+    ("--temperature", "temperature", "a finite number > 0", lambda v: _real(v) and v > 0),
+    ("--eta", "eta", "a finite number > 0 (or unset)", lambda v: v is None or (_real(v) and v > 0)),
+    ("--eta-relative", "eta_relative", "a finite number > 0 (or unset)", lambda v: v is None or (_real(v) and v > 0)),
+    ("--dual-every-steps", "dual_every_steps", "an integer >= 0 (0: once per epoch)", lambda v: v >= 0),
+    ("--rho-step", "rho_step", "an integer >= 0 (0: rho fixed)", lambda v: v >= 0),
+    ("--lambda-max", "lambda_max", "a finite number > 0", lambda v: _real(v) and v > 0),
+    ("--regularization-strength", "regularization_strength", "a finite number > 0", lambda v: _real(v) and v > 0),
+    ("--conftr-lambda", "conftr_lambda", "a finite number >= 0", lambda v: _real(v) and v >= 0),
+    ("--seed", "seed", "an integer >= 0", lambda v: v >= 0),
+    ("--num-workers", "num_workers", "an integer >= 1", lambda v: v >= 1),
+    ("--sweep", "sweep", "an integer >= 0 (0: no sweep)", lambda v: v >= 0),
+    ("--n-splits", "n_splits", "an integer >= 1", lambda v: v >= 1),
+)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse every out-of-range flag at once, each named with the values it accepts: run before Ray starts and
+    before anything is written, so that a typo never costs a training run."""
+    problems = [f"{flag} must be {accepted}, got {getattr(args, attr)!r}"
+                for flag, attr, accepted, ok in _FLAG_CHECKS if hasattr(args, attr) and not ok(getattr(args, attr))]
+    alphas = list(args.alpha or [])
+    if not alphas or any(not (_real(a) and 0 < a < 1) for a in alphas) or len(set(alphas)) != len(alphas):
+        problems.append(f"--alpha must be one or more distinct numbers in the open interval (0, 1), got {alphas}")
+    if args.model is not None:
+        from cact_ops.models import MODEL_FAMILIES
+
+        if args.model not in MODEL_FAMILIES:
+            problems.append(f"--model must be one of {', '.join(sorted(MODEL_FAMILIES))}, got {args.model!r}")
+    if problems:
+        raise SystemExit("invalid flags (nothing was started):\n  " + "\n  ".join(problems))
+
+
+def _configs(args: argparse.Namespace, d: Defaults, source: dict, out: Path, methods: list[str]):
+    """The split, training and evaluation configs, built and checked up front (their own checks included)."""
+    from stages import evaluate, longtail
+
+    eta, eta_relative = _eta(args)
+    try:
+        split_cfg = longtail.LongTailConfig(out=str(out / "splits"), imbalance_factor=args.imbalance_factor,
+                                            val_fraction=args.val_fraction, seed=args.seed, **source)
+        split_cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"invalid split settings (--imbalance-factor, --val-fraction, --seed, data flags): {e}")
+    known = {f.name for f in fields(TrainConfig)}
+    try:
+        loop = TrainConfig(
+            method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
+            weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
+            alpha=args.train_alpha, temperature=args.temperature, eta=eta, eta_relative=eta_relative,
+            reduction=args.reduction, cal_weighting=args.cal_weighting, dual_every_steps=args.dual_every_steps,
+            rho_step=args.rho_step, lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
+            conftr_lambda=args.conftr_lambda, seed=args.seed,
+            **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
+        dataclasses.replace(loop, epochs=args.finetune_epochs)  # the fine-tunes' TrainConfig checks too
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"invalid training settings (--epochs, --finetune-epochs, --batch-size, --train-alpha, "
+                         f"...): {e}")
+    ev = evaluate.EvalConfig(run_dir=out, methods=tuple(methods), alphas=tuple(args.alpha), n_splits=args.n_splits,
+                             seed=args.seed)
+    try:
+        ev.validate()
+    except ValueError as e:
+        raise SystemExit(f"invalid evaluation settings (--alpha, --n-splits, --seed): {e}")
+    return split_cfg, loop, ev
+
+
 def _penalty_never_acted(result) -> bool:
     """Whether a conformal method's penalty (train_penalty in metrics.parquet) was 0 in every epoch."""
     import polars as pl
@@ -148,33 +232,28 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # seconds saved on every short fit
     import ray
 
-    from stages import evaluate, infer, longtail, sweep, train
+    from stages import _io, evaluate, infer, longtail, sweep, train
 
+    # Everything that can be refused is refused here, before Ray starts and before anything is written.
     methods = _methods(args.methods)
-    eta, eta_relative = _eta(args)
+    check_flags(args)
     out = Path(args.out or f"runs/{d.dataset}-lt-if{args.imbalance_factor:g}-seed{args.seed}")
+    split_cfg, loop, eval_cfg = _configs(args, d, source, out, methods)
+    try:
+        _io.claim_run_folder(out)  # never write into a folder this project did not create
+    except FileExistsError as e:
+        raise SystemExit(f"--out: {e}")
     clock = _Clock()
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True)
     clock.stage("ray ready")
 
-    splits = longtail.build(longtail.LongTailConfig(
-        out=str(out / "splits"), imbalance_factor=args.imbalance_factor, val_fraction=args.val_fraction,
-        seed=args.seed, **source))
+    splits = longtail.build(split_cfg)
     counts = splits.manifest["counts"]
     print(f"splits: train {sum(counts['train'])} (per class {counts['train']}), val {sum(counts['val'])}, "
           f"pool {sum(counts['pool'])} -> {splits.root}")
     clock.stage("long-tailed splits")
 
-    known = {f.name for f in fields(TrainConfig)}
-    loop = TrainConfig(
-        method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
-        weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
-        alpha=args.train_alpha, temperature=args.temperature, eta=eta, eta_relative=eta_relative,
-        reduction=args.reduction, cal_weighting=args.cal_weighting, dual_every_steps=args.dual_every_steps,
-        rho_step=args.rho_step, lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
-        conftr_lambda=args.conftr_lambda, seed=args.seed,
-        **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
                         model_family=args.model, image_size=args.image_size, overwrite=not args.resume,
                         check_resources=not args.autoscale)
@@ -188,8 +267,6 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
                                                 args.from_scratch, args.seed, **stage_kwargs)
         clock.stage(f"sweeps ({args.sweep} trials per method)")
     config["sweep_best"] = overrides
-    from stages import _io
-
     _io.write_json(json.loads(json.dumps(config, default=str)), out / "config.json")
 
     results = train.fit_methods(splits, str(out), methods, loop=loop, finetune_epochs=args.finetune_epochs,
@@ -213,8 +290,7 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
 
     infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu))
     clock.stage("inference")
-    ev = evaluate.run(evaluate.EvalConfig(run_dir=out, methods=tuple(results), alphas=tuple(args.alpha),
-                                          n_splits=args.n_splits, seed=args.seed))
+    ev = evaluate.run(dataclasses.replace(eval_cfg, methods=tuple(results)))
     clock.stage("evaluation and report")
     print_summary(ev.summary)
     print(f"\nreport: {ev.report_path}\nsummary: {ev.summary_path}")

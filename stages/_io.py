@@ -1,6 +1,7 @@
 """Atomic file output shared by every stage: write under a temporary name, then rename.
 
-A crash leaves either the old file or the new one, never half a file; a rerun replaces, never appends.
+A crash leaves either the old file or the new one, never half a file; a rerun replaces, never appends. Also the
+ownership of run folders (:func:`claim_run_folder`): a pipeline writes only into a folder it created and marked.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,3 +78,67 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders: the project writes only into folders it created (or a run folder of an older version).
+
+RUN_MARKER = ".cact-run.json"  # written first into every run folder the project creates
+PROJECT = "cact"
+
+
+def _is_legacy_run(folder: Path) -> bool:
+    """A run folder written before the marker existed: a pipeline's config.json and a train/ or splits/ folder."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "pipeline" in config and \
+        ((folder / "train").is_dir() or (folder / "splits").is_dir())
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a run folder of this project: it holds the marker :data:`RUN_MARKER` naming it."""
+    try:
+        marker = json.loads((Path(folder) / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("project") == PROJECT
+
+
+def claim_run_folder(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` a run folder of this project before anything else is written into it, and return it.
+
+    A new or empty folder is created and marked (``<folder>/.cact-run.json``: the project and the creation time,
+    written first); a folder holding the marker is the project's and is reused as it is; a run folder written by
+    an older version (no marker, but a pipeline's ``config.json`` and a ``train/`` or ``splits/`` folder) is
+    recognised and marked. Any other non-empty folder, or a file at that path, is refused with
+    ``FileExistsError``: nothing in it is written, replaced or deleted.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> claim_run_folder(d / "run") == d / "run", is_run_folder(d / "run")
+    (True, True)
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder: a run folder cannot go there; choose "
+                              "another path")
+    if is_run_folder(folder):
+        return folder
+    if (folder / RUN_MARKER).exists():
+        raise FileExistsError(f"{folder / RUN_MARKER} exists but is not a readable CaCT run marker (JSON with "
+                              f'"project": "{PROJECT}"): refusing to write into {folder}; choose another folder, '
+                              "or delete the damaged marker if the folder is a CaCT run folder")
+    adopted = False
+    if folder.is_dir() and any(folder.iterdir()):
+        if not _is_legacy_run(folder):
+            raise FileExistsError(
+                f"{folder} is not empty and was not created by CaCT (no {RUN_MARKER} marker, and no run "
+                "config.json with a train/ or splits/ folder): refusing to write into it, so that none of its "
+                "files is overwritten or deleted; choose a new or empty folder (or move its contents away)")
+        adopted = True
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json({"project": PROJECT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "adopted_existing_run": adopted}, folder / RUN_MARKER)
+    return folder

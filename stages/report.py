@@ -3,7 +3,7 @@ in bold only when it beats the runner-up significantly over the splits), the pai
 control (:func:`cact_ops.methods.control`), notes on multipliers that stayed at their floor, and PNG plots, from
 the outputs of :mod:`stages.evaluate` and :mod:`stages.train`. Methods appear in registry order everywhere.
 
-Plots (``<run>/plots/``, the folder replaced as a whole on every call):
+Plots (``<run>/plots/``; each call replaces these files, each atomically, and leaves any other file there alone):
 
 * ``class_size_vs_train_count.png``  per-class set size vs training count (log x), one line per method;
 * ``class_coverage.png``             per-class coverage, classes from head to tail, with the 1 - alpha line;
@@ -447,6 +447,23 @@ def _matching_per_split(summary: pl.DataFrame, per_split: pl.DataFrame | None) -
     return per_split if joined.height and (joined["_n"] == joined["n_splits"]).all() else None
 
 
+def _write_plots(folder: Path, makers: dict) -> list[str]:
+    """Write each plot of ``makers`` (file name -> function writing it to a path, returning None when it has
+    nothing to show) atomically into ``folder``; returns the names written. Only these files are touched: another
+    file in ``folder`` is never replaced or deleted, and a plot of ours that has nothing to show this time is
+    removed (an old one would describe another run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in makers.items():
+        with _io.atomic_path(folder / name) as tmp:
+            made = make(tmp)
+        if made is not None:
+            written.append(name)
+        else:
+            (folder / name).unlink(missing_ok=True)
+    return written
+
+
 def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_class: pl.DataFrame | None = None,
                  per_split: pl.DataFrame | None = None, eval_config: dict | None = None, score: str | None = None,
                  alpha: float | None = None) -> Path:
@@ -477,13 +494,11 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
     colors = _colors(methods)
     histories = _read_histories(run_dir, methods)
 
-    with _io.atomic_path(run_dir / "plots") as tmp:
-        tmp.mkdir()
-        made = [plot_class_size(per_class, score, alpha, colors, tmp / PLOTS[0]),
-                plot_class_coverage(per_class, score, alpha, colors, tmp / PLOTS[1]),
-                plot_lambda(histories, _train_counts(per_class), tmp / PLOTS[2]),
-                plot_coverage_vs_size(summary, score, colors, tmp / PLOTS[3])]
-    plots = [p.name for p in made if p is not None]
+    makers = {PLOTS[0]: lambda path: plot_class_size(per_class, score, alpha, colors, path),
+              PLOTS[1]: lambda path: plot_class_coverage(per_class, score, alpha, colors, path),
+              PLOTS[2]: lambda path: plot_lambda(histories, _train_counts(per_class), path),
+              PLOTS[3]: lambda path: plot_coverage_vs_size(summary, score, colors, path)}
+    plots = _write_plots(run_dir / "plots", makers)
 
     lines = [f"# Report: {run_dir.name}", "",
              f"Run folder `{run_dir.resolve()}`. Hard split conformal prediction on the pool: "

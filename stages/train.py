@@ -268,18 +268,59 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
     return fit_group(splits, [config], callbacks=callbacks, dataset=dataset)[config.method]
 
 
+def _damaged_output(method_dir: Path) -> tuple[Path, str] | None:
+    """The first output of a finished run in ``method_dir`` that does not load (missing, truncated, not what
+    this stage writes), with why; None when ``model.pt``, ``metrics.parquet`` and ``history.parquet`` all load."""
+    def model(path):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(blob, dict) and isinstance(blob.get("model"), dict) and "model_spec" in blob):
+            raise ValueError("not a model file of stages.train (no 'model' state dict and 'model_spec')")
+
+    for name, load in (("model.pt", model), ("metrics.parquet", pl.read_parquet),
+                       ("history.parquet", pl.read_parquet)):
+        try:
+            load(method_dir / name)
+        except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, the file cannot be used
+            return method_dir / name, f"{type(e).__name__}: {e}".strip()[:300]
+    return None
+
+
 def _reusable(config: TrainStageConfig) -> bool:
-    """Whether ``config``'s outputs hold a finished run of exactly this config (refuses another config's)."""
+    """Whether ``config``'s outputs hold a finished run of exactly this config (refuses another config's).
+
+    The outputs are verified first: a run whose ``config.json`` (written last: the run finished writing its
+    outputs), ``model.pt``, ``metrics.parquet`` or ``history.parquet`` is missing or does not load is not reused
+    but trained again, with a warning naming the file; its outputs are replaced when the new run finishes. The
+    new run gets a Ray Train run name of its own (``config.run_name``), so that it starts afresh instead of
+    resuming the old run's last checkpoint (in a worker group, possibly another method's)."""
     method_dir = config.method_dir
     if not (method_dir / "model.pt").is_file() or config.overwrite:
         return False
     saved = method_dir / "config.json"
-    if saved.is_file() and _same_run(json.loads(saved.read_text()), config):
-        return True
-    raise ValueError(
-        f"{method_dir} already holds a trained {config.method} model with another config; "
-        "pass overwrite=True (a pipeline's --no-resume) or choose another --out"
-    )
+    try:
+        saved_config = json.loads(saved.read_text())
+        if not isinstance(saved_config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        damaged = (saved, "missing: the run never finished writing its outputs" if not saved.exists()
+                   else f"{type(e).__name__}: {e}")
+    else:
+        if not _same_run(saved_config, config):
+            raise ValueError(
+                f"{method_dir} already holds a trained {config.method} model with another config; "
+                "pass overwrite=True (a pipeline's --no-resume) or choose another --out"
+            )
+        damaged = _damaged_output(method_dir)
+        if damaged is None:
+            return True
+    path, why = damaged
+    warnings.warn(f"{path} is damaged ({why}): the {config.method} run in {method_dir} is not reused; training "
+                  f"{config.method} again (its outputs there are replaced)", stacklevel=3)
+    # The same name while these files stay as they are: a repair interrupted in turn resumes its own checkpoint.
+    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in (path, method_dir / "model.pt") if p.exists()]
+    key = json.dumps([_jsonable(config.to_dict()), stats], sort_keys=True, default=str)
+    config.run_name = f"{config.run_name or config.method}-repair-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return False
 
 
 # Settings of the one TorchTrainer a group runs in: its jobs must agree on them.
@@ -495,8 +536,15 @@ def _write_outputs(config: TrainStageConfig, spec: dict, state: dict, seconds: f
 
 def _result_from_disk(config: TrainStageConfig, reused: bool = False, resumed_from: int | None = None) -> TrainResult:
     d = config.method_dir
+    damaged = _damaged_output(d)
+    if damaged is not None:
+        raise RuntimeError(f"{damaged[0]} does not load ({damaged[1]}): the {config.method} run in {d} is unusable; "
+                           "run the same command again (a damaged output is not reused but trained again)")
     metrics = pl.read_parquet(d / "metrics.parquet")
-    run = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    try:
+        run = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    except ValueError:  # only informative (wall time, resumed epoch): a damaged one is not worth failing for
+        run = {}
     return TrainResult(method=config.method, method_dir=d, model_path=d / "model.pt",
                        history_path=d / "history.parquet", metrics_path=d / "metrics.parquet",
                        final_metrics=metrics.row(-1, named=True) if metrics.height else {},

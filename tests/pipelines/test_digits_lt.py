@@ -1,12 +1,14 @@
 """The embedded-default recipe, run through its real command line with small overrides (torchtune style)."""
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
 pytestmark = pytest.mark.ray
 
@@ -54,6 +56,22 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     assert printed.count("reused") >= 3
     assert pl.read_parquet(out / "eval" / "summary.parquet").equals(summary)
     assert pl.read_parquet(out / "train" / "cact" / "history.parquet").height == 20
+    assert json.loads((out / ".cact-run.json").read_text())["project"] == "cact"  # the folder is the project's
+    # A damaged output is not reused: a truncated model.pt of the job in the middle of the worker group is trained
+    # again, alone and afresh (not from the group's last checkpoint, which is cact's), and equals the original.
+    # The report replaces only its own plots.
+    ft = out / "train" / "ce_finetune"
+    history, weights = pl.read_parquet(ft / "history.parquet"), torch.load(ft / "model.pt", weights_only=True)["model"]
+    (ft / "model.pt").write_bytes((ft / "model.pt").read_bytes()[:100])
+    (out / "plots" / "mine.txt").write_text("keep")
+    with pytest.warns(UserWarning, match=r"ce_finetune/model.pt is damaged.*training ce_finetune again"):
+        printed = _run(argv, monkeypatch, capsys)
+    assert printed.count("reused") == 2 and "trained ce_finetune" in printed
+    assert pl.read_parquet(ft / "history.parquet").equals(history)
+    for k, v in torch.load(ft / "model.pt", weights_only=True)["model"].items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    assert pl.read_parquet(out / "eval" / "summary.parquet").equals(summary)
+    assert (out / "plots" / "mine.txt").read_text() == "keep"
 
 
 def test_bad_method_name_is_refused(monkeypatch, capsys, tmp_path):

@@ -19,7 +19,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_report_and_plots(tmp_path):
     run = make_run(tmp_path, history=True)
     (run / "plots").mkdir()
-    (run / "plots" / "stale.png").write_bytes(PNG)  # from an older report: must not survive
+    (run / "plots" / "mine.png").write_bytes(PNG)  # not the report's: must survive, untouched
+    (run / "plots" / "notes.txt").write_text("keep")
+    (run / "plots" / "class_coverage.png").write_bytes(PNG)  # the report's own, from an older report: replaced
     res = E.run(E.EvalConfig(run, n_splits=3, alphas=(0.1, 0.05)))
     assert res.report_path == run / "report.md"
     text = res.report_path.read_text()
@@ -37,7 +39,8 @@ def test_report_and_plots(tmp_path):
     assert "**Bold**: the best value of a ranked column, only where the paired 95%" in text
     assert "Paired differences against ce_finetune" in text and "ce_finetune was not evaluated" in text
     files = sorted(p.name for p in (run / "plots").iterdir())
-    assert files == sorted(R.PLOTS)
+    assert files == sorted([*R.PLOTS, "mine.png", "notes.txt"])
+    assert (run / "plots" / "mine.png").read_bytes() == PNG and (run / "plots" / "notes.txt").read_text() == "keep"
     for name in R.PLOTS:
         data = (run / "plots" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
@@ -52,6 +55,12 @@ def test_report_without_history_or_config(tmp_path):
     text = path.read_text()
     assert "No `config.json`" in text and "No training history" in text
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(set(R.PLOTS) - {"lambda_evolution.png"})
+    # a plot of the report's own with nothing to show this time is removed; another file there stays
+    (run / "plots" / "lambda_evolution.png").write_bytes(PNG)
+    (run / "plots" / "mine.png").write_bytes(PNG)
+    R.write_report(run)
+    assert sorted(p.name for p in (run / "plots").iterdir()) == \
+        sorted(set(R.PLOTS) - {"lambda_evolution.png"} | {"mine.png"})
 
 
 def test_markdown_table_bolds_only_significant_best():
