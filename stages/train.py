@@ -36,6 +36,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -382,6 +383,10 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     # name, finished or not, so that the rerun of an interrupted group finds the same Ray Train run.
     name = names[0] if len(configs) == 1 else \
         "group-" + hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
+    if any(configs[i].overwrite for i in todo):
+        # Retrain means start afresh: the same name would resume the last run's latest checkpoint (and skip the
+        # jobs before it in the group).
+        name = f"{name}-fresh-{uuid.uuid4().hex[:8]}"
     storage = first.storage_path or str((Path(first.out) / "ray_storage").resolve())
     jobs = [{"stage": _jsonable(configs[i].to_dict()), "spec": specs[i], "name": names[i]} for i in todo]
     duals = {names[i]: (specs[i]["num_classes"], dataclasses.asdict(configs[i].loop.dual_config))

@@ -137,6 +137,11 @@ def test_a_group_trains_each_job_as_its_own_fit_and_a_killed_worker_resumes_its_
     again = train.fit_group(digits_splits, list(stages(tmp_path / "b")))
     assert all(r.reused for r in again.values())
     assert pl.read_parquet(again["cact"].history_path).height == cfg.epochs * digits_splits.num_classes
+    # overwrite (a pipeline's --no-resume) retrains every job from scratch, not from the last run's checkpoint
+    fresh = train.fit_group(digits_splits, [dataclasses.replace(c, overwrite=True) for c in stages(tmp_path / "b")])
+    assert not any(r.reused or r.resumed_from_epoch for r in fresh.values())
+    assert pl.read_parquet(fresh["ce"].history_path).equals(pl.read_parquet(alone["ce"].history_path))
+    assert _dual_history(fresh["cact"]) == _dual_history(alone["cact"])
 
 
 def _registered_checkpoints(storage: Path) -> int:
