@@ -224,18 +224,18 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
 
 
 def _reap_orphans(stop: threading.Event, every_s: float = 2.0) -> None:
-    from .train import release_orphaned_placement_groups
+    from .ray_cleanup import release_orphaned_placement_groups
 
     while not stop.wait(every_s):
         release_orphaned_placement_groups()
 
 
 def _release_after_trials(wait_s: float = 10.0) -> None:
-    """Remove the placement groups of the trials' dead controllers (see train.release_orphaned_placement_groups);
+    """Remove the placement groups of the trials' dead controllers (see ray_cleanup.release_orphaned_placement_groups);
     a killed actor is marked dead by the GCS a moment later, so look again for a few seconds."""
     import time
 
-    from .train import actor_placement_groups, release_orphaned_placement_groups
+    from .ray_cleanup import actor_placement_groups, release_orphaned_placement_groups
 
     deadline = time.time() + wait_s
     while True:

@@ -70,7 +70,7 @@ def main():
             loss, _ = CELoss()(logits, labels_all[idx])
             loss.backward()
             out["ce_loss"] = {"loss": loss.detach(), "grad": logits.grad}
-            from stages.train import TorchDistComm  # the Ray stage's collectives, on the same group
+            from stages.train_worker import TorchDistComm  # the Ray stage's collectives, on the same group
 
             comm = TorchDistComm(torch.device("cpu"))
             out["comm"] = {"gather": comm.all_gather_cat(torch.arange(rank + 1)),

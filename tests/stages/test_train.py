@@ -20,7 +20,7 @@ import torch
 
 from cact_ops.models import build_model
 from cact_ops.training import TrainConfig, fit_in_process
-from stages import longtail, train
+from stages import longtail, ray_cleanup, train, train_worker
 from stages.payload import read_split_tensors
 
 pytestmark = pytest.mark.ray
@@ -47,17 +47,17 @@ def _one_process_global_order(splits, stage: train.TrainStageConfig):
     cfg = stage.loop
     torch.manual_seed(cfg.seed)
     spec = train.model_spec(stage, splits)
-    model = train.build_stage_model(spec, None, "all")
+    model = train_worker.build_stage_model(spec, None, "all")
     loop = EpochLoop(model, cfg, spec["num_classes"], train_counts=splits.manifest["counts"]["train"])
     val, table = splits.read_table("val"), splits.read_table("train")
     is_cal = val_cal_mask(decode_labels(val), cfg.val_cal_fraction, cfg.seed)
 
     def val_batches():
-        return train._val_batches(val, splits.payload, None, is_cal, 0, 1, stage.val_batch_size)
+        return train_worker._val_batches(val, splits.payload, None, is_cal, 0, 1, stage.val_batch_size)
 
     loop.resolve_eta(val_batches())
     for epoch in range(cfg.epochs):
-        batches = train._global_order_batches(table, splits.payload, None, cfg, epoch, 0, 1)
+        batches = train_worker._global_order_batches(table, splits.payload, None, cfg, epoch, 0, 1)
         tm = loop.train_epoch(batches, lambda: loop.validation_statistics(val_batches()))
         loop.end_epoch(tm, loop.validation_statistics(val_batches()))
     return loop
@@ -228,7 +228,7 @@ def test_orphaned_placement_groups_are_released_and_others_kept(ray_cluster):
     deadline = time.time() + 30
     removed = 0
     while time.time() < deadline and placement_group_table()[dead_pg]["state"] != "REMOVED":
-        removed += train.release_orphaned_placement_groups()
+        removed += ray_cleanup.release_orphaned_placement_groups()
         time.sleep(0.2)
     table = placement_group_table()
     assert removed >= 1 and table[dead_pg]["state"] == "REMOVED"

@@ -1,0 +1,62 @@
+"""Ray clean-up the training and sweep stages need: placement groups left by a Ray Train controller that died
+without removing them (Tune kills a finished trial's actor first; a fit's driver task is killed and retried).
+Reads Ray's GCS table through a private accessor (Ray 2.60): where it differs it warns and removes nothing.
+"""
+from __future__ import annotations
+
+import warnings
+
+import ray
+
+
+def _job_actor_placement_groups() -> list:
+    """This job's live placement groups created by an actor (a Ray Train controller), as GCS table entries.
+    Reads Ray's GCS table through a private accessor: Ray's public table hides the creator."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    out = []
+    for blob in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+        actor = pg.creator_actor_id
+        by_actor = bool(actor) and actor != b"\xff" * len(actor) and actor != b"\x00" * len(actor)  # not nil
+        if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached and by_actor \
+                and pg.creator_job_id.hex() == job:
+            out.append(pg)
+    return out
+
+
+def actor_placement_groups() -> int:
+    """How many of this job's placement groups an actor created and nobody removed yet (0 if unreadable)."""
+    try:
+        return len(_job_actor_placement_groups())
+    except Exception:  # noqa: BLE001 - only used to stop waiting early
+        return 0
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor has died; returns how many.
+
+    Ray keeps a placement group until its creator actor *and* its job are both gone. A Ray Train controller that
+    dies without cleaning up (Tune kills a finished trial's actor first; a fit's driver task is OOM-killed and
+    retried) leaves its workers' group behind for the rest of the job with its CPUs reserved, and on a small
+    cluster the next fit or the inference actors then wait forever. Only groups of this job whose creator actor
+    is dead are touched: no live actor can use them. Where Ray's private GCS accessor differs (another Ray
+    version) it warns and removes nothing.
+    """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        orphans = [pg for pg in _job_actor_placement_groups() if pg.creator_actor_dead]
+    except Exception as e:  # noqa: BLE001 - a clean-up must never fail a run
+        warnings.warn(f"could not look for orphaned placement groups ({type(e).__name__}: {e})", stacklevel=2)
+        return 0
+    removed = 0
+    for pg in orphans:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        except Exception:  # noqa: BLE001 - removed meanwhile
+            pass
+    return removed

@@ -1,0 +1,219 @@
+"""The Ray Train worker side of :mod:`stages.train`: the loop every worker of a group runs (its jobs in order,
+resuming the job of the last checkpoint), one job's epochs with the dual step through the group's coordinator,
+the batches (Ray Data shard or one seeded global order) and the collectives.
+
+Kept apart from the driver side so that each file does one job; the driver only names
+:func:`train_loop_per_worker` and reads what rank 0 writes (:func:`stages.train._write_outputs`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.nn as nn
+
+from cact_ops import distributed as _dist
+from cact_ops import methods as method_registry
+from cact_ops.models import build_model
+from cact_ops.training import EpochLoop, TrainConfig, format_epoch, val_cal_mask
+
+from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE
+from .train import CHECKPOINT_FILE, TrainStageConfig, _write_outputs
+
+
+class TorchDistComm:
+    """The loop's collectives through torch.distributed (gloo on CPU, NCCL on GPU), by cact_ops.distributed."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world_size = _dist.world()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return _dist.all_reduce_sum(t).cpu()
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return _dist.gather_cat(t.detach()).cpu()
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------------------------
+def build_stage_model(spec: dict, init_from: str | None, finetune: str) -> nn.Module:
+    """Build the model from its spec, load a backbone when fine-tuning, freeze all but the head if asked."""
+    model = build_model(spec["family"], spec["num_classes"], **spec["kwargs"])
+    if init_from:
+        blob = torch.load(init_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["model"])
+    if finetune == "head":
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        head = {id(p) for p in last.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    return model
+
+
+def _val_batches(x_table, payload, image_size, is_cal, rank, world, batch_size):
+    """This worker's rows (i = rank mod world) of the dual-step table, decoded batch by batch."""
+    from .payload import decode, decode_labels
+
+    idx = np.arange(rank, x_table.num_rows, world)
+    labels = decode_labels(x_table)
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        sub = x_table.take(b)
+        yield decode(sub, payload, image_size), labels[b], is_cal[b]
+
+
+def _global_order_batches(table, payload, image_size, loop_cfg: TrainConfig, epoch: int, rank: int, world: int):
+    """This worker's contiguous slice of every global batch of one seeded order of the whole split: the
+    concatenation of the ranks' slices is the batch one worker would see. An incomplete last batch is dropped
+    whatever the world size (the order changes every epoch, so no row is left out for good)."""
+    from .payload import decode, decode_labels
+
+    labels = decode_labels(table)
+    order = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(loop_cfg.seed * 100003 + epoch))
+    for start in range(0, table.num_rows, loop_cfg.batch_size):
+        rows = order[start:start + loop_cfg.batch_size].numpy()
+        if len(rows) < loop_cfg.batch_size:
+            return
+        mine = np.array_split(rows, world)[rank]
+        yield decode(table.take(mine), payload, image_size), labels[mine]
+
+
+def _inject_fault(marker: Path) -> None:
+    """SIGKILL this worker once (a real process crash), after the epoch's dual step and before its checkpoint:
+    the restarted group replays the epoch and the coordinator must answer with the step it already applied."""
+    if not marker.exists():
+        import ray.train
+
+        # Ray Train's controller polls reports; a crash before it has taken the previous epoch's report loses
+        # that checkpoint and the run restarts from scratch. Wait until every report so far is committed, so the
+        # test of "resume from the last checkpoint" does not race the poll (CI failed once on exactly this).
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Train the group's jobs in order; after a restart, resume the job the last checkpoint belongs to."""
+    import ray.train
+    import ray.train.torch
+
+    from . import longtail
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    splits = longtail.load(cfg["splits"])
+    device = ray.train.torch.get_device()
+    comm = TorchDistComm(device)
+    shard = ray.train.get_dataset_shard("train") if any(j["stage"]["data_order"] == "shard" for j in cfg["jobs"]) \
+        else None
+    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    names = [job["name"] for job in cfg["jobs"]]
+    # A checkpoint of another run of the same name (jobs finished since were dropped from the list) is not ours.
+    current = names.index(state["job"]) if state is not None and state.get("job") in names else 0
+    for i, job in enumerate(cfg["jobs"]):
+        if i < current:  # finished, and its outputs written, before the restart
+            continue
+        t0 = time.time()
+        final = _train_job(job, state if i == current else None, splits, device, comm, shard, rank, world,
+                           Path(cfg["marker_dir"]) / job["name"], coordinator)
+        if rank == 0:
+            stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
+            _write_outputs(stage, job["spec"], final, time.time() - t0)
+        comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
+
+
+def _train_job(job: dict, state: dict | None, splits, device, comm, shard, rank: int, world: int,
+               marker_dir: Path, coordinator) -> dict:
+    """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
+    import ray.train
+    import ray.train.torch
+
+    from .payload import decode, decode_labels
+
+    stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
+    loop_cfg = stage.loop
+    torch.manual_seed(loop_cfg.seed)
+    np.random.seed(loop_cfg.seed)
+    payload = splits.payload
+    model = build_stage_model(job["spec"], stage.init_from, stage.finetune)
+    model = ray.train.torch.prepare_model(model)
+    def dual_update(dual, grad_sums, counts, h_means, step, epoch):
+        answer = None
+        if rank == 0:
+            answer = ray.get(coordinator.update.remote(job["name"], step, grad_sums, counts, h_means, epoch))
+        dual.load_state_dict(comm.broadcast_object(answer))
+
+    loop = EpochLoop(model, loop_cfg, job["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
+                     train_counts=splits.manifest["counts"]["train"])
+    resumed_from = 0
+    if state is not None:
+        loop.load_state_dict(state)
+        resumed_from = loop.epoch
+        if rank == 0 and state.get("dual") is not None and method_registry.get(loop_cfg.method).uses_dual:
+            ray.get(coordinator.seed.remote(job["name"], state["dual"]))
+
+    dual_table = splits.read_table("train" if loop_cfg.dual_source == "train" else "val")
+    is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)
+    # eta relative to the starting model: measured once, before the first epoch, by every worker together
+    loop.resolve_eta(_val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
+    local_batch = max(2, loop_cfg.batch_size // world)  # the global batch stays the configured one
+    train_table = splits.read_table("train") if stage.data_order == "global" else None
+
+    def validate():
+        return loop.validation_statistics(
+            _val_batches(dual_table, payload, stage.image_size, is_cal, rank, world, stage.val_batch_size))
+
+    for epoch in range(loop.epoch, loop_cfg.epochs):
+        if train_table is not None:
+            batches = _global_order_batches(train_table, payload, stage.image_size, loop_cfg, epoch, rank, world)
+        else:
+            batches = (
+                (decode(b, payload, stage.image_size), decode_labels(b))
+                for b in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
+                                            local_shuffle_buffer_size=stage.shuffle_buffer,
+                                            local_shuffle_seed=loop_cfg.seed * 100003 + epoch)
+            )
+        train_metrics = loop.train_epoch(batches, validate)
+        metrics = loop.end_epoch(train_metrics, validate())
+        if stage.fail_at_epoch == epoch and rank == 0:
+            _inject_fault(marker_dir / ".fault_injected")
+        if rank == 0 and stage.verbose:
+            # Straight to the process's stdout: Ray Train's patched print would log the line twice.
+            sys.__stdout__.write(format_epoch(loop_cfg.method, metrics) + "\n")
+            sys.__stdout__.flush()
+        last = loop.history[-loop.num_classes:]
+        report = {**metrics, "method": loop_cfg.method, "lambda": [r["lambda"] for r in last],
+                  "rho": [r["rho"] for r in last], "val_class_coverage": [r["val_coverage"] for r in last],
+                  "val_class_size": [r["val_size"] for r in last]}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({**loop.state_dict(), "resumed_from_epoch": resumed_from, "job": job["name"]},
+                           Path(d) / CHECKPOINT_FILE)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(report, checkpoint=None)
+    return {**loop.state_dict(), "resumed_from_epoch": resumed_from}
