@@ -14,9 +14,11 @@ import math
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ._checks import check_alpha, check_labels, check_matrix
+from .ranking import _numpy_path
 
 # (n+1)(1-alpha) is often an integer in exact arithmetic (n=99, alpha=0.1) but not in floating point;
 # without this slack ceil() would pick the next rank and over-cover.
@@ -107,6 +109,8 @@ def thresholds(cal_scores: torch.Tensor, cal_labels: torch.Tensor, alphas: Seque
     ([[0.3]], [0.0])
     """
     r, n_cal = cal_scores.shape
+    if _numpy_path(cal_scores) and n_cal:
+        return _thresholds_numpy(cal_scores, cal_labels, alphas, num_classes, classwise)
     inf = torch.tensor(float("inf"), dtype=cal_scores.dtype, device=cal_scores.device)
     if not classwise:
         ranks = [conformal_rank(n_cal, a) for a in alphas]
@@ -127,6 +131,60 @@ def thresholds(cal_scores: torch.Tensor, cal_labels: torch.Tensor, alphas: Seque
         qs.append(torch.where(ok.to(cal_scores.device), picked, inf))
         fracs.append(float((~ok).double().mean()))
     return torch.stack(qs, dim=1), torch.tensor(fracs, dtype=torch.float64)
+
+
+def _thresholds_numpy(cal_scores: torch.Tensor, cal_labels: torch.Tensor, alphas: Sequence[float], num_classes: int,
+                      classwise: bool):
+    """:func:`thresholds` on the CPU through NumPy, the same numbers: a k-th smallest value does not depend on
+    the algorithm that finds it. Standard: one ``np.partition`` at every rank needed (linear time, where the
+    torch path sorts every row); class-wise: NumPy's sorts (a radix sort for the class keys)."""
+    r, n_cal = cal_scores.shape
+    x = cal_scores.detach().numpy()
+    if not classwise:
+        ranks = [conformal_rank(n_cal, a) for a in alphas]
+        kth = sorted({k - 1 for k in ranks if k <= n_cal})
+        part = np.partition(x, kth, axis=1) if kth else x
+        q = np.full((r, len(ranks)), np.inf, dtype=x.dtype)
+        for j, k in enumerate(ranks):
+            if k <= n_cal:
+                q[:, j] = part[:, k - 1]
+        return torch.from_numpy(q), torch.tensor([float(k > n_cal) for k in ranks], dtype=torch.float64)
+    lab = cal_labels.detach().cpu().numpy()
+    counts_np = np.bincount(lab, minlength=num_classes)
+    starts = counts_np.cumsum() - counts_np
+    if n_cal > 1 and bool((lab[1:] >= lab[:-1]).all()):
+        # Labels grouped by class (the engine's layout): sorting (label, score) pairs is sorting each class's
+        # block; one sort of the scores offset per class block does it when the offsets keep blocks apart.
+        by_class = _sort_blocks(x, lab, counts_np)
+    else:
+        idx = np.argsort(x, axis=1, kind="stable")
+        keys = lab.astype(np.int16 if num_classes < 2**15 else np.int64)[idx]
+        by_class = np.take_along_axis(x, np.take_along_axis(idx, np.argsort(keys, axis=1, kind="stable"), 1), 1)
+    qs, fracs = [], []
+    for a in alphas:
+        ranks = np.array([conformal_rank(int(c), a) for c in counts_np.tolist()], dtype=np.int64)
+        ok = ranks <= counts_np
+        pos = np.clip(starts + ranks - 1, 0, max(n_cal - 1, 0))
+        qs.append(np.where(ok, by_class[:, pos], np.array(np.inf, dtype=x.dtype)))
+        fracs.append(float((~ok).mean()))
+    return torch.from_numpy(np.stack(qs, axis=1).astype(x.dtype, copy=False)), torch.tensor(fracs, dtype=torch.float64)
+
+
+def _sort_blocks(x: np.ndarray, lab: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` [R, n] sorted inside each block of equal (grouped, ascending) labels ``lab`` [n]."""
+    out = np.empty_like(x)
+    nonempty = np.flatnonzero(counts)
+    if len(nonempty) <= 64:  # few classes: one sort per block
+        start = 0
+        for k in nonempty:
+            c = int(counts[k])
+            out[:, start:start + c] = np.sort(x[:, start:start + c], axis=1)
+            start += c
+        return out
+    # Many classes: argsort of the scores, then a stable radix sort of the class keys in that order.
+    idx = np.argsort(x, axis=1)
+    keys = lab.astype(np.int16 if int(lab.max()) < 2**15 else np.int64)[idx]
+    return np.take_along_axis(x, np.take_along_axis(idx, np.argsort(keys, axis=1, kind="stable"), 1), 1)
 
 
 def calibrate(

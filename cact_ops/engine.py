@@ -17,6 +17,9 @@ the true-class scores. A split is then index arithmetic: standard set sizes of a
 RAPS: sets are prefixes of the classes ranked by probability) are a binary search in each row's rank-ordered
 scores; other scores, and class-wise thresholds, take one comparison per test row; all metrics are bincounts
 over the split axis, from two sufficient statistics of a set: its size and whether it covers the label.
+With one or two splits (the 1-split workload of the benchmark), what only pays off over many splits is limited
+to the rows that need it: the class order (an argsort) of APS/RAPS and LAC's class-order scores are built for
+the test rows only. On the CPU, thresholds come from NumPy (a partition at the needed ranks, not a full sort).
 
 Randomness (the splits and the APS/RAPS U) comes from ``seed`` only: a rerun gives identical numbers. U is
 drawn once per pool sample (shared by the scores and by every method: common random numbers make method
@@ -49,6 +52,8 @@ PREDICTORS = ("standard", "classwise")
 # Up to this many (split x alpha) thresholds, LAC's standard set sizes are counted directly (one comparison pass
 # each) rather than after a sort of every row (which costs about as much as 4-8 comparison passes).
 _DIRECT_COUNT_MAX = 4
+# Up to this many splits, class-order scores (class-wise sets of APS/RAPS) are built for the test rows only.
+_FEW_SPLITS = 2
 KEYS = ("method", "score", "predictor", "alpha")
 PER_CLASS_COLUMNS = KEYS + ("class", "class_name", "shot", "train_count", "test_count", "coverage_mean",
                             "size_mean")
@@ -188,29 +193,51 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
     need_sort = any(s.from_ranks for s in objs) or (
         "standard" in predictors and r_ * a_ > _DIRECT_COUNT_MAX and any(s.rank_monotone for s in objs))
     need_order = classwise_needed and any(s.from_ranks for s in objs)
-    ranked = rank_pool(probs, labels_d, need_order) if need_sort else None
+    # Class-order scores are only read at test rows: with few splits, only those rows need the argsort.
+    order_rows = None
+    if need_order and r_ <= _FEW_SPLITS:
+        order_rows = torch.unique(test.cpu()) if dev.type == "cpu" else None
+        if order_rows is not None and order_rows.numel() > 0.75 * len(labels):
+            order_rows = None
+    ranked = rank_pool(probs, labels_d, need_order, order_rows) if need_sort else None
     u = draw_u(len(labels), seed).to(dev, dtype) if randomized else None
     results = []
     for score in objs:
         kw = params.get(score.name, {})
         u_s = u if (u is not None or not score.randomized) else torch.ones(len(labels), dtype=dtype, device=dev)
         s_rank = score.rank_scores(ranked, u_s, **kw) if (score.rank_monotone and ranked is not None) else None
-        s_class = (score.class_scores(probs, u_s, ranked=ranked, s_rank=s_rank, **kw)
-                   if (classwise_needed or s_rank is None) else None)
+        # s_class holds the class-order scores of the pool rows s_rows (None: every row); with few splits only
+        # the test rows are needed (the calibration side uses the true-class scores only).
+        s_class, s_rows = None, None
+        lazy = (score.elementwise and not score.randomized and dev.type == "cpu" and r_ <= _FEW_SPLITS
+                and (classwise_needed or s_rank is None))
+        if lazy:
+            s_rows = torch.unique(test.cpu())
+            if s_rows.numel() > 0.75 * len(labels):
+                lazy, s_rows = False, None
+        if lazy:
+            s_class = score.class_scores(probs.index_select(0, s_rows), None, **kw)
+        elif classwise_needed or s_rank is None:
+            s_class = score.class_scores(probs, u_s, ranked=ranked, s_rank=s_rank, **kw)
+            if score.from_ranks and ranked is not None and ranked.order_rows is not None:
+                s_rows = ranked.order_rows
         if s_rank is not None:  # the true class's score: at its rank (= its class column, bit for bit)
             true = s_rank.gather(1, ranked.rank_y[:, None]).squeeze(1)
+        elif lazy:  # an elementwise score of the true-class column alone (= its column of every score, bit for bit)
+            true = score.class_scores(probs.gather(1, labels_d[:, None]), None, **kw).squeeze(1)
         else:
             true = s_class.gather(1, labels_d[:, None]).squeeze(1)
+        test_rows = test if s_rows is None else torch.searchsorted(s_rows, test)  # rows of s_class
         t_cal, t_test = true[cal], true[test]
         for predictor in predictors:
             classwise = predictor == "classwise"
             q, inf_frac = thresholds(t_cal, y_cal, alphas, num_classes, classwise)
             if classwise:
                 covered = t_test[:, None, :] <= q[:, :, y_test]
-                sizes = classwise_sizes(s_class, test, q)
+                sizes = classwise_sizes(s_class, test_rows, q)
             elif s_rank is None:
                 covered = t_test[:, None, :] <= q[:, :, None]
-                sizes = classwise_sizes(s_class, test, q[:, :, None].expand(r_, a_, num_classes).contiguous())
+                sizes = classwise_sizes(s_class, test_rows, q[:, :, None].expand(r_, a_, num_classes).contiguous())
             else:
                 covered = t_test[:, None, :] <= q[:, :, None]
                 sizes = prefix_sizes(s_rank, test, q)

@@ -23,6 +23,11 @@ def _numpy_path(t: torch.Tensor) -> bool:
     return _NUMPY_ON_CPU and t.device.type == "cpu"
 
 
+# Below this many elements per block a thread's start and hand-off cost more than the block's work (a 10k x 10
+# sort takes about 0.5 ms in one thread).
+_MIN_BLOCK_ELEMENTS = 1 << 18
+
+
 def _in_threads(fn, n: int, min_block: int = 1024) -> None:
     """Run ``fn(slice)`` over up to ``torch.get_num_threads()`` contiguous blocks of ``range(n)`` in threads.
 
@@ -36,6 +41,15 @@ def _in_threads(fn, n: int, min_block: int = 1024) -> None:
     bounds = np.linspace(0, n, parts + 1).astype(int)
     with ThreadPoolExecutor(parts) as pool:
         list(pool.map(fn, [slice(bounds[i], bounds[i + 1]) for i in range(parts)]))
+
+
+# Up to this many entries, rank_pool finds ties in NumPy (cheaper calls); above, torch's threaded kernels win.
+_SMALL_POOL = 1 << 20
+
+
+def _row_block(width: int) -> int:
+    """Rows per thread block worth a thread: at least 1024 rows and ``_MIN_BLOCK_ELEMENTS`` elements."""
+    return max(1024, _MIN_BLOCK_ELEMENTS // max(width, 1))
 
 
 @dataclass
@@ -55,6 +69,7 @@ class RankedPool:
     tie_rows: torch.Tensor
     tie_cols: torch.Tensor
     tie_start: torch.Tensor
+    order_rows: torch.Tensor | None = None  # rows that ``order`` covers (sorted pool indices); None: every row
 
     def share_ties(self, s_rank: torch.Tensor) -> torch.Tensor:
         """In place: every tied entry of the rank-ordered scores takes its tie group's first value."""
@@ -63,17 +78,38 @@ class RankedPool:
         return s_rank
 
     def to_class_order(self, s_rank: torch.Tensor) -> torch.Tensor:
-        """Rank-ordered scores [n, K] scattered back to class order (column k = class k)."""
+        """Rank-ordered scores [n, K] scattered back to class order (column k = class k); with ``order_rows``,
+        only those rows, in that order ([len(order_rows), K])."""
         if self.order is None:
             raise ValueError("rank_pool(..., need_order=True) is needed for class-order scores from rank order")
+        if self.order_rows is not None:
+            s_rank = s_rank.index_select(0, self.order_rows)
         return torch.empty_like(s_rank).scatter_(1, self.order, s_rank)
 
 
-def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> RankedPool:
-    """Sort each row of ``probs`` once, largest first (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere)."""
+def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool,
+              order_rows: torch.Tensor | None = None) -> RankedPool:
+    """Sort each row of ``probs`` once, largest first (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere).
+
+    ``order_rows`` (sorted, unique pool indices; CPU only) limits the class order (an argsort, several times the
+    cost of a sort) to those rows, e.g. the test rows of one split: the other rows only need their sorted values.
+    """
     labels = labels.to(probs.device)
     cpu = _numpy_path(probs)
-    if cpu:
+    if not (cpu and need_order):
+        order_rows = None
+    if cpu and order_rows is not None:
+        neg = np.negative(probs.numpy())
+        sub = neg[order_rows.numpy()]
+        order_np = np.empty(sub.shape, dtype=np.int64)
+
+        def argsort_sub(rows: slice):
+            order_np[rows] = np.argsort(sub[rows], axis=1)
+
+        _in_threads(argsort_sub, sub.shape[0], _row_block(sub.shape[1]))
+        _in_threads(lambda rows: neg[rows].sort(axis=1), neg.shape[0], _row_block(neg.shape[1]))
+        desc, order = torch.from_numpy(np.negative(neg, out=neg)), torch.from_numpy(order_np)
+    elif cpu:
         neg = np.negative(probs.numpy())  # ascending sort of -p = descending p, without a reversed copy
         if need_order:
             order_np = np.empty(neg.shape, dtype=np.int64)
@@ -81,15 +117,32 @@ def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> Ra
             def argsort_rows(rows: slice):
                 order_np[rows] = np.argsort(neg[rows], axis=1)
 
-            _in_threads(argsort_rows, neg.shape[0])
+            _in_threads(argsort_rows, neg.shape[0], _row_block(neg.shape[1]))
             order = torch.from_numpy(order_np)
             desc = probs.gather(1, order)
         else:
-            _in_threads(lambda rows: neg[rows].sort(axis=1), neg.shape[0])  # in place: np.sort would copy
+            # In place: np.sort would copy.
+            _in_threads(lambda rows: neg[rows].sort(axis=1), neg.shape[0], _row_block(neg.shape[1]))
             desc, order = torch.from_numpy(np.negative(neg, out=neg)), None
     else:
         desc, order = probs.sort(dim=1, descending=True)
         order = order if need_order else None
+    if cpu and desc.numel() <= _SMALL_POOL:  # the same steps in NumPy: fewer, cheaper calls for small pools
+        d = desc.numpy()
+        tied_np = d[:, 1:] == d[:, :-1]
+        rows_np, cols_np = np.nonzero(tied_np)
+        cols_np = cols_np + 1
+        start_np = cols_np - 1
+        while rows_np.size:
+            more = (start_np > 0) & tied_np[rows_np, np.maximum(start_np - 1, 0)]
+            if not more.any():
+                break
+            start_np = np.where(more, start_np - 1, start_np)
+        rows, cols, start = (torch.from_numpy(x.astype(np.int64, copy=False)) for x in (rows_np, cols_np, start_np))
+        p = probs.numpy()
+        p_y = p[np.arange(p.shape[0]), labels.numpy()][:, None]
+        rank_y = _count_true(torch.from_numpy(p > p_y))
+        return RankedPool(probs, desc, order, rank_y, rows, cols, start, order_rows)
     tied = desc[:, 1:] == desc[:, :-1]
     rows, cols = tied.nonzero(as_tuple=True)
     cols = cols + 1
@@ -102,7 +155,7 @@ def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool) -> Ra
         start = torch.where(more, start - 1, start)
     p_y = probs.gather(1, labels[:, None])
     rank_y = _count_true(torch.from_numpy(probs.numpy() > p_y.numpy()) if cpu else probs > p_y)
-    return RankedPool(probs, desc, order, rank_y, rows, cols, start)
+    return RankedPool(probs, desc, order, rank_y, rows, cols, start, order_rows)
 
 
 def _count_true(mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +188,7 @@ def classwise_sizes(s_class: torch.Tensor, test: torch.Tensor, q: torch.Tensor) 
         rows = np.empty((m, s_np.shape[1]), dtype=s_np.dtype)
         mask = np.empty(rows.shape, dtype=bool)
         for r in range(block.start, block.stop):
-            np.take(s_np, test_np[r], axis=0, out=rows)
+            np.take(s_np, test_np[r], axis=0, out=rows, mode="clip")  # 'raise' buffers `out`
             for a in range(a_):
                 np.less_equal(rows, q_np[r, a], out=mask)
                 out[r, a] = mask.sum(axis=1, dtype=np.int32)

@@ -127,6 +127,7 @@ class Score:
 
     rank_monotone = False  # rank_scores() exists and each of its rows is non-decreasing
     from_ranks = False  # class_scores() scatter rank_scores() back (needs RankedPool.order)
+    elementwise = False  # class_scores(p)[i, k] depends on p[i, k] alone (the engine may score a subset of entries)
 
     def __init__(self, name: str, fn: Callable[..., torch.Tensor], randomized: bool = False):
         self.name, self.fn, self.randomized = name, fn, randomized
@@ -155,6 +156,7 @@ class LAC(Score):
     """LAC through :func:`lac`: 1 - p is decreasing in p, so 1 - (sorted probabilities) is rank-ordered."""
 
     rank_monotone = True
+    elementwise = True
 
     def __init__(self):
         super().__init__("lac", lac)
