@@ -71,6 +71,12 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def parquet_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of a Parquet split: one file, or a folder of ``*.parquet`` files."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.parquet"))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (bounded memory)."""
     h = hashlib.sha256()

@@ -127,10 +127,6 @@ def _logits_table(sample_id: np.ndarray, label: np.ndarray, logits: np.ndarray) 
                      "logits": pa.FixedSizeListArray.from_arrays(flat, k)})
 
 
-def _bytes(files) -> int:
-    return sum(f.stat().st_size for p in files for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")))
-
-
 def run(config: InferConfig) -> InferResult:
     """Write ``<run>/logits/<method>/<split>.parquet`` for every method and split (Ray Data ``map_batches``, or
     the same predictor in this process for splits up to ``local_max_bytes``)."""
@@ -155,7 +151,7 @@ def run(config: InferConfig) -> InferResult:
     predictor_kwargs = {"model_paths": {m: str(p) for m, p in model_paths.items()}, "payload": payload,
                         "use_gpu": config.use_gpu, "image_size": config.image_size}
     parts: dict[str, list[np.ndarray]] = {}
-    if not config.use_gpu and _bytes(files) <= config.local_max_bytes:
+    if not config.use_gpu and sum(map(_io.parquet_bytes, files)) <= config.local_max_bytes:
         predictor = LogitsPredictor(**predictor_kwargs)
         for path in files:
             table = splits.read_table(files[path], columns=columns)
