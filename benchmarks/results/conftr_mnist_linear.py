@@ -27,14 +27,16 @@ What our switches allow (the pipeline flags plus TrainConfig fields passed throu
     Evaluation: the pipeline keeps a stratified 20% of the test set as D_val and splits the remaining 8000 into
     stratified calibration/test halves (4000/4000) --n-splits times; we use 10 like their 10 trials.
 
-    .venv/bin/python benchmarks/results/conftr_mnist_linear.py --part ce --out /tmp/results-runs/conftr-mnist-linear-ce
-    .venv/bin/python benchmarks/results/conftr_mnist_linear.py --part conftr --out /tmp/results-runs/conftr-mnist-linear-conftr
+    python benchmarks/results/conftr_mnist_linear.py --part ce --data-root DATA/mnist --out RUNS/conftr-mnist-linear-ce
+    python benchmarks/results/conftr_mnist_linear.py --part conftr --data-root DATA/mnist --out RUNS/conftr-mnist-linear-conftr
 
-Any other pipeline flag can be appended (e.g. --epochs 20).
+``--data-root`` may be left out when ``$CACT_DATA`` is set (its ``mnist`` folder is then used). Any other
+pipeline flag can be appended (e.g. --epochs 20).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -61,5 +63,7 @@ if __name__ == "__main__":
     known, rest = pre.parse_known_args()
     d = PARTS[known.part]
     p = parser(f"ConfTr MNIST linear reproduction, part {known.part}", d)
-    args = p.parse_args(["--data-root", "/work/shared/data/mnist", *FLAGS[known.part], *rest])
+    # a --data-root given on the command line comes later and wins over the one from $CACT_DATA
+    data = ["--data-root", os.path.join(os.environ["CACT_DATA"], "mnist")] if os.environ.get("CACT_DATA") else []
+    args = p.parse_args([*data, *FLAGS[known.part], *rest])
     run(args, d, {"dataset": "mnist", "data_root": args.data_root})

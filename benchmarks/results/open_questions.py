@@ -13,9 +13,12 @@ new run folder that shares the splits; then inference and the same evaluation (R
 is varied *in training*, and how the multipliers are estimated on the training set instead of D_val
 (``--set dual_source=train``; ``dual-source`` is the old name of exactly that refit).
 
-    .venv/bin/python benchmarks/results/open_questions.py temperature /tmp/results-runs/mnist-lt-if100-seed0
-    .venv/bin/python benchmarks/results/open_questions.py refit /tmp/results-runs/newsgroups-lt-if10-seed0 \
-        --set temperature=0.25 --out /tmp/results-runs/newsgroups-lt-if10-seed0-T0.25 --save newsgroups-if10-s0-T0.25
+    python benchmarks/results/open_questions.py temperature RUNS/mnist-lt-if100-seed0
+    python benchmarks/results/open_questions.py refit RUNS/newsgroups-lt-if10-seed0 \
+        --set temperature=0.25 --out RUNS/newsgroups-lt-if10-seed0-T0.25 --save newsgroups-if10-s0-T0.25
+
+(RUNS: the folder the runs were made in, outside the repo; ``--save`` records into measured/<name>/, which
+``tables.py`` turns into benchmarks/results/TABLES.md.)
 """
 from __future__ import annotations
 
