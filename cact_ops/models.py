@@ -3,8 +3,14 @@
 Families: ``linear`` (flattened pixels -> logits, the ConfTr MNIST linear model), ``small_cnn`` (digits,
 MNIST), ``cifar_resnet32`` (He et al. 2016; the CIFAR-LT literature's backbone), ``cifar_resnet18``
 (torchvision ResNet-18 with a 3x3 stem for 32x32 inputs), ``imagenet_resnet50`` (torchvision ResNet-50,
-ImageNet-LT), ``text`` (EmbeddingBag bag-of-words classifier for 20 Newsgroups).
-Image models take float [B, C, H, W] in [0, 1]; the text model takes int64 token ids [B, L], 0 = padding.
+ImageNet-LT), ``text`` (EmbeddingBag bag-of-words classifier for 20 Newsgroups), ``tfidf`` (TF-IDF of the token ids, idf
+fit on the training split, then a one-hidden-layer MLP), ``head`` (a linear or MLP head on frozen features,
+:mod:`stages.features`).
+Image models take float [B, C, H, W] in [0, 1]; the text models take int64 token ids [B, L], 0 = padding; the
+head takes float features [B, D].
+
+Frozen features are the input of a model's last ``nn.Linear`` (:func:`penultimate_features`): every family here
+ends in one, and so does any user model that follows the same convention.
 """
 from __future__ import annotations
 
@@ -121,6 +127,76 @@ class TextBag(nn.Module):
         return self.head(self.embed(tokens))
 
 
+class TfidfMLP(nn.Module):
+    """TF-IDF of the token ids (sublinear tf, idf fit on the training split, L2-normalised rows: scikit-learn's
+    ``TfidfVectorizer(sublinear_tf=True)``), then one hidden layer. The hidden layer's output is the penultimate
+    feature a frozen head trains on.
+
+    >>> m = TfidfMLP(3, idf=[0.0, 0.0, 1.0, 2.0], hidden=8)
+    >>> m(torch.tensor([[2, 3, 3, 0]])).shape
+    torch.Size([1, 3])
+    """
+
+    def __init__(self, num_classes: int, idf: list[float], hidden: int = 256, dropout: float = 0.5):
+        super().__init__()
+        idf = torch.as_tensor(idf, dtype=torch.float32)
+        idf[:2] = 0.0  # padding and unknown ids carry no weight
+        self.register_buffer("idf", idf)
+        self.body = nn.Sequential(nn.Linear(len(idf), hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def tfidf(self, tokens: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(tokens.shape[0], self.idf.shape[0], device=tokens.device)
+        counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=counts.dtype))
+        tf = torch.where(counts > 0, 1.0 + torch.log(counts.clamp(min=1.0)), counts)
+        return F.normalize(tf * self.idf, dim=1)
+
+    def forward(self, tokens):
+        return self.fc(self.body(self.tfidf(tokens)))
+
+
+class Head(nn.Module):
+    """A classifier on frozen features: linear (``hidden=0``, ConfTr's re-initialised logits layer) or one hidden
+    layer."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU()) if hidden else nn.Identity()
+        self.fc = nn.Linear(hidden or in_features, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The model's last ``nn.Linear`` (in registration order): its input is the penultimate feature."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer: frozen features are the input of the "
+                         "model's last nn.Linear (give a model that ends in one)")
+    return linears[-1]
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, logits)`` of a batch: the input of the model's last ``nn.Linear`` and the model's output.
+
+    >>> f, z = penultimate_features(Head(3, 4, hidden=5).eval(), torch.zeros(2, 4))
+    >>> tuple(f.shape), tuple(z.shape)
+    ((2, 5), (2, 3))
+    """
+    seen = []
+    handle = last_linear(model).register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(f"the last nn.Linear of {type(model).__name__} ran {len(seen)} times in one forward pass; "
+                         "frozen features need it to run once")
+    return seen[0].flatten(1), logits
+
+
 MODEL_FAMILIES = {
     "linear": Linear,
     "small_cnn": SmallCNN,
@@ -131,6 +207,8 @@ MODEL_FAMILIES = {
     "imagenet_resnet18": lambda num_classes, **kw: imagenet_resnet50(num_classes, depth=18, **kw),
     "imagenet_resnet": imagenet_resnet50,  # the manifest's hint for ImageFolder data
     "text": TextBag,
+    "tfidf": TfidfMLP,
+    "head": Head,
 }
 
 

@@ -61,6 +61,11 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
                    help="epochs of each conformal method fine-tuned from the CE backbone")
     t.add_argument("--from-scratch", action="store_true",
                    help="train every method from scratch for --epochs instead of fine-tuning the CE backbone")
+    t.add_argument("--frozen-features", action="store_true",
+                   help="train the CE backbone, write its penultimate features (<out>/features), then train every "
+                        "method as a head on them with DeepMind's ConfTr CIFAR-10 settings (stages.features."
+                        "REFERENCE_HEAD: 50 epochs, batch 500, lr 0.01, T 1, ConfTr lambda 0.05, log transform); "
+                        "--finetune-epochs and --from-scratch apply to the heads")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="global mini-batch size")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate (fine-tunes use a tenth of it)")
     t.add_argument("--model", default=d.model, help="model family (default: the manifest's hint)")
@@ -170,6 +175,9 @@ def check_flags(args: argparse.Namespace) -> None:
 
         if args.model not in MODEL_FAMILIES:
             problems.append(f"--model must be one of {', '.join(sorted(MODEL_FAMILIES))}, got {args.model!r}")
+    if getattr(args, "frozen_features", False) and args.sweep:
+        problems.append("--frozen-features with --sweep: not supported yet (sweep the heads with "
+                        "benchmarks/results/evidence.py, or drop one of the two flags)")
     if problems:
         raise SystemExit("invalid flags (nothing was started):\n  " + "\n  ".join(problems))
 
@@ -269,6 +277,11 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
     config["sweep_best"] = overrides
     _io.write_json(json.loads(json.dumps(config, default=str)), out / "config.json")
 
+    eval_splits = None
+    if args.frozen_features:
+        splits, loop, stage_kwargs = _frozen_features(splits, out, loop, stage_kwargs, args.use_gpu)
+        eval_splits = splits.root
+        clock.stage("backbone and frozen features")
     results = train.fit_methods(splits, str(out), methods, loop=loop, finetune_epochs=args.finetune_epochs,
                                 from_scratch=args.from_scratch, overrides=overrides, backbone=backbone,
                                 **stage_kwargs)
@@ -288,13 +301,28 @@ def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
                   f"fine-tuning here")
     clock.stage("training")
 
-    infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu))
+    infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu, splits_root=eval_splits))
     clock.stage("inference")
-    ev = evaluate.run(dataclasses.replace(eval_cfg, methods=tuple(results)))
+    ev = evaluate.run(dataclasses.replace(eval_cfg, methods=tuple(results), splits_root=eval_splits))
     clock.stage("evaluation and report")
     print_summary(ev.summary)
     print(f"\nreport: {ev.report_path}\nsummary: {ev.summary_path}")
     return {"out": out, "splits": splits, "train": results, "eval": ev}
+
+
+def _frozen_features(splits, out: Path, loop: TrainConfig, stage_kwargs: dict, use_gpu: bool):
+    """The CE backbone (<out>/backbone), its penultimate features (<out>/features), and the head protocol: the
+    split handle, TrainConfig and stage arguments every method then trains with."""
+    from stages import features, train
+
+    backbone = train.fit_methods(splits, str(out / "backbone"), ["ce"], loop=loop, **stage_kwargs)["ce"]
+    print(f"backbone: val acc {backbone.final_metrics.get('val_accuracy', float('nan')):.3f} "
+          f"({'reused' if backbone.reused else 'trained'}) -> {backbone.model_path}")
+    feats = features.extract(features.FeatureConfig(splits_root=splits.root, out=out / "features",
+                                                    model=backbone.model_path, use_gpu=use_gpu))
+    print(f"features: {feats.payload['dim']} per row -> {feats.root}")
+    head_loop = dataclasses.replace(loop, **features.REFERENCE_HEAD)
+    return feats, head_loop, {**stage_kwargs, "model_family": "head", "image_size": None}
 
 
 def print_summary(summary) -> None:

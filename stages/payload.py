@@ -1,7 +1,7 @@
 """Payload codecs: encoded rows of a split -> torch tensors, and the text tokenizer/vocabulary.
 
 The split files (:mod:`stages.longtail`) keep payloads compact: encoded JPEG/PNG bytes (``image``), raw uint8
-row-major HxWxC bytes (``pixels``) or token ids (``tokens``). Readers decode one batch at a time with
+row-major HxWxC bytes (``pixels``), token ids (``tokens``) or frozen features (``features``, float32 vectors). Readers decode one batch at a time with
 :func:`decode`, which accepts a ``pyarrow.Table``/``RecordBatch`` or the dict of numpy arrays that Ray Data's
 ``map_batches``/``iter_batches(batch_format="numpy")`` hand out::
 
@@ -180,13 +180,39 @@ def _decode_tokens(col, max_tokens: int) -> "torch.Tensor":
     return torch.from_numpy(out)
 
 
+def _decode_features(col, dim: int) -> "torch.Tensor":
+    import torch
+
+    if isinstance(col, pa.Array):
+        values = col.flatten().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, np.float32)
+    else:
+        values = np.stack([np.asarray(r, dtype=np.float32) for r in col]) if len(col) else np.zeros(0, np.float32)
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(-1, dim))
+
+
+def inverse_document_frequency(splits) -> list[float]:
+    """idf of every token id over the training split (scikit-learn's smooth idf: ln((1 + n) / (1 + df)) + 1).
+
+    Only the training split is read, as for the vocabulary: nothing of D_val or the pool leaks into the model.
+    """
+    column = splits.read_table("train", columns=[splits.payload["column"]]).column(0).combine_chunks()
+    size = int(splits.payload["vocab_size"])
+    df = np.zeros(size, dtype=np.int64)
+    offsets = column.offsets.to_numpy()
+    ids = column.values.to_numpy()
+    for i in range(len(column)):
+        df[np.unique(ids[offsets[i]:offsets[i + 1]])] += 1
+    return (np.log((1.0 + len(column)) / (1.0 + df)) + 1.0).tolist()
+
+
 def decode(batch: pa.Table | pa.RecordBatch | Mapping[str, np.ndarray], payload: Mapping[str, Any],
            image_size: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> "torch.Tensor":
     """Decode the payload column of a batch of split rows into one tensor.
 
     ``image``/``pixels`` -> float32 ``[B, C, H, W]`` in [0, 1] (grayscale stays C=1; ``image_size`` resizes
     to ``image_size`` x ``image_size``: shorter side, then centre crop). ``tokens`` -> int64 ``[B, L]``, padded
-    with 0, ``L`` = the longest row truncated at ``max_tokens``.
+    with 0, ``L`` = the longest row truncated at ``max_tokens``. ``features`` (:mod:`stages.features`) -> float32
+    ``[B, dim]``.
 
     >>> import pyarrow as pa
     >>> t = pa.table({"pixels": pa.array([bytes([0, 255, 0, 255])], pa.binary())})
@@ -208,7 +234,9 @@ def decode(batch: pa.Table | pa.RecordBatch | Mapping[str, np.ndarray], payload:
         return _decode_images(col, payload, image_size)
     if kind == "tokens":
         return _decode_tokens(col, max_tokens)
-    raise ValueError(f"payload kind {kind!r} cannot be decoded; accepted: 'image', 'pixels', 'tokens'")
+    if kind == "features":
+        return _decode_features(col, int(payload["dim"]))
+    raise ValueError(f"payload kind {kind!r} cannot be decoded; accepted: 'image', 'pixels', 'tokens', 'features'")
 
 
 def decode_labels(batch: pa.Table | pa.RecordBatch | Mapping[str, np.ndarray]) -> "torch.Tensor":

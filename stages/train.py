@@ -151,6 +151,12 @@ def model_spec(config: TrainStageConfig, splits) -> dict:
     shape = payload.get("shape")
     if family == "text":
         kwargs.setdefault("vocab_size", int(payload["vocab_size"]))
+    elif family == "tfidf" and "idf" not in kwargs:
+        from .payload import inverse_document_frequency
+
+        kwargs["idf"] = inverse_document_frequency(splits)
+    elif family == "head":
+        kwargs.setdefault("in_features", int(payload["dim"]))
     elif family != "linear" and shape:
         kwargs.setdefault("in_channels", int(shape[-1]))
     elif family == "linear" and shape:
