@@ -43,7 +43,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # epochs where the step schedule multiplies the lr by 0.1
     grad_clip: float = 5.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # bf16 autocast, on CUDA only
-    augment: str = "none"  # none | crop_flip (pad-4 random crop + horizontal flip, for CIFAR)
+    augment: str = "none"  # none | crop_flip (pad-4 random crop + horizontal flip, for CIFAR) | crop (pad-2 random
+    # crop, no flip: digits, whose mirror images are other symbols)
     # Conformal training (ConfTr and CaCT)
     alpha: float = 0.1  # miscoverage level of the training-time threshold
     temperature: float = 1.0  # T of the soft sets
@@ -93,7 +94,7 @@ class TrainConfig:
         check_method(self.method)
         check_alpha(self.alpha)
         for name, allowed in (("optimizer", ("sgd", "adamw")), ("schedule", ("cosine", "step", "constant")),
-                              ("augment", ("none", "crop_flip")), ("size_transform", ("none", "log")),
+                              ("augment", ("none", "crop_flip", "crop")), ("size_transform", ("none", "log")),
                               ("reduction", ("sample", "class")), ("dual_source", ("val", "train")),
                               ("cal_weighting", ("balanced", "none"))):
             if getattr(self, name) not in allowed:
@@ -168,8 +169,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
-    """Vectorised pad-4 random crop and horizontal flip of an image batch [B, C, H, W]."""
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Vectorised pad-``pad`` random crop and (with ``flip``) random horizontal flip of an image batch [B, C, H, W]."""
     B, _, H, W = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
@@ -178,8 +179,10 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     out = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :].expand(B, x.shape[1], H, W)
     out = out.gather(3, cols)
-    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    if not flip:
+        return out
+    flips = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+    return torch.where(flips[:, None, None, None], out.flip(3), out)
 
 
 def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None = None) -> float:
@@ -321,8 +324,9 @@ class EpochLoop:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
             if y.shape[0] < 2 and self.comm.world_size == 1:
                 continue  # a conformal loss needs both a calibration and a prediction part (ranks pool theirs)
-            if cfg.augment == "crop_flip" and x.dim() == 4:
-                x = crop_flip(x, self.generator)
+            if cfg.augment != "none" and x.dim() == 4:
+                x = crop_flip(x, self.generator) if cfg.augment == "crop_flip" else \
+                    crop_flip(x, self.generator, pad=2, flip=False)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = self.model(x)
             loss, diag = self.loss_fn(logits.float(), y)

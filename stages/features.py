@@ -170,7 +170,10 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
     if config.model is not None and not config.model.is_file():
         raise FileNotFoundError(2, f"FeatureConfig.model: model file not found: {config.model}", str(config.model))
     splits = longtail.load(config.splits_root)
-    source = {"splits_root": str(splits.root), "splits": dict(splits.manifest["checksums"]["splits"]),
+    # the build's own checksums; a hand-made split folder without them is hashed here
+    checks = (splits.manifest.get("checksums") or {}).get("splits") or {
+        splits.path(s).name: _io.sha256_file(splits.path(s)) for s in SPLITS}
+    source = {"splits_root": str(splits.root), "splits": dict(checks),
               **_model_digest(config, model), "image_size": config.image_size}
     out = config.out
     if out.exists() and any(out.iterdir()):
@@ -196,7 +199,8 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
         dim = int(found["train"]["features"].shape[1])
         manifest |= {"payload": {"kind": "features", "column": "features", "dim": dim, "shape": None},
                      "files": {s: f"{s}.parquet" for s in SPLITS}, "model_family": "head",
-                     "checksums": {"sources": splits.manifest["checksums"].get("sources"), "splits": checks},
+                     "checksums": {"sources": (splits.manifest.get("checksums") or {}).get("sources"),
+                                   "splits": checks},
                      "features_from": source}
         _io.write_json(json.loads(json.dumps(manifest, default=str)), tmp / "manifest.json")
     log.info("wrote %d-dim features of %s to %s", dim, source["model"], out)

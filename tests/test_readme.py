@@ -20,3 +20,14 @@ def test_the_losses_in_your_own_loop_example_runs_and_moves_the_multipliers(caps
     dual, h = scope["dual"], scope["h"]
     assert dual.steps == 10 and h.shape == (5,)
     assert bool((dual.lam > 1e-6).any())  # the size target binds somewhere: the multipliers move
+
+
+def test_the_frozen_features_example_runs(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes runs/ff relative to the working folder
+    scope: dict = {}
+    exec(compile(_block("### Frozen features: heads on a backbone you already have"), "README.md", "exec"), scope)
+    import polars as pl
+
+    summary = pl.read_parquet(tmp_path / "runs" / "ff" / "eval" / "summary.parquet")
+    assert set(summary["method"]) == {"ce", "ce_finetune", "cact"}
+    assert scope["feats"].payload["kind"] == "features"

@@ -9,7 +9,8 @@ Per (dataset, IF, seed), in one process and without Ray (the library, as a user'
 4. heads on the features, with DeepMind's ConfTr CIFAR-10 settings (``stages.features.REFERENCE_HEAD``: batch
    500, lr 0.01, T = 1, ConfTr lambda 0.05 and log transform) for ``--head-finetune-epochs``: every method starts
    from the backbone's own converged last layer (``ce``: the backbone as trained) and ``ce_finetune`` (the control)
-   trains it on with CE alone; each conformal method at every value of its own size knob (ConfTr and
+   trains it on with CE alone (``ce_finetune_la``: the same with post-hoc logit adjustment, the standard
+   long-tail correction); each conformal method at every value of its own size knob (ConfTr and
    ConfTr-class: lambda; CaCT and CaCT-uniform: eta_relative). Not a re-initialised head trained for 50 epochs
    as in the reference: on these features that head stays under-trained (0.53 accuracy against the backbone's
    0.65 on 20 Newsgroups-LT IF 10, seed 0), and any method that trains it harder wins (the confound this protocol
@@ -46,8 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 BACKBONES = {
     "newsgroups": {"family": "tfidf", "loop": {"epochs": 8, "batch_size": 64, "lr": 1e-3, "optimizer": "adamw",
                                                "weight_decay": 1e-4}},
-    "mnist": {"family": "small_cnn", "loop": {"epochs": 15, "batch_size": 128, "lr": 0.05, "optimizer": "sgd",
-                                              "weight_decay": 5e-4}},
+    # LeNet with 2-pixel shifts: 0.958 (0.975 logit-adjusted) on MNIST-LT IF 100 seed 0 in ~2 min; the SmallCNN
+    # reached 0.947 in 15 epochs and ~9 min
+    "mnist": {"family": "lenet", "loop": {"epochs": 12, "batch_size": 128, "lr": 0.05, "optimizer": "sgd",
+                                          "weight_decay": 5e-4, "augment": "crop"}},
 }
 # Each method's own size knob (TrainConfig field) and the values swept.
 KNOBS = {
@@ -72,7 +75,7 @@ def _backbone(dataset: str, splits, seed: int, work: Path):
 
     spec = BACKBONES[dataset]
     kwargs = {"idf": payload.inverse_document_frequency(splits)} if spec["family"] == "tfidf" else {}
-    if spec["family"] == "small_cnn":
+    if spec["family"] in ("small_cnn", "lenet"):
         kwargs["in_channels"] = int(splits.payload["shape"][-1])
     torch.manual_seed(seed)
     model = build_model(spec["family"], splits.num_classes, **kwargs)
@@ -147,6 +150,9 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     data = {s: payload.read_split_tensors(splits, s) for s in ("train", "val", "pool")}
     feats = {s: _features(backbone, data[s][0]) for s in data}
     backbone_acc = float((feats["pool"][1].argmax(1) == data["pool"][1]).float().mean())
+    prior = torch.tensor(splits.train_counts, dtype=torch.float32)
+    backbone_acc_la = float(((feats["pool"][1] - torch.log(prior / prior.sum())).argmax(1) == data["pool"][1])
+                            .float().mean())
     train, val, pool = ((feats[s][0], data[s][1]) for s in ("train", "val", "pool"))
     counts = splits.train_counts
     base = TrainConfig(method="ce", seed=seed, **REFERENCE_HEAD)
@@ -172,6 +178,10 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     ft = dict(finetune_epochs=head_finetune_epochs, finetune_lr=base.lr)
     _, v, p, _ = head(finetune_config(base, "ce_finetune", **ft))
     record("ce_finetune", "", 0.0, v, p)
+    # the control with post-hoc logit adjustment (Menon et al., ICLR 2021: logits - log prior): the standard
+    # long-tail correction, free, so that a method is not credited with what rebalancing alone does
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float32) / sum(counts))
+    record("ce_finetune_la", "", 0.0, v - log_prior, p - log_prior)
     for method, (knob, values) in KNOBS.items():
         for value in values:
             cfg = dataclasses.replace(finetune_config(base, method, **ft), **{knob: value})
@@ -184,6 +194,7 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     frame.write_parquet(tmp)
     facts = {"dataset": dataset, "imbalance_factor": imbalance_factor, "seed": seed, "val_fraction": val_fraction,
              "backbone": BACKBONES[dataset], "backbone_pool_accuracy": backbone_acc,
+             "backbone_pool_accuracy_logit_adjusted": backbone_acc_la,
              "backbone_seconds": round(backbone_seconds, 1), "feature_dim": int(train[0].shape[1]),
              "train_counts": counts, "head": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in REFERENCE_HEAD.items()},
@@ -259,10 +270,12 @@ def report(out: Path) -> str:
         facts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
         seeds = sorted(frame["seed"].unique().to_list())
         acc = np.array([f["backbone_pool_accuracy"] for f in facts])
+        acc_la = np.array([f["backbone_pool_accuracy_logit_adjusted"] for f in facts])
         secs = np.array([f["backbone_seconds"] for f in facts])
         lines += [f"### {folder.name}: {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
                   f"Backbone ({facts[0]['backbone']['family']}) accuracy on the balanced pool {acc.mean():.3f} "
-                  f"(seeds {acc.min():.3f}-{acc.max():.3f}), trained in {secs.mean():.0f} s per seed on 2 CPU cores; "
+                  f"(seeds {acc.min():.3f}-{acc.max():.3f}; with post-hoc logit adjustment {acc_la.mean():.3f}), "
+                  f"trained in {secs.mean():.0f} s per seed on 2 CPU cores; "
                   f"training counts per class {facts[0]['train_counts']}.", ""]
         sel = _selected(frame)
         for score in SCORES:
@@ -275,7 +288,7 @@ def report(out: Path) -> str:
                       "Δ size | Δ tail size | Δ CovGap (pts) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             control = {p: chosen.filter((pl.col("method") == "ce_finetune") & (pl.col("predictor") == p)).sort("seed")
                        for p in ("standard", "classwise")}
-            methods = ["ce", "ce_finetune"] + list(KNOBS)
+            methods = ["ce", "ce_finetune", "ce_finetune_la"] + list(KNOBS)
             for predictor in ("standard", "classwise"):
                 for method in methods:
                     rows = chosen.filter((pl.col("method") == method) & (pl.col("predictor") == predictor)).sort("seed")
@@ -320,7 +333,8 @@ def _verdicts(frame, sel, seeds) -> list[str]:
              "difference of R-split means)**", "",
              "| CaCT (predictor) | against | Δ size | Δ tail size | Δ CovGap (pts) | at matched mean size: "
              "Δ tail size | Δ CovGap (pts) |", "|---|---|---|---|---|---|---|"]
-    baselines = [("ce_finetune", "standard"), ("ce_finetune", "classwise"), ("conftr", "standard"),
+    baselines = [("ce_finetune", "standard"), ("ce_finetune", "classwise"), ("ce_finetune_la", "standard"),
+                 ("ce_finetune_la", "classwise"), ("conftr", "standard"),
                  ("conftr", "classwise"), ("conftr_class", "classwise"), ("cact_uniform", "classwise")]
     for cact_pred in ("standard", "classwise"):
         cact = pick("cact", cact_pred)
@@ -351,7 +365,7 @@ def _fronts(frame) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     agg = (per_seed.group_by("method", "value", "predictor")
            .agg(*(pl.col(m).mean() for m in METRICS), pl.col("lambda_max").mean()))
-    order = {m: i for i, m in enumerate(["ce", "ce_finetune"] + list(KNOBS))}
+    order = {m: i for i, m in enumerate(["ce", "ce_finetune", "ce_finetune_la"] + list(KNOBS))}
     agg = agg.with_columns(pl.col("method").replace_strict(order, default=99).alias("_o")).sort("predictor", "_o",
                                                                                                "value")
     for r in agg.iter_rows(named=True):

@@ -569,7 +569,20 @@ def variants_section() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # The whole file
 
+def evidence_section() -> list[str]:
+    """The decisive protocol's verdicts, D_val-selected points and fronts (``evidence.py report``)."""
+    import evidence
+
+    folder = MEASURED / "evidence"
+    if not folder.is_dir():
+        return []
+    return ["Made by `evidence.py run` (per dataset, IF and seed) and printed by `evidence.py report --out "
+            "benchmarks/results/measured/evidence`; the protocol is in that script's docstring.", "",
+            *evidence.report(folder).rstrip("\n").split("\n"), ""]
+
+
 SECTIONS = (
+    ("Decisive protocol (issue 13): verdicts, selected points and fronts", evidence_section),
     ("The fixed method: each choice against the CE fine-tune control", variants_section),
     ("First build: one table per run", per_run_section),
     ("First build: over training seeds", seed_section),

@@ -62,6 +62,7 @@ BAD_FLAGS = [
     (["--dual-every-steps", "-1"], "--dual-every-steps", ">= 0"),
     (["--image-size", "0"], "--image-size", ">= 1"),
     (["--model", "bogus"], "--model", "small_cnn"),
+    (["--frozen-features", "--sweep", "2"], "--frozen-features with --sweep", "not supported"),
 ]
 
 
