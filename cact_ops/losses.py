@@ -22,7 +22,7 @@ from . import methods as _methods
 from ._checks import check_alpha, check_labels, check_matrix
 from .alm import DualState, phr
 from .scores import logprob
-from .smooth import smooth_threshold, soft_sets
+from .smooth import QUANTILE_OPERATORS, smooth_threshold, soft_sets
 
 
 def split_batch(
@@ -116,9 +116,13 @@ class _ConformalLoss(nn.Module):
         generator: torch.Generator | None = None,
         cal_weights: torch.Tensor | None = None,
         distributed: bool = True,
+        quantile_operator: str = "l2",
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
+        if quantile_operator not in QUANTILE_OPERATORS:
+            raise ValueError(f"quantile_operator must be one of {QUANTILE_OPERATORS}, got {quantile_operator!r}")
+        self.quantile_operator = quantile_operator
         if temperature <= 0:
             raise ValueError(f"temperature T must be > 0, got {temperature}")
         if regularization_strength <= 0:
@@ -142,7 +146,8 @@ class _ConformalLoss(nn.Module):
     def _tau(self, true_scores: torch.Tensor, labels_cal: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Smooth lower quantile of true-class conformity scores: scalar, or [K] when ``classwise_tau``."""
         weights = None if self.cal_weights is None else self.cal_weights.to(true_scores.device)[labels_cal]
-        tau = smooth_threshold(true_scores, self.alpha, self.regularization_strength, weights)
+        tau = smooth_threshold(true_scores, self.alpha, self.regularization_strength, weights,
+                               self.quantile_operator)
         if not self.classwise_tau:
             return tau
         # ConfTr-class: one threshold per class from its own calibration points; classes with fewer than 2
@@ -151,7 +156,8 @@ class _ConformalLoss(nn.Module):
         counts = torch.bincount(labels_cal, minlength=num_classes)
         for k in (counts >= 2).nonzero().flatten().tolist():
             s_k = true_scores[labels_cal == k]
-            taus[k] = smooth_threshold(s_k, self.alpha, self.regularization_strength)
+            taus[k] = smooth_threshold(s_k, self.alpha, self.regularization_strength,
+                                       operator=self.quantile_operator)
         return taus
 
     def _global_batch(self, labels: torch.Tensor, num_classes: int):
@@ -363,7 +369,7 @@ class CaCTLoss(_ConformalLoss):
         conf = logprob(logits.float())
         cal, rest = split_batch(labels, cal_fraction, stratified=True, generator=torch.Generator().manual_seed(seed))
         true = conf[cal].gather(1, labels[cal, None]).squeeze(1)
-        tau = smooth_threshold(true, self.alpha, self.regularization_strength)
+        tau = smooth_threshold(true, self.alpha, self.regularization_strength, operator=self.quantile_operator)
         h = soft_sets(conf[rest], tau, self.temperature).sum(1).double() - self.eta
         sums, counts, h_sums = self.dual.statistics(h, labels[rest])
         self.dual.update(sums, counts, h_sums / counts.clamp(min=1))

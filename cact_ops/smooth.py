@@ -20,9 +20,35 @@ def _interpolate(sorted_values: torch.Tensor, q: torch.Tensor | float) -> torch.
     return v_lo + w * (v_hi - v_lo)
 
 
+QUANTILE_OPERATORS = ("l2", "kl", "sigmoid")
+
+
+def _sigmoid_quantile(rows: torch.Tensor, q: float, eps: float, weights: torch.Tensor | None) -> torch.Tensor:
+    """The q-quantile of the sigmoid-smoothed CDF, F(t) = sum_i w_i sigmoid((t - s_i) / eps) / sum_i w_i = q: no
+    sort. t is found by bisection without gradient; one Newton step with the gradient then gives the implicit
+    function's derivative, dt/ds_i = w_i sigmoid'_i / sum_j w_j sigmoid'_j (the value stays t)."""
+    w = torch.ones_like(rows) if weights is None else weights.to(rows)[None].expand_as(rows)
+    with torch.no_grad():
+        lo = rows.min(-1).values - 30 * eps
+        hi = rows.max(-1).values + 30 * eps
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            below = (w * torch.sigmoid((mid[:, None] - rows) / eps)).sum(-1) / w.sum(-1) < q
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        t = (lo + hi) / 2
+        z = torch.sigmoid((t[:, None] - rows) / eps)
+        slope = (w * z * (1 - z)).sum(-1) / (w.sum(-1) * eps)
+    cdf = (w * torch.sigmoid((t[:, None] - rows) / eps)).sum(-1) / w.sum(-1)
+    return t - (cdf - q) / slope.clamp(min=1e-12)
+
+
 def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float = 0.1,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
+                  weights: torch.Tensor | None = None, operator: str = "l2") -> torch.Tensor:
     """Differentiable q-quantile: torchsort's soft sort, then linear interpolation at position q * (n - 1).
+
+    ``operator``: torchsort's ``"l2"`` (default) or ``"kl"`` soft sort (computed in float64: its float32
+    gradients can be NaN), or ``"sigmoid"``, which sorts nothing: the quantile of the CDF smoothed by a sigmoid
+    of width ``regularization_strength`` (in score units).
 
     ``values`` is [n] (returns a scalar) or [B, n] (returns [B]). As ``regularization_strength`` goes to 0 the
     result equals ``torch.quantile(values, q)``; gradients flow to every value near the quantile.
@@ -51,9 +77,18 @@ def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float
         raise ValueError(f"regularization_strength must be > 0, got {regularization_strength}")
     if not torch.isfinite(values).all():
         raise ValueError("values contain NaN or inf")
+    if operator not in QUANTILE_OPERATORS:
+        raise ValueError(f"operator must be one of {QUANTILE_OPERATORS}, got {operator!r}")
     rows = values if values.dim() == 2 else values[None]
+    if operator == "sigmoid":
+        out = _sigmoid_quantile(rows, float(q), regularization_strength, weights)
+        return out if values.dim() == 2 else out[0]
     # torchsort wants 2-D [batch, n]; its "l2" regularisation keeps float32 gradients finite ("kl" can NaN).
-    sorted_rows = torchsort.soft_sort(rows, regularization="l2", regularization_strength=regularization_strength)
+    if operator == "kl":
+        sorted_rows = torchsort.soft_sort(rows.double(), regularization="kl",
+                                          regularization_strength=regularization_strength).to(rows.dtype)
+    else:
+        sorted_rows = torchsort.soft_sort(rows, regularization="l2", regularization_strength=regularization_strength)
     if weights is not None:
         return _weighted_position(sorted_rows[0], values, weights, float(q))
     out = _interpolate(sorted_rows, q)
@@ -116,7 +151,7 @@ def smooth_threshold_level(alpha: float, n_cal: int) -> float:
 
 
 def smooth_threshold(true_scores: torch.Tensor, alpha: float, regularization_strength: float,
-                     weights: torch.Tensor | None = None) -> torch.Tensor:
+                     weights: torch.Tensor | None = None, operator: str = "l2") -> torch.Tensor:
     """ConfTr's smooth threshold tau: the soft lower quantile of true-class conformity scores at level
     alpha (1 + 1/n), optionally weighted (see :func:`soft_quantile`). Training and the dual step both use it.
 
@@ -124,4 +159,4 @@ def smooth_threshold(true_scores: torch.Tensor, alpha: float, regularization_str
     0.99
     """
     q = smooth_threshold_level(alpha, true_scores.shape[-1])
-    return soft_quantile(true_scores, q, regularization_strength, weights=weights)
+    return soft_quantile(true_scores, q, regularization_strength, weights=weights, operator=operator)

@@ -52,6 +52,9 @@ class TrainConfig:
     # values are further apart than the strength, so 0.1 (ConfTr's value, in other units) leaves the quantile
     # hard on log-prob scores and its gradient on two samples; 1.0 smooths it (tests/cact_ops/test_cact_longtail)
     regularization_strength: float = 1.0
+    # the smooth quantile's operator: torchsort's l2 or kl soft sort, or sigmoid (a smoothed CDF, no sort; its
+    # width is regularization_strength in score units): cact_ops.smooth.soft_quantile
+    quantile_operator: str = "l2"
     cal_fraction: float = 0.5  # fraction of each (global) mini-batch used as B_cal
     # How B_cal's scores are weighted in the smooth threshold: "balanced" weighs class k by 1 / n_k (its training
     # count) so that the long-tailed batch stands for the balanced population that calibrates at test time and in
@@ -96,7 +99,8 @@ class TrainConfig:
         for name, allowed in (("optimizer", ("sgd", "adamw")), ("schedule", ("cosine", "step", "constant")),
                               ("augment", ("none", "crop_flip", "crop")), ("size_transform", ("none", "log")),
                               ("reduction", ("sample", "class")), ("dual_source", ("val", "train")),
-                              ("cal_weighting", ("balanced", "none"))):
+                              ("cal_weighting", ("balanced", "none")),
+                              ("quantile_operator", ("l2", "kl", "sigmoid"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 2:
@@ -142,7 +146,8 @@ def build_loss(cfg: TrainConfig, dual: DualState | None, generator: torch.Genera
         return CELoss()
     common = dict(alpha=cfg.alpha, temperature=cfg.temperature, regularization_strength=cfg.regularization_strength,
                   cal_fraction=cfg.cal_fraction, stratified=cfg.stratified_split, ce_weight=cfg.ce_weight,
-                  generator=generator, cal_weights=calibration_weights(cfg, train_counts))
+                  generator=generator, cal_weights=calibration_weights(cfg, train_counts),
+                  quantile_operator=cfg.quantile_operator)
     if m.loss == "conftr":
         return ConfTrLoss(lam=cfg.conftr_lambda, kappa=cfg.kappa, size_transform=cfg.size_transform,
                           coverage_weight=cfg.coverage_weight, classwise_tau=m.classwise_tau, **common)
@@ -189,7 +194,8 @@ def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig, weights: t
     """The dual step's threshold for the constraint: the training-time smooth quantile (torchsort at
     ``cfg.regularization_strength``, level alpha (1 + 1/n)) of the calibration rows' true-class conformity,
     weighted like training's when ``weights`` are given."""
-    return float(smooth_threshold(cal_scores.float(), cfg.alpha, cfg.regularization_strength, weights))
+    return float(smooth_threshold(cal_scores.float(), cfg.alpha, cfg.regularization_strength, weights,
+                                  cfg.quantile_operator))
 
 
 def val_cal_mask(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

@@ -566,7 +566,7 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
 
 # TrainConfig fields read only by the conformal losses and the dual step. CE keeps alpha, temperature and
 # val_cal_fraction: its validation metrics (hard size at alpha, soft size at T) are computed with them.
-CONFORMAL_ONLY = ("regularization_strength", "cal_fraction", "stratified_split", "ce_weight", "conftr_lambda", "kappa",
+CONFORMAL_ONLY = ("regularization_strength", "quantile_operator", "cal_fraction", "stratified_split", "ce_weight", "conftr_lambda", "kappa",
                   "size_transform", "coverage_weight", "eta", "eta_relative", "reduction", "lambda_init",
                   "lambda_min", "lambda_max", "rho_init", "rho_max", "rho_step", "gamma", "tau_rho", "dual_source",
                   "cal_weighting", "dual_every_steps")

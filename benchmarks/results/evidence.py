@@ -125,7 +125,11 @@ def _cp_rows(logits, labels, train_counts, n_splits: int, seed: int) -> list[dic
 
 
 def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, out: Path, work: Path,
-             val_fraction: float, head_finetune_epochs: int) -> None:
+             val_fraction: float, head_finetune_epochs: int, methods: tuple[str, ...] | None = None,
+             overrides: dict | None = None, tag: str = "") -> None:
+    """One seed of the protocol. ``methods`` restricts the swept methods (default: every one of KNOBS);
+    ``overrides`` sets TrainConfig fields of every conformal head (a check such as the smooth operator's
+    strength); ``tag`` names such a variant's folder."""
     import polars as pl
     import torch
 
@@ -136,11 +140,12 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     from stages.train import finetune_config
 
     name = f"{dataset}-if{imbalance_factor:g}" + (f"-vf{val_fraction:g}" if val_fraction != 0.2 else "")
+    work = work / name  # splits and backbones depend on the data only, not on a variant's tag
+    name += f"-{tag}" if tag else ""
     target = out / name / f"seed{seed}.parquet"
     if target.is_file():
         print(f"{target}: done, skipped", flush=True)
         return
-    work = work / name
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     splits = longtail.build(longtail.LongTailConfig(dataset=dataset, data_root=data_root, out=str(work / f"splits-s{seed}"),
@@ -183,8 +188,10 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float32) / sum(counts))
     record("ce_finetune_la", "", 0.0, v - log_prior, p - log_prior)
     for method, (knob, values) in KNOBS.items():
+        if methods and method not in methods:
+            continue
         for value in values:
-            cfg = dataclasses.replace(finetune_config(base, method, **ft), **{knob: value})
+            cfg = dataclasses.replace(finetune_config(base, method, **ft), **(overrides or {}), **{knob: value})
             _, v, p, loop = head(cfg)
             record(method, knob, value, v, p, loop)
         print(f"  seed {seed} {method}: {len(values)} knob values ({time.time() - t_start:.0f}s)", flush=True)
@@ -198,7 +205,7 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
              "backbone_seconds": round(backbone_seconds, 1), "feature_dim": int(train[0].shape[1]),
              "train_counts": counts, "head": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in REFERENCE_HEAD.items()},
-             "head_finetune_epochs": head_finetune_epochs, "seconds": round(time.time() - t_start, 1)}
+             "head_finetune_epochs": head_finetune_epochs, "overrides": overrides or {}, "seconds": round(time.time() - t_start, 1)}
     target.with_suffix(".json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, target)
     print(f"{target}: backbone pool accuracy {backbone_acc:.3f} (trained in {backbone_seconds:.0f}s), "
@@ -386,6 +393,11 @@ def main(argv=None) -> int:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     r.add_argument("--val-fraction", type=float, default=0.2)
     r.add_argument("--head-finetune-epochs", type=int, default=20)
+    r.add_argument("--methods", nargs="+", choices=sorted(KNOBS), default=None,
+                   help="sweep only these methods (ce, ce_finetune and the logit-adjusted control always run)")
+    r.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="TrainConfig fields of every conformal head, e.g. regularization_strength=10")
+    r.add_argument("--tag", default="", help="suffix of the output folder of such a variant")
     r.add_argument("--out", type=Path, required=True, help="where the measured rows go (committed)")
     r.add_argument("--work", type=Path, required=True, help="scratch folder: splits and backbones (not committed)")
     q = sub.add_parser("report", help="print the verdicts and fronts of every measured (dataset, IF)")
@@ -394,10 +406,19 @@ def main(argv=None) -> int:
     if a.cmd == "run":
         import torch
 
+        overrides = {}
+        for item in a.set:
+            field, _, value = item.partition("=")
+            if not value:
+                p.error(f"--set {item!r}: expected FIELD=VALUE")
+            overrides[field] = json.loads(value) if value[0] in "0123456789-[{tfn" else value
+        if overrides and not a.tag:
+            p.error("--set needs --tag (the variant's folder name)")
+
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         for seed in a.seeds:
             run_seed(a.dataset, a.data_root, a.imbalance_factor, seed, a.out, a.work, a.val_fraction,
-                     a.head_finetune_epochs)
+                     a.head_finetune_epochs, tuple(a.methods or ()), overrides, a.tag)
     else:
         print(report(a.out), end="")
     return 0

@@ -141,3 +141,27 @@ def test_soft_sets_rejects_bad_inputs():
         soft_sets(conf, torch.zeros(3))
     with pytest.raises(ValueError, match="tau contains NaN"):
         soft_sets(conf, float("nan"))
+
+
+@pytest.mark.parametrize("operator", ["kl", "sigmoid"])
+def test_other_quantile_operators_approach_the_hard_quantile_with_finite_gradients(operator):
+    """kl (torchsort in float64) and sigmoid (a smoothed CDF, no sort) tend to the hard quantile as the strength
+    shrinks; the gradient is finite, sums to 1 (a quantile moves with a common shift) and, for the sigmoid,
+    spreads over the values near the quantile."""
+    torch.manual_seed(0)
+    v = (torch.randn(300) * 2).requires_grad_()
+    hard = float(torch.quantile(v.detach(), 0.1))
+    q = soft_quantile(v, 0.1, 1e-3, operator=operator)
+    assert abs(float(q) - hard) < 0.05
+    (g,) = torch.autograd.grad(soft_quantile(v, 0.1, 0.2, operator=operator), v)
+    assert torch.isfinite(g).all() and abs(float(g.sum()) - 1.0) < 1e-4
+    if operator == "sigmoid":
+        assert int((g.abs() > 1e-6).sum()) > 5
+        w = torch.ones(300)
+        w[v.detach() < hard] = 3.0  # weight below the quantile: the weighted quantile moves down
+        assert float(soft_quantile(v, 0.1, 1e-3, weights=w, operator=operator)) < hard
+
+
+def test_an_unknown_operator_is_refused():
+    with pytest.raises(ValueError, match="operator must be one of"):
+        soft_quantile(torch.arange(5.0), 0.5, operator="bogus")
