@@ -181,8 +181,9 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
             raise FileExistsError(f"FeatureConfig.out={out} is not empty and holds no manifest.json; refusing to "
                                   "write into it: choose another folder")
         old = longtail.load(out)
-        same = {k: v for k, v in (old.manifest.get("features_from") or {}).items() if k != "splits_root"}
-        if same == {k: v for k, v in source.items() if k != "splits_root"}:
+        # paths are not compared (a run folder moved elsewhere keeps its features); contents are, by SHA-256
+        def key(d): return {k: v for k, v in d.items() if k not in ("splits_root", "model")}
+        if key(old.manifest.get("features_from") or {}) == key(source):
             log.info("reusing features in %s", out)
             return old
         raise FileExistsError(f"FeatureConfig.out={out} holds features of another model or splits; refusing to "

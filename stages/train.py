@@ -200,6 +200,17 @@ _EXECUTION_ONLY = ("cpus_per_worker", "max_failures", "verbose", "check_resource
                    "storage_path", "materialize_bytes", "run_name")
 
 
+def _relative_to_run(d: dict) -> None:
+    """Drop the run folder's own path from a config and express the backbone it fine-tuned from relative to it,
+    so that a run folder moved or copied elsewhere is still recognised (the saved config holds the old paths)."""
+    out = d.pop("out", None)
+    if out and d.get("init_from"):
+        try:
+            d["init_from"] = Path(d["init_from"]).relative_to(out).as_posix()
+        except ValueError:
+            pass  # a backbone outside the run folder: compared as given
+
+
 def _same_run(saved: dict, config: TrainStageConfig) -> bool:
     """Whether a finished run's saved config.json describes ``config``: execution settings are ignored, and for
     methods trained with plain CE so are the conformal-only fields (they never reach the loss), so a backbone
@@ -209,6 +220,7 @@ def _same_run(saved: dict, config: TrainStageConfig) -> bool:
     for d in (a, b):
         for k in _EXECUTION_ONLY:
             d.pop(k, None)
+        _relative_to_run(d)
     if method_registry.get(config.method).loss == "ce":
         for d in (a, b):
             d["loop"] = {k: v for k, v in d["loop"].items() if k not in CONFORMAL_ONLY}

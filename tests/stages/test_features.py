@@ -60,6 +60,16 @@ def test_extract_in_process_writes_a_feature_split_folder(tmp_path):
         F.extract(F.FeatureConfig(splits_root=tmp_path / "splits", out=tmp_path / "features",
                                   model=tmp_path / "other" / "model.pt"))
     assert (tmp_path / "features" / "train.parquet").stat().st_mtime_ns == before
+    # a run folder moved elsewhere keeps its features: paths are not compared, contents are (SHA-256)
+    import shutil
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("splits", "features", "train"):
+        shutil.copytree(tmp_path / name, moved / name)
+    again = F.extract(F.FeatureConfig(splits_root=moved / "splits", out=moved / "features",
+                                      model=moved / "train" / "ce" / "model.pt"))
+    assert again.root == moved / "features" and again.manifest == feats.manifest
 
 
 @pytest.mark.ray

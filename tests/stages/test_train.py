@@ -291,3 +291,17 @@ def test_a_finished_run_is_found_again_whatever_cpu_share_the_rerun_gets():
     saved = json.loads(json.dumps(train._jsonable(dataclasses.replace(cfg, cpus_per_worker=1 / 3).to_dict())))
     assert train._same_run(saved, cfg)
     assert not train._same_run(saved, dataclasses.replace(cfg, num_workers=2))
+
+
+def test_a_run_folder_moved_elsewhere_is_still_the_same_run(tmp_path):
+    """config.json keeps the absolute paths of where the run was trained; a run folder moved or copied to
+    another path (the fine-tune's backbone inside it) is recognised, a backbone from elsewhere is not."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    cfg = train.TrainStageConfig(out=str(old), loop=TrainConfig(method="cact", epochs=3),
+                                 init_from=str(old / "train" / "ce" / "model.pt"))
+    saved = json.loads(json.dumps(train._jsonable(cfg.to_dict())))
+    moved = train.TrainStageConfig(out=str(new), loop=TrainConfig(method="cact", epochs=3),
+                                   init_from=str(new / "train" / "ce" / "model.pt"))
+    assert train._same_run(saved, moved)
+    other = dataclasses.replace(moved, init_from=str(tmp_path / "elsewhere" / "model.pt"))
+    assert not train._same_run(saved, other)
