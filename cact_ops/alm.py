@@ -71,6 +71,11 @@ class DualState:
     In ``uniform`` mode one shared lambda and rho are updated from the pooled (marginal) statistics and
     stored repeated K times, so losses read ``lam[y]`` the same way in both modes.
 
+    From validation logits the whole step is one call of the loss that reads this state,
+    :meth:`cact_ops.losses.CaCTLoss.dual_step` (``loss_fn.dual_step(logits_val, y_val)``): h = S - eta needs the
+    loss's alpha, temperature T, eta and quantile operator, so the step lives there; :meth:`statistics` and
+    :meth:`update` are its two halves, for statistics summed over several workers.
+
     >>> d = DualState(2, DualConfig(rho_step=0))
     >>> sums, counts, h_sums = d.statistics(torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0, 1, 0]))
     >>> d.update(sums, counts, h_sums / counts.clamp(min=1))

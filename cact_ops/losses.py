@@ -1,7 +1,8 @@
 """Training losses: cross-entropy, ConfTr (Stutz et al., ICLR 2022) and CaCT (Marani et al., arXiv 2601.09522).
 
 Every loss is an ``nn.Module`` called as ``loss_fn(logits, labels)`` and returns ``(loss, diagnostics)``, so a
-training loop treats them alike. The conformal losses split each mini-batch into a calibration part B_cal
+training loop treats them alike; with ``return_diagnostics=False`` it returns the scalar loss alone, a drop-in
+criterion like ``nn.CrossEntropyLoss`` (TorchCP's losses return the scalar). The conformal losses split each mini-batch into a calibration part B_cal
 (fraction ``cal_fraction``) and a prediction part B_pred, compute a smooth threshold tau on B_cal from the
 log-probability conformity score, and penalise the soft set size S(x) on B_pred:
 
@@ -70,14 +71,21 @@ def split_batch(
     return order[in_cal], order[~in_cal]
 
 
-class CELoss(nn.Module):
-    """Plain cross-entropy with the same ``(loss, diagnostics)`` interface as the conformal losses; under
-    ``torch.distributed`` the mean over the global batch (ranks' slices may differ in size), like theirs."""
+def _result(loss_fn: nn.Module, loss: torch.Tensor, diagnostics: dict):
+    """What a loss's call returns: ``(loss, diagnostics)``, or the scalar alone (``return_diagnostics=False``)."""
+    return (loss, diagnostics) if loss_fn.return_diagnostics else loss
 
-    def __init__(self, label_smoothing: float = 0.0, distributed: bool = True):
+
+class CELoss(nn.Module):
+    """Plain cross-entropy with the same ``(loss, diagnostics)`` interface as the conformal losses (the scalar
+    alone with ``return_diagnostics=False``); under ``torch.distributed`` the mean over the global batch (ranks'
+    slices may differ in size), like theirs."""
+
+    def __init__(self, label_smoothing: float = 0.0, distributed: bool = True, return_diagnostics: bool = True):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.distributed = distributed
+        self.return_diagnostics = return_diagnostics
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
         check_matrix(logits, "logits")
@@ -89,7 +97,7 @@ class CELoss(nn.Module):
             ce = total[0] / total[1].detach().clamp(min=1)
         else:
             ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        return ce, {"ce": ce.detach(), "penalty": torch.zeros((), device=logits.device)}
+        return _result(self, ce, {"ce": ce.detach(), "penalty": torch.zeros((), device=logits.device)})
 
 
 class _ConformalLoss(nn.Module):
@@ -101,7 +109,8 @@ class _ConformalLoss(nn.Module):
     gradient and ``diag["tau"]`` are those of one process holding the whole batch, whatever the worker count
     (``distributed=False`` keeps every rank on its own slice). ``cal_weights`` ([K]) weight each calibration
     score by its class, e.g. 1 / (training count) so that a long-tailed B_cal stands for the balanced population
-    that calibrates at deployment (docs/DESIGN.md).
+    that calibrates at deployment (docs/DESIGN.md). ``return_diagnostics=False``: the call returns the scalar
+    loss alone.
     """
 
     def __init__(
@@ -117,6 +126,7 @@ class _ConformalLoss(nn.Module):
         cal_weights: torch.Tensor | None = None,
         distributed: bool = True,
         quantile_operator: str = "l2",
+        return_diagnostics: bool = True,
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -142,6 +152,7 @@ class _ConformalLoss(nn.Module):
         self.generator = generator
         self.cal_weights = cal_weights
         self.distributed = distributed
+        self.return_diagnostics = return_diagnostics
 
     def _tau(self, true_scores: torch.Tensor, labels_cal: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Smooth lower quantile of true-class conformity scores: scalar, or [K] when ``classwise_tau``."""
@@ -289,13 +300,13 @@ class ConfTrLoss(_ConformalLoss):
         if self.size_transform == "log":
             size_loss = torch.log(size_loss + 1e-8)
         loss = self.ce_weight * ce + self.lam * size_loss + self.coverage_weight * coverage_loss
-        return loss, {
+        return _result(self, loss, {
             "ce": ce.detach(),
             "penalty": (self.lam * size_loss).detach(),
             "coverage_loss": coverage_loss.detach(),
             "tau": tau.detach(),
             **self._diagnostics(size, self.lam * per_sample, y, K, global_sum),
-        }
+        })
 
 
 class CaCTLoss(_ConformalLoss):
@@ -343,20 +354,27 @@ class CaCTLoss(_ConformalLoss):
             present = counts_all > 0
             penalty = (sums[present] / counts_all[present]).sum() / present.sum().clamp(min=1)
         loss = self.ce_weight * ce + penalty
-        return loss, {
+        return _result(self, loss, {
             "ce": ce.detach(),
             "penalty": penalty.detach(),
             "tau": tau.detach(),
             **self._diagnostics(size, per_sample, y, K, global_sum),
-        }
+        })
 
     @torch.no_grad()
-    def dual_step(self, logits: torch.Tensor, labels: torch.Tensor, cal_fraction: float = 0.2,
-                  seed: int = 0) -> torch.Tensor:
-        """One dual step from validation logits, for a training loop of your own: a stratified ``cal_fraction``
-        of the rows gives the smooth threshold (the training operator), the rest the constraint h = S - eta per
-        class, and the multipliers of ``self.dual`` are updated. Returns the mean h per class (NaN: no row).
-        (``cact_ops.training.EpochLoop`` does the same over batches and Ray workers.)
+    def dual_step(self, logits: torch.Tensor, labels: torch.Tensor, cal_fraction: float = 0.2, seed: int = 0,
+                  epoch: int | None = None) -> torch.Tensor:
+        """CaCT's dual (outer) step in one call, from validation logits: call it once per epoch in a training loop
+        of your own. A stratified ``cal_fraction`` of the rows (the same rows every call for a given ``seed``)
+        gives the smooth threshold tau, with this loss's alpha, quantile operator and strength; on the other rows
+        h_i = S(x_i) - eta with the soft size S at this loss's temperature T; then
+        lambda_k <- clamp(mean_{i in class k} P'(h_i; rho_k, lambda_k)) and the rho schedule, in ``self.dual``
+        (:meth:`cact_ops.alm.DualState.update`; ``epoch`` goes to its history). Returns the mean h per class
+        (NaN: no row of that class): > 0 where class k's sets are still larger than eta.
+
+        No gradient flows; pass logits computed under ``torch.no_grad()`` to save the graph. The protocol is that
+        of :class:`cact_ops.training.EpochLoop`'s dual step on validation data, for in-memory logits (EpochLoop
+        also spreads it over batches and Ray workers, and draws its calibration rows with its own seed).
 
         >>> from cact_ops.alm import DualState
         >>> loss_fn = CaCTLoss(DualState(2), eta=0.5)
@@ -365,6 +383,8 @@ class CaCTLoss(_ConformalLoss):
         True
         """
         K = check_matrix(logits, "logits").shape[1]
+        if K != self.dual.num_classes:
+            raise ValueError(f"logits have {K} classes but the DualState has {self.dual.num_classes}")
         labels = check_labels(labels, logits.shape[0], K)
         conf = logprob(logits.float())
         cal, rest = split_batch(labels, cal_fraction, stratified=True, generator=torch.Generator().manual_seed(seed))
@@ -372,7 +392,7 @@ class CaCTLoss(_ConformalLoss):
         tau = smooth_threshold(true, self.alpha, self.regularization_strength, operator=self.quantile_operator)
         h = soft_sets(conf[rest], tau, self.temperature).sum(1).double() - self.eta
         sums, counts, h_sums = self.dual.statistics(h, labels[rest])
-        self.dual.update(sums, counts, h_sums / counts.clamp(min=1))
+        self.dual.update(sums, counts, h_sums / counts.clamp(min=1), epoch=epoch)
         return torch.where(counts > 0, h_sums / counts.clamp(min=1), torch.full_like(h_sums, float("nan")))
 
 

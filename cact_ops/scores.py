@@ -1,8 +1,10 @@
 """Non-conformity scores s(x, k): higher means less conforming (DESIGN.md section 1), and their registry.
 
-All scores take class probabilities ``probs`` of shape [n, K] and return scores of the same shape, so a
-threshold applies column-wise (standard or class-wise). ``logprob`` is the training-time *conformity* score
-(higher = more conforming), used by the smooth operators and losses.
+The score functions (and calling a :class:`Score`) take class probabilities ``probs`` of shape [n, K] and return
+scores of the same shape, so a threshold applies column-wise (standard or class-wise). From logits, as TorchCP's
+scores take them, use :meth:`Score.from_logits` (softmax, then the score exactly as the evaluation engine
+computes it): ``score_object("aps").from_logits(logits)``. ``logprob`` is the training-time *conformity* score
+(higher = more conforming), used by the smooth operators and losses; it takes logits.
 
 The functions (``lac``, ``aps``, ``raps``) are the definitions. The evaluation engine (:mod:`cact_ops.engine`)
 uses them through :class:`Score` objects, registered by name in ``SCORE_REGISTRY`` (``SCORES`` / ``get_score``
@@ -18,6 +20,7 @@ from typing import Callable
 import torch
 
 from ._checks import check_matrix, check_probs
+from .ranking import rank_pool
 
 
 def lac(probs: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,8 @@ class Score:
         return f"{type(self).__name__}({self.name!r})"
 
     def __call__(self, probs: torch.Tensor, u=None, **params) -> torch.Tensor:
-        """The score function itself (validated input): class-ordered scores [n, K]."""
+        """The score function itself (validated input): class-ordered scores [n, K] of probabilities (of
+        logits: :meth:`from_logits`)."""
         return self.fn(probs, u=u, **params) if self.randomized else self.fn(probs, **params)
 
     def class_scores(self, probs: torch.Tensor, u: torch.Tensor | None = None, ranked=None,
@@ -150,6 +154,33 @@ class Score:
         """Rank-ordered scores [n, K] (column r = the class with the r-th largest probability), rows
         non-decreasing. Only for ``rank_monotone`` scores."""
         raise NotImplementedError(f"score {self.name!r} is not monotone in rank: use class_scores")
+
+    def from_logits(self, logits: torch.Tensor, u=None, generator: torch.Generator | None = None,
+                    **params) -> torch.Tensor:
+        """Class-ordered scores [n, K] of ``logits`` (TorchCP's convention): softmax over classes, then the score
+        computed as the evaluation engine computes it, so the numbers equal the engine's bit for bit for the same
+        rows, U and dtype (APS/RAPS from one sort of each row, :mod:`cact_ops.ranking`; tied probabilities share
+        their group's score there, where :func:`aps` breaks ties by class index).
+
+        For randomized scores ``u`` is U per row: None draws one U ~ Unif(0, 1) per row from ``generator``,
+        ``1.0`` gives the non-randomised score, a tensor [n] (or [n, 1]) is used as is; deterministic scores
+        ignore it. Hard scores for calibration and prediction: no gradient flows (training uses
+        :func:`logprob` and :mod:`cact_ops.smooth`).
+
+        >>> score_object("aps").from_logits(torch.tensor([[2.0, 1.0, 0.0]]), u=1.0)
+        tensor([[0.6652, 0.9100, 1.0000]])
+        >>> score_object("lac").from_logits(torch.zeros(1, 2))
+        tensor([[0.5000, 0.5000]])
+        """
+        probs = torch.softmax(check_matrix(logits, "logits").detach(), dim=1)
+        n = probs.shape[0]
+        if self.randomized:
+            u = _uniform(probs, u, generator).expand(n, 1).reshape(n)
+        if not self.from_ranks:
+            return self.class_scores(probs, u, **params)
+        # rank_pool also ranks each row's label (the engine's true-class rank); the class order does not read it.
+        ranked = rank_pool(probs, torch.zeros(n, dtype=torch.long, device=probs.device), need_order=True)
+        return self.class_scores(probs, u, ranked=ranked, **params)
 
 
 class LAC(Score):

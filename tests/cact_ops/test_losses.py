@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cact_ops.alm import DualConfig, DualState, phr
+from cact_ops.alm import DualConfig, DualState, phr, phr_grad
 from cact_ops.losses import METHODS, CaCTLoss, CELoss, ConfTrLoss, check_method, split_batch
 from cact_ops.smooth import smooth_threshold_level, soft_quantile
 
@@ -208,6 +208,47 @@ def test_cact_with_tiny_multipliers_and_small_sets_is_cross_entropy_up_to_a_cons
     g1, = torch.autograd.grad(loss, logits)
     g2, = torch.autograd.grad(F.cross_entropy(logits, labels), logits)
     torch.testing.assert_close(g1, g2)
+
+
+# --- the scalar loss and the dual step in one call ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ce", "conftr", "cact"])
+def test_return_diagnostics_false_gives_the_same_scalar_loss_and_gradient(name):
+    make = {"ce": lambda **kw: CELoss(**kw), "conftr": lambda **kw: ConfTrLoss(generator=gen(4), **kw),
+            "cact": lambda **kw: CaCTLoss(dual_with([0.5, 2.0, 1.0, 3.0], [1.0] * K), generator=gen(4), **kw)}[name]
+    logits, labels = batch(seed=11)
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    loss, diag = make()(a, labels)  # the default: (loss, diagnostics), what cact_ops.training reads
+    scalar = make(return_diagnostics=False)(b, labels)
+    assert isinstance(diag, dict) and isinstance(scalar, torch.Tensor) and scalar.dim() == 0
+    assert torch.equal(scalar, loss)
+    loss.backward()
+    scalar.backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_dual_step_is_the_documented_protocol_on_validation_logits():
+    g = torch.Generator().manual_seed(12)
+    logits, labels = 2 * torch.randn(200, K, generator=g), torch.arange(K).repeat(50)
+    lam, rho = [0.5, 2.0, 1.0, 3.0], [1.0, 1.5, 2.0, 1.0]
+    loss_fn = CaCTLoss(dual_with(lam, rho), alpha=0.1, eta=1.5, temperature=0.5, regularization_strength=1.0)
+    h_mean = loss_fn.dual_step(logits, labels, cal_fraction=0.2, seed=3, epoch=4)
+    # Written out: a stratified 20% calibrates the smooth threshold, the rest gives h = S - eta per class.
+    conf = torch.log_softmax(logits, 1)
+    cal, rest = split_batch(labels, 0.2, stratified=True, generator=gen(3))
+    tau = soft_quantile(conf[cal].gather(1, labels[cal, None]).squeeze(1), smooth_threshold_level(0.1, 40), 1.0)
+    h = torch.sigmoid((conf[rest] - tau) / 0.5).sum(1).double() - 1.5
+    y = labels[rest]
+    want_h = torch.stack([h[y == k].mean() for k in range(K)])
+    want_lam = torch.stack([phr_grad(h[y == k], rho[k], lam[k]).mean() for k in range(K)]).clamp(1e-6, 100.0)
+    torch.testing.assert_close(h_mean, want_h)
+    torch.testing.assert_close(loss_fn.dual.lam, want_lam)
+    assert loss_fn.dual.steps == 1 and loss_fn.dual.history[-1]["epoch"] == 4
+    with pytest.raises(ValueError, match=f"logits have 3 classes but the DualState has {K}"):
+        loss_fn.dual_step(logits[:, :3], labels % 3)
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {K}\)"):
+        loss_fn.dual_step(logits, labels + 1)
 
 
 def test_methods_registry():

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cact_ops.scores import SCORES, aps, get_score, lac, logprob, raps
+from cact_ops.engine import evaluate_pool
+from cact_ops.ranking import rank_pool
+from cact_ops.scores import SCORES, Score, aps, get_score, lac, logprob, raps, score_object
 
 from .conftest import random_probs
 
@@ -106,6 +108,60 @@ def test_get_score_registry():
     assert get_score("lac") is lac and get_score("aps") is aps and get_score("raps") is raps
     with pytest.raises(ValueError, match="unknown score 'thr'"):
         get_score("thr")
+
+
+# --- scores from logits ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lac", "aps", "raps"])
+def test_from_logits_is_the_score_of_the_softmax_and_the_engines_numbers_bit_for_bit(name):
+    logits = 2 * torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(40, generator=torch.Generator().manual_seed(1))
+    score, probs = score_object(name), torch.softmax(logits, dim=1)
+    got = score.from_logits(logits, u=u)
+    # The definition, on the probabilities (no ties here: equal up to the order of floating-point sums).
+    torch.testing.assert_close(got, {"lac": lambda: lac(probs), "aps": lambda: aps(probs, u=u),
+                                     "raps": lambda: raps(probs, u=u)}[name]())
+    # What the engine computes from its own sort of every row.
+    ranked = rank_pool(probs, torch.zeros(40, dtype=torch.long), need_order=True)
+    assert torch.equal(got, score.class_scores(probs, u, ranked=ranked))
+    assert got.dtype == logits.dtype and not got.requires_grad
+
+
+def test_from_logits_u_none_draws_one_u_per_row_from_the_generator_and_u_1_is_deterministic():
+    logits = torch.randn(30, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    aps_score = score_object("aps")
+    a = aps_score.from_logits(logits, generator=torch.Generator().manual_seed(7))
+    u = torch.rand(30, 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert torch.equal(a, aps_score.from_logits(logits, u=u))
+    assert torch.equal(aps_score.from_logits(logits, u=1.0), aps_score.from_logits(logits, u=torch.ones(30)))
+    torch.testing.assert_close(aps_score.from_logits(logits, u=1.0), aps(torch.softmax(logits, 1), u=1.0))
+    # Deterministic scores ignore u; a custom score gets the softmax.
+    assert torch.equal(score_object("lac").from_logits(logits, u=0.3), 1 - torch.softmax(logits, 1))
+    sq = Score("sq", lambda p: 1.0 - p ** 2)
+    assert torch.equal(sq.from_logits(logits), 1.0 - torch.softmax(logits, 1) ** 2)
+
+
+def test_from_logits_ties_share_the_score_as_in_the_engine():
+    """Tied probabilities: the engine (and from_logits) give a tied class its group's score, where aps() breaks
+    the tie by class index; the engine's coverage of a tied pool is what from_logits' scores give."""
+    logits = torch.tensor([[2.0, 0.0, 0.0]] * 4)
+    s = score_object("aps").from_logits(logits, u=1.0)
+    assert torch.equal(s[:, 1], s[:, 2])
+    assert aps(torch.softmax(logits, 1), u=1.0)[0, 2] > s[0, 1]
+    labels = torch.tensor([1, 1, 1, 1])  # q_hat = the score of class 1
+    _, (res,) = evaluate_pool(logits, labels, [1, 1, 1], scores=["aps"], predictors=["standard"], alphas=[0.4],
+                              n_splits=1, randomized=False)
+    assert float(res.metrics["size"][0, 0]) == 3.0  # class 2, tied with 1, enters with it (aps() would stop at 2)
+
+
+def test_from_logits_rejects_bad_logits_and_u():
+    with pytest.raises(ValueError, match=r"logits must have shape \[n, K\]"):
+        score_object("lac").from_logits(torch.zeros(3))
+    with pytest.raises(ValueError, match="logits contains NaN or inf"):
+        score_object("aps").from_logits(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match=r"u must be a scalar or have shape \[2\]"):
+        score_object("aps").from_logits(torch.zeros(2, 3), u=torch.rand(3))
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------
