@@ -126,6 +126,17 @@ class TrainConfig:
         return asdict(self)
 
 
+class TrainingDiverged(ValueError):
+    """Training produced NaN or inf: a property of the configuration (most often the learning rate), so a retry
+    would fail the same way. Ray Train workers report it instead of raising, so it is not retried."""
+
+    def __init__(self, cfg: TrainConfig, epoch: int, step: int, what: str):
+        self.method, self.epoch, self.step = cfg.method, epoch, step
+        super().__init__(f"{cfg.method}: {what} became NaN or inf at epoch {epoch + 1}, optimizer step {step} "
+                         f"(lr={cfg.lr:g}, optimizer={cfg.optimizer}): training diverged; lower the learning rate "
+                         f"(--lr) or check the data")
+
+
 def calibration_weights(cfg: TrainConfig, train_counts) -> torch.Tensor | None:
     """Per-class weights of B_cal's scores: 1 / n_k with ``cal_weighting="balanced"`` (classes without training
     samples get weight 1; they never appear in B_cal), None with ``"none"``."""
@@ -335,7 +346,11 @@ class EpochLoop:
                     crop_flip(x, self.generator, pad=2, flip=False)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = self.model(x)
+            if not bool(torch.isfinite(logits).all()):
+                raise TrainingDiverged(cfg, self.epoch, self.global_step, "the model's logits")
             loss, diag = self.loss_fn(logits.float(), y)
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDiverged(cfg, self.epoch, self.global_step, "the loss")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -539,5 +554,5 @@ def format_epoch(method: str, m: dict) -> str:
             f"lambda [{m['lambda_min']:.3g}, {m['lambda_max']:.3g}]")
 
 
-__all__ = ["TrainConfig", "EpochLoop", "ValStats", "LocalComm", "build_loss", "build_optimizer", "crop_flip",
+__all__ = ["TrainConfig", "TrainingDiverged", "EpochLoop", "ValStats", "LocalComm", "build_loss", "build_optimizer", "crop_flip",
            "val_cal_mask", "iterate_tensors", "fit_in_process", "format_epoch", "val_objective", "METHODS"]

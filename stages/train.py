@@ -55,6 +55,7 @@ from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
 from .ray_cleanup import release_orphaned_placement_groups
 
 CHECKPOINT_FILE = "checkpoint.pt"
+DIVERGED_FILE = "diverged.json"  # written by a worker whose training went NaN: a deterministic error, not retried
 
 
 @dataclass
@@ -435,6 +436,8 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
                                   execution_options=ExecutionOptions(preserve_order=True)) if streamed else None,
     )
     release_orphaned_placement_groups()  # e.g. left by an earlier attempt of this fit that was killed
+    for i in todo:  # a divergence report of an earlier attempt is stale now
+        (configs[i].method_dir / DIVERGED_FILE).unlink(missing_ok=True)
     histories = {}
     try:
         result = trainer.fit()
@@ -445,6 +448,9 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         release_orphaned_placement_groups()
     for i in todo:
         c = configs[i]
+        diverged = c.method_dir / DIVERGED_FILE
+        if diverged.is_file():
+            raise ValueError(json.loads(diverged.read_text())["error"] + f" (reported in {diverged})")
         saved = c.method_dir / "config.json"
         if not (saved.is_file() and _same_run(json.loads(saved.read_text()), c)):
             raise RuntimeError(f"training {c.method} wrote no outputs under {c.method_dir} (error: {result.error})")

@@ -22,10 +22,11 @@ import torch.nn as nn
 from cact_ops import distributed as _dist
 from cact_ops import methods as method_registry
 from cact_ops.models import build_model
-from cact_ops.training import EpochLoop, TrainConfig, format_epoch, val_cal_mask
+from cact_ops.training import EpochLoop, TrainConfig, TrainingDiverged, format_epoch, val_cal_mask
 
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE
-from .train import CHECKPOINT_FILE, TrainStageConfig, _write_outputs
+from . import _io
+from .train import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, _write_outputs
 
 
 class TorchDistComm:
@@ -138,8 +139,16 @@ def train_loop_per_worker(cfg: dict) -> None:
         if i < current:  # finished, and its outputs written, before the restart
             continue
         t0 = time.time()
-        final = _train_job(job, state if i == current else None, splits, device, comm, shard, rank, world,
-                           Path(cfg["marker_dir"]) / job["name"], coordinator)
+        try:
+            final = _train_job(job, state if i == current else None, splits, device, comm, shard, rank, world,
+                               Path(cfg["marker_dir"]) / job["name"], coordinator)
+        except TrainingDiverged as e:
+            # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver
+            # raises this message. Every rank sees the same global loss, so every rank stops here.
+            if rank == 0:
+                stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
+                _io.write_json({"job": job["name"], "error": str(e)}, stage.method_dir / DIVERGED_FILE)
+            return
         if rank == 0:
             stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
             _write_outputs(stage, job["spec"], final, time.time() - t0)

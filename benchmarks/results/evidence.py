@@ -362,6 +362,48 @@ def _verdicts(frame, sel, seeds) -> list[str]:
     return lines + [""]
 
 
+def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise") -> str:
+    """One row per measured (dataset, IF) folder without a variant tag: CaCT at its D_val-selected knob against
+    each baseline (all with the same predictor), as verdict words with the paired mean difference over seeds."""
+    import polars as pl
+
+    baselines = ("ce_finetune", "ce_finetune_la", "conftr", "conftr_class", "cact_uniform")
+    lines = [f"| dataset, IF (seeds) | backbone acc. (LA) | CaCT: size, tail size, CovGap | "
+             + " | ".join(f"vs {b}: Δ size / Δ tail / Δ CovGap" for b in baselines) + " |",
+             "|---|---|---|" + "---|" * len(baselines)]
+    word = {"better": "**−**", "worse": "**+**", "no detectable difference": "0"}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        files = sorted(folder.glob("seed*.parquet"))
+        facts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
+        if not files or any(f.get("overrides") for f in facts) or folder.name.count("-") > 1:
+            continue
+        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+
+        def pick(m):
+            return chosen.filter((pl.col("method") == m) & (pl.col("predictor") == predictor)).sort("seed")
+
+        cact = pick("cact")
+        acc = np.mean([f["backbone_pool_accuracy"] for f in facts])
+        acc_la = np.mean([f["backbone_pool_accuracy_logit_adjusted"] for f in facts])
+        cells = [f"{folder.name} ({len(files)})", f"{acc:.3f} ({acc_la:.3f})",
+                 f"{cact['size'].mean():.2f}, {cact['tail_size'].mean():.2f}, {cact['covgap'].mean():.2f}"]
+        for b in baselines:
+            base = pick(b)
+            if base.height != cact.height or base.height == 0:
+                cells.append("-")
+                continue
+            parts = []
+            for m in ("size", "tail_size", "covgap"):
+                d = cact[m].to_numpy() - base[m].to_numpy()
+                mean, lo, hi = _interval(d)
+                verdict = "better" if hi < 0 else "worse" if lo > 0 else "no detectable difference"
+                parts.append(f"{word[verdict]} {mean:+.2f}")
+            cells.append(" / ".join(parts))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fronts(frame) -> list[str]:
     """Each method's front over its knob (APS, pool, means over seeds and splits)."""
     import polars as pl
@@ -402,6 +444,7 @@ def main(argv=None) -> int:
     r.add_argument("--work", type=Path, required=True, help="scratch folder: splits and backbones (not committed)")
     q = sub.add_parser("report", help="print the verdicts and fronts of every measured (dataset, IF)")
     q.add_argument("--out", type=Path, required=True)
+    q.add_argument("--summary", action="store_true", help="only the one-row-per-(dataset, IF) verdict table")
     a = p.parse_args(argv)
     if a.cmd == "run":
         import torch
@@ -420,7 +463,7 @@ def main(argv=None) -> int:
             run_seed(a.dataset, a.data_root, a.imbalance_factor, seed, a.out, a.work, a.val_fraction,
                      a.head_finetune_epochs, tuple(a.methods or ()), overrides, a.tag)
     else:
-        print(report(a.out), end="")
+        print(verdict_summary(a.out) if a.summary else report(a.out), end="")
     return 0
 
 

@@ -578,6 +578,10 @@ def evidence_section() -> list[str]:
         return []
     return ["Made by `evidence.py run` (per dataset, IF and seed) and printed by `evidence.py report --out "
             "benchmarks/results/measured/evidence`; the protocol is in that script's docstring.", "",
+            "**Summary** (APS, α = 0.1, class-wise CP for every method; CaCT at its D_val-selected η_relative "
+            "against each baseline at its own; per cell the paired mean difference over seeds, **−** / **+** where "
+            "the 95% interval lies below / above zero, 0 where it contains zero):", "",
+            *evidence.verdict_summary(folder).rstrip("\n").split("\n"), "",
             *evidence.report(folder).rstrip("\n").split("\n"), ""]
 
 

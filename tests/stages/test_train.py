@@ -305,3 +305,27 @@ def test_a_run_folder_moved_elsewhere_is_still_the_same_run(tmp_path):
     assert train._same_run(saved, moved)
     other = dataclasses.replace(moved, init_from=str(tmp_path / "elsewhere" / "model.pt"))
     assert not train._same_run(saved, other)
+
+
+def test_a_diverging_run_fails_once_with_a_clear_error_in_process(digits_splits):
+    from cact_ops.training import TrainingDiverged
+
+    x, y = read_split_tensors(digits_splits, "train")
+    val = read_split_tensors(digits_splits, "val")
+    model = build_model("small_cnn", 10, in_channels=1)
+    cfg = TrainConfig(method="ce", epochs=2, lr=1e12, grad_clip=0.0, optimizer="sgd")
+    with pytest.raises(TrainingDiverged, match=r"ce: the (loss|model's logits) became NaN or inf .*lr=1e\+12"):
+        fit_in_process(model, cfg, (x, y), val)
+
+
+@pytest.mark.ray
+def test_a_diverging_ray_run_is_not_retried(ray_cluster, digits_splits, tmp_path):
+    """NaN is a property of the configuration: the worker reports it instead of raising, so Ray Train does not
+    retry it max_failures times; the driver raises the worker's message, naming the method and the lr."""
+    cfg = train.TrainStageConfig(out=str(tmp_path), loop=TrainConfig(method="ce", epochs=3, lr=1e12, grad_clip=0.0),
+                                 verbose=False, max_failures=3)
+    with pytest.raises(ValueError, match=r"ce: the (loss|model's logits) became NaN or inf .*lower the learning rate"):
+        train.fit(digits_splits, cfg)
+    # the worker ended its training function normally after reporting: no worker failure, so nothing to retry
+    assert not (tmp_path / "train" / "ce" / "model.pt").exists()
+    assert (tmp_path / "train" / "ce" / train.DIVERGED_FILE).is_file()
