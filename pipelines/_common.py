@@ -94,6 +94,9 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
                    help="torchsort soft-sort strength of the smooth quantile")
     t.add_argument("--conftr-lambda", type=float, default=d.loop_overrides.get("conftr_lambda", 1.0),
                    help="ConfTr's global size-penalty weight")
+    t.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="loop_set",
+                   help="any other field of cact_ops.training.TrainConfig for every method, e.g. --set rho_init=10 "
+                        "quantile_operator=kl milestones=[60,80] (values: JSON, else a plain string)")
     t.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and data order")
     r = p.add_argument_group("ray")
     r.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per method")
@@ -131,6 +134,53 @@ def _eta(args: argparse.Namespace) -> tuple[float, float | None]:
             raise SystemExit(f"--eta must be > 0, got {args.eta}")
         return args.eta, None
     return TrainConfig.eta, args.eta_relative if args.eta_relative is not None else TrainConfig.eta_relative
+
+
+# TrainConfig fields that have a flag of their own: --set refuses them (one way to set each).
+_FIELD_FLAGS = {"method": "--methods", "epochs": "--epochs / --finetune-epochs", "batch_size": "--batch-size",
+                "lr": "--lr", "alpha": "--train-alpha", "temperature": "--temperature", "eta": "--eta",
+                "eta_relative": "--eta-relative", "reduction": "--reduction", "cal_weighting": "--cal-weighting",
+                "dual_every_steps": "--dual-every-steps", "rho_step": "--rho-step", "lambda_max": "--lambda-max",
+                "regularization_strength": "--regularization-strength", "conftr_lambda": "--conftr-lambda",
+                "seed": "--seed"}
+
+
+def loop_settings(items: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items as TrainConfig fields, each checked against the field's default's type.
+
+    >>> loop_settings(["rho_init=10", "quantile_operator=kl", "milestones=[60, 80]"])
+    {'rho_init': 10.0, 'quantile_operator': 'kl', 'milestones': (60, 80)}
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    out, problems = {}, []
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            problems.append(f"--set {item!r}: expected FIELD=VALUE")
+            continue
+        if name in _FIELD_FLAGS:
+            problems.append(f"--set {name}: use {_FIELD_FLAGS[name]}")
+            continue
+        if name not in defaults:
+            settable = sorted(set(defaults) - set(_FIELD_FLAGS))
+            problems.append(f"--set {name}: not a TrainConfig field; settable: {', '.join(settable)}")
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        default = defaults[name]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if default is not None and value is not None and type(value) is not type(default):
+            problems.append(f"--set {name}={text}: expected a {type(default).__name__} (default {default!r})")
+            continue
+        out[name] = value
+    if problems:
+        raise SystemExit("invalid flags (nothing was started):\n  " + "\n  ".join(problems))
+    return out
 
 
 def _real(v) -> bool:
@@ -202,7 +252,8 @@ def _configs(args: argparse.Namespace, d: Defaults, source: dict, out: Path, met
             reduction=args.reduction, cal_weighting=args.cal_weighting, dual_every_steps=args.dual_every_steps,
             rho_step=args.rho_step, lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
             conftr_lambda=args.conftr_lambda, seed=args.seed,
-            **{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")})
+            **{**{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")},
+               **loop_settings(getattr(args, "loop_set", []))})
         dataclasses.replace(loop, epochs=args.finetune_epochs)  # the fine-tunes' TrainConfig checks too
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid training settings (--epochs, --finetune-epochs, --batch-size, --train-alpha, "

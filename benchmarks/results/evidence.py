@@ -265,11 +265,23 @@ def _matched(per_seed, method: str, predictor: str, at: dict) -> dict:
     return out
 
 
+def _folders(out: Path) -> list[Path]:
+    """Measured folders in reading order: by dataset, then IF as a number, then variant tag."""
+    def key(p: Path):
+        dataset, _, rest = p.name.partition("-if")
+        number, _, tag = rest.partition("-")
+        try:
+            return dataset, float(number), tag
+        except ValueError:
+            return dataset, float("inf"), p.name
+    return sorted((p for p in out.iterdir() if p.is_dir()), key=key)
+
+
 def report(out: Path) -> str:
     import polars as pl
 
     lines = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+    for folder in _folders(out):
         files = sorted(folder.glob("seed*.parquet"))
         if not files:
             continue
@@ -372,10 +384,10 @@ def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise")
              + " | ".join(f"vs {b}: Δ size / Δ tail / Δ CovGap" for b in baselines) + " |",
              "|---|---|---|" + "---|" * len(baselines)]
     word = {"better": "**−**", "worse": "**+**", "no detectable difference": "0"}
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+    for folder in _folders(out):
         files = sorted(folder.glob("seed*.parquet"))
         facts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
-        if not files or any(f.get("overrides") for f in facts) or folder.name.count("-") > 1:
+        if not files or any(f.get("overrides") for f in facts) or facts[0].get("val_fraction", 0.2) != 0.2:
             continue
         frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
         chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")

@@ -63,6 +63,10 @@ BAD_FLAGS = [
     (["--image-size", "0"], "--image-size", ">= 1"),
     (["--model", "bogus"], "--model", "small_cnn"),
     (["--frozen-features", "--sweep", "2"], "--frozen-features with --sweep", "not supported"),
+    (["--set", "bogus=1"], "--set bogus", "rho_init"),
+    (["--set", "lr=0.1"], "--set lr", "--lr"),
+    (["--set", "rho_init=abc"], "--set rho_init=abc", "float"),
+    (["--set", "quantile_operator=bogus"], "quantile_operator", "sigmoid"),
 ]
 
 
@@ -110,3 +114,22 @@ def test_a_run_folder_of_an_older_version_is_recognised(pipeline, tmp_path):
     with pytest.raises(_Started):  # accepted: the pipeline goes on to start Ray
         pipeline(out=old)
     assert json.loads((old / ".cact-run.json").read_text())["project"] == "cact"
+
+
+def test_any_train_config_field_can_be_set(pipeline, monkeypatch):
+    """--set FIELD=VALUE reaches the TrainConfig every method trains with (checked before Ray starts)."""
+    import _common
+
+    seen = {}
+    real = _common._configs
+
+    def spy(*a, **k):
+        split_cfg, loop, ev = real(*a, **k)
+        seen["loop"] = loop
+        return split_cfg, loop, ev
+
+    monkeypatch.setattr(_common, "_configs", spy)
+    with pytest.raises(_Started):
+        pipeline("--set", "rho_init=10", "quantile_operator=kl", "milestones=[3,4]")
+    loop = seen["loop"]
+    assert (loop.rho_init, loop.quantile_operator, loop.milestones) == (10.0, "kl", (3, 4))
