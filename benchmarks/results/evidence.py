@@ -416,6 +416,46 @@ def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise")
     return "\n".join(lines) + "\n"
 
 
+def checks_table(out: Path, base: str = "newsgroups-if10", score: str = "aps", predictor: str = "classwise") -> str:
+    """The seed's checks: every variant folder of ``base`` (``<base>-<tag>``: CaCT re-swept with TrainConfig
+    overrides; ``<base>-vf<f>``: another D_val fraction, hence other splits and backbones) beside ``base``: CaCT at
+    its D_val-selected knob, against its own folder's control and logit-adjusted control, and (same backbones:
+    tag variants only) against the default CaCT of the same seeds."""
+    import polars as pl
+
+    def load(folder):
+        files = sorted(folder.glob("seed*.parquet"))
+        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        facts = json.loads(files[0].with_suffix(".json").read_text())
+        chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+        return chosen.filter(pl.col("predictor") == predictor), facts
+
+    def cell(a, b, m):
+        joined = a.join(b, on="seed", suffix="_b")
+        if joined.height == 0:
+            return "-"
+        mean, lo, hi = _interval(joined[m].to_numpy() - joined[f"{m}_b"].to_numpy())
+        return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+    ref, _ = load(out / base)
+    ref_cact = ref.filter(pl.col("method") == "cact")
+    lines = ["| variant | seeds | CaCT size, tail size | Δ tail vs its ce_finetune | Δ tail vs its ce_finetune_la | "
+             "Δ size vs default CaCT | Δ tail vs default CaCT |", "|---|---|---|---|---|---|---|"]
+    for folder in [out / base] + [p for p in _folders(out) if p.name.startswith(base + "-")]:
+        chosen, facts = load(folder)
+        cact = chosen.filter(pl.col("method") == "cact")
+        what = "default" if folder.name == base else (
+            ", ".join(f"{k}={v}" for k, v in facts.get("overrides", {}).items())
+            or f"val_fraction={facts['val_fraction']:g}")
+        same_backbones = bool(facts.get("overrides"))
+        lines.append(f"| {what} | {cact.height} | {cact['size'].mean():.2f}, {cact['tail_size'].mean():.2f} | "
+                     f"{cell(cact, chosen.filter(pl.col('method') == 'ce_finetune'), 'tail_size')} | "
+                     f"{cell(cact, chosen.filter(pl.col('method') == 'ce_finetune_la'), 'tail_size')} | "
+                     f"{cell(cact, ref_cact, 'size') if same_backbones else '-'} | "
+                     f"{cell(cact, ref_cact, 'tail_size') if same_backbones else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fronts(frame) -> list[str]:
     """Each method's front over its knob (APS, pool, means over seeds and splits)."""
     import polars as pl
@@ -457,6 +497,7 @@ def main(argv=None) -> int:
     q = sub.add_parser("report", help="print the verdicts and fronts of every measured (dataset, IF)")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--summary", action="store_true", help="only the one-row-per-(dataset, IF) verdict table")
+    q.add_argument("--checks", action="store_true", help="only the table of the seed's checks (variants)")
     a = p.parse_args(argv)
     if a.cmd == "run":
         import torch
@@ -475,7 +516,7 @@ def main(argv=None) -> int:
             run_seed(a.dataset, a.data_root, a.imbalance_factor, seed, a.out, a.work, a.val_fraction,
                      a.head_finetune_epochs, tuple(a.methods or ()), overrides, a.tag)
     else:
-        print(verdict_summary(a.out) if a.summary else report(a.out), end="")
+        print(checks_table(a.out) if a.checks else verdict_summary(a.out) if a.summary else report(a.out), end="")
     return 0
 
 
