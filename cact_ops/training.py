@@ -24,7 +24,7 @@ from .cp import conformal_quantile
 from . import methods
 from .losses import METHODS, CaCTLoss, CELoss, ConfTrLoss, check_method
 from .scores import logprob
-from .smooth import smooth_threshold, soft_size
+from .smooth import QUANTILE_OPERATORS, smooth_threshold, soft_size
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TrainConfig:
                               ("augment", ("none", "crop_flip", "crop")), ("size_transform", ("none", "log")),
                               ("reduction", ("sample", "class")), ("dual_source", ("val", "train")),
                               ("cal_weighting", ("balanced", "none")),
-                              ("quantile_operator", ("l2", "kl", "sigmoid"))):
+                              ("quantile_operator", QUANTILE_OPERATORS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epochs < 1 or self.batch_size < 2:

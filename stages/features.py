@@ -128,35 +128,13 @@ def _features_table(source: pa.Table, found: dict[str, np.ndarray]) -> pa.Table:
 
 
 def _run_model(config: FeatureConfig, splits, model: torch.nn.Module | None) -> dict[str, dict[str, np.ndarray]]:
+    from .infer import map_splits
+
     payload = splits.payload
-    columns = ["sample_id", payload.get("column") or payload["kind"]]
-    files = {str(splits.path(s)): s for s in SPLITS}
     kwargs = {"payload": payload, "model_path": None if model is not None else str(config.model), "model": model,
               "use_gpu": config.use_gpu, "image_size": config.image_size}
-    parts: dict[str, dict[str, list]] = {s: {} for s in SPLITS}
-    if not config.use_gpu and sum(map(_io.parquet_bytes, files)) <= config.local_max_bytes:
-        predictor = FeaturePredictor(**kwargs)
-        for path, split in files.items():
-            table = splits.read_table(split, columns=columns)
-            for start in range(0, table.num_rows, config.batch_size):
-                for name, values in predictor(table.slice(start, config.batch_size)).items():
-                    parts[split].setdefault(name, []).append(values)
-    else:
-        import ray
-
-        ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
-        ds = ds.map_batches(FeaturePredictor, fn_constructor_kwargs=kwargs, batch_size=config.batch_size,
-                            batch_format="pyarrow", concurrency=config.concurrency,
-                            num_gpus=1 if config.use_gpu else 0, num_cpus=config.num_cpus)
-        resolved = {str(Path(p).resolve()): s for p, s in files.items()}
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            origin = np.array([resolved.get(str(Path(p).resolve()), "") for p in batch["path"]])
-            for split in SPLITS:
-                rows = origin == split
-                if rows.any():
-                    for name in ("sample_id", "features"):
-                        parts[split].setdefault(name, []).append(np.asarray(batch[name])[rows])
-    return {s: {k: np.concatenate(v) for k, v in p.items() if k != "path"} for s, p in parts.items()}
+    return map_splits(splits, SPLITS, FeaturePredictor, kwargs, ["sample_id", payload.get("column") or payload["kind"]],
+                      config.batch_size, config.use_gpu, config.concurrency, config.num_cpus, config.local_max_bytes)
 
 
 def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> longtail.Splits:
@@ -192,16 +170,16 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
     manifest = {k: v for k, v in splits.manifest.items() if k not in ("payload", "files", "checksums")}
     with _io.atomic_path(out) as tmp:
         tmp.mkdir()
-        checks = {}
+        written = {}
         for split in SPLITS:
             table = _features_table(splits.read_table(split, columns=["sample_id", "label"]), found[split])
             pq.write_table(table, tmp / f"{split}.parquet", compression="snappy")
-            checks[f"{split}.parquet"] = _io.sha256_file(tmp / f"{split}.parquet")
+            written[f"{split}.parquet"] = _io.sha256_file(tmp / f"{split}.parquet")
         dim = int(found["train"]["features"].shape[1])
         manifest |= {"payload": {"kind": "features", "column": "features", "dim": dim, "shape": None},
                      "files": {s: f"{s}.parquet" for s in SPLITS}, "model_family": "head",
                      "checksums": {"sources": (splits.manifest.get("checksums") or {}).get("sources"),
-                                   "splits": checks},
+                                   "splits": written},
                      "features_from": source}
         _io.write_json(json.loads(json.dumps(manifest, default=str)), tmp / "manifest.json")
     log.info("wrote %d-dim features of %s to %s", dim, source["model"], out)

@@ -127,11 +127,42 @@ def _logits_table(sample_id: np.ndarray, label: np.ndarray, logits: np.ndarray) 
                      "logits": pa.FixedSizeListArray.from_arrays(flat, k)})
 
 
+def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: list[str], batch_size: int,
+               use_gpu: bool = False, concurrency: int = 1, num_cpus: float = 1.0,
+               local_max_bytes: int = 64 << 20) -> dict[str, dict[str, np.ndarray]]:
+    """Run a batch predictor (a Ray Data model class: Arrow batch -> dict of arrays) over the ``names`` splits:
+    in this process when they are small (up to ``local_max_bytes`` on disk, never with ``use_gpu``), else as one
+    Ray Data ``map_batches`` pass over all their files (the actors start once). Returns, per split, each output
+    column concatenated over its batches (the ``path`` column the routing adds is dropped)."""
+    files = {str(splits.path(s).resolve()): s for s in names}
+    parts: dict[str, list[np.ndarray]] = {}
+    if not use_gpu and sum(map(_io.parquet_bytes, files)) <= local_max_bytes:
+        predictor = predictor_cls(**predictor_kwargs)
+        for path, split in files.items():
+            table = splits.read_table(split, columns=columns)
+            for start in range(0, table.num_rows, batch_size):
+                batch = table.slice(start, batch_size)
+                out = predictor(batch.append_column("path", pa.array([path] * batch.num_rows)))
+                for name, values in out.items():
+                    parts.setdefault(name, []).append(np.asarray(values))
+    else:
+        import ray
+
+        ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
+        ds = ds.map_batches(predictor_cls, fn_constructor_kwargs=predictor_kwargs, batch_size=batch_size,
+                            batch_format="pyarrow", concurrency=concurrency, num_gpus=1 if use_gpu else 0,
+                            num_cpus=num_cpus)
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for name, values in batch.items():
+                parts.setdefault(name, []).append(np.asarray(values))
+    cols = {name: np.concatenate(v) for name, v in parts.items()}
+    origin = np.array([files.get(str(Path(p).resolve()), "") for p in cols.pop("path", [])])
+    return {split: {name: values[origin == split] for name, values in cols.items()} for split in names}
+
+
 def run(config: InferConfig) -> InferResult:
     """Write ``<run>/logits/<method>/<split>.parquet`` for every method and split (Ray Data ``map_batches``, or
     the same predictor in this process for splits up to ``local_max_bytes``)."""
-    import ray
-
     from . import longtail
 
     run_dir = Path(config.run_dir)
@@ -147,33 +178,13 @@ def run(config: InferConfig) -> InferResult:
     payload = splits.payload
     columns = ["sample_id", "label", payload.get("column") or payload["kind"]]
     result = InferResult(run_dir=run_dir, paths={m: {} for m in methods})
-    files = {str(splits.path(s).resolve()): s for s in config.splits}
     predictor_kwargs = {"model_paths": {m: str(p) for m, p in model_paths.items()}, "payload": payload,
                         "use_gpu": config.use_gpu, "image_size": config.image_size}
-    parts: dict[str, list[np.ndarray]] = {}
-    if not config.use_gpu and sum(map(_io.parquet_bytes, files)) <= config.local_max_bytes:
-        predictor = LogitsPredictor(**predictor_kwargs)
-        for path in files:
-            table = splits.read_table(files[path], columns=columns)
-            for start in range(0, table.num_rows, config.batch_size):
-                batch = table.slice(start, config.batch_size)
-                out = predictor(batch.append_column("path", pa.array([path] * batch.num_rows)))
-                for name, values in out.items():
-                    parts.setdefault(name, []).append(np.asarray(values))
-    else:
-        # One dataset over all splits: the model actors start (and load every model) once.
-        ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
-        ds = ds.map_batches(LogitsPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=config.batch_size,
-                            batch_format="pyarrow", concurrency=config.concurrency,
-                            num_gpus=1 if config.use_gpu else 0, num_cpus=config.num_cpus)
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for name, values in batch.items():
-                parts.setdefault(name, []).append(np.asarray(values))
-    cols = {name: np.concatenate(v) for name, v in parts.items()}
-    origin = np.array([files.get(str(Path(p).resolve()), "") for p in cols.get("path", [])])
+    by_split = map_splits(splits, config.splits, LogitsPredictor, predictor_kwargs, columns, config.batch_size,
+                          config.use_gpu, config.concurrency, config.num_cpus, config.local_max_bytes)
     for split in config.splits:
-        rows = origin == split
-        sample_id, label = cols["sample_id"][rows], cols["label"][rows]
+        cols = by_split[split]
+        sample_id, label = cols["sample_id"], cols["label"]
         result.rows[split] = len(sample_id)
         expected = int(sum(splits.manifest["counts"][split]))
         if len(sample_id) != expected:
@@ -181,7 +192,7 @@ def run(config: InferConfig) -> InferResult:
                                f"lists {expected}")
         for m in methods:
             path = run_dir / "logits" / m / f"{split}.parquet"
-            _io.write_parquet(_logits_table(sample_id, label, cols[f"logits__{m}"][rows]), path)
+            _io.write_parquet(_logits_table(sample_id, label, cols[f"logits__{m}"]), path)
             result.paths[m][split] = path
         log.info("inference on %s: %d rows x %d methods", split, len(sample_id), len(methods))
     for m in methods:

@@ -197,11 +197,11 @@ def inverse_document_frequency(splits) -> list[float]:
     """
     column = splits.read_table("train", columns=[splits.payload["column"]]).column(0).combine_chunks()
     size = int(splits.payload["vocab_size"])
-    df = np.zeros(size, dtype=np.int64)
     offsets = column.offsets.to_numpy()
-    ids = column.values.to_numpy()
-    for i in range(len(column)):
-        df[np.unique(ids[offsets[i]:offsets[i + 1]])] += 1
+    ids = column.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int64)
+    doc = np.repeat(np.arange(len(column), dtype=np.int64), np.diff(offsets))
+    # each (document, token) pair once: the token's document frequency
+    df = np.bincount(np.unique(doc * size + ids) % size, minlength=size)
     return (np.log((1.0 + len(column)) / (1.0 + df)) + 1.0).tolist()
 
 

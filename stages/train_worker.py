@@ -139,31 +139,29 @@ def train_loop_per_worker(cfg: dict) -> None:
         if i < current:  # finished, and its outputs written, before the restart
             continue
         t0 = time.time()
+        stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
         try:
-            final = _train_job(job, state if i == current else None, splits, device, comm, shard, rank, world,
-                               Path(cfg["marker_dir"]) / job["name"], coordinator)
+            final = _train_job(job, stage, state if i == current else None, splits, device, comm, shard, rank,
+                               world, Path(cfg["marker_dir"]) / job["name"], coordinator)
         except TrainingDiverged as e:
             # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver
             # raises this message. Every rank sees the same global loss, so every rank stops here.
             if rank == 0:
-                stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
                 _io.write_json({"job": job["name"], "error": str(e)}, stage.method_dir / DIVERGED_FILE)
             return
         if rank == 0:
-            stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
             _write_outputs(stage, job["spec"], final, time.time() - t0)
         comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
 
 
-def _train_job(job: dict, state: dict | None, splits, device, comm, shard, rank: int, world: int,
-               marker_dir: Path, coordinator) -> dict:
+def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, device, comm, shard, rank: int,
+               world: int, marker_dir: Path, coordinator) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
     import ray.train
     import ray.train.torch
 
     from .payload import decode, decode_labels
 
-    stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
     loop_cfg = stage.loop
     torch.manual_seed(loop_cfg.seed)
     np.random.seed(loop_cfg.seed)

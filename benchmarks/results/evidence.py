@@ -72,13 +72,13 @@ def _backbone(dataset: str, splits, seed: int, work: Path):
     from cact_ops.models import build_model
     from cact_ops.training import TrainConfig, fit_in_process
     from stages import payload
+    from stages.train import TrainStageConfig, model_spec
 
     spec = BACKBONES[dataset]
-    kwargs = {"idf": payload.inverse_document_frequency(splits)} if spec["family"] == "tfidf" else {}
-    if spec["family"] in ("small_cnn", "lenet"):
-        kwargs["in_channels"] = int(splits.payload["shape"][-1])
+    # the train stage's constructor arguments for this family and split folder (idf, input channels)
+    built = model_spec(TrainStageConfig(out=str(work), model_family=spec["family"]), splits)
     torch.manual_seed(seed)
-    model = build_model(spec["family"], splits.num_classes, **kwargs)
+    model = build_model(built["family"], built["num_classes"], **built["kwargs"])
     path = work / f"backbone-s{seed}.pt"
     t0 = time.time()
     if path.is_file():
