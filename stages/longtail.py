@@ -380,6 +380,16 @@ def plan(config: LongTailConfig) -> Plan:
         o = origin[split]
         sel = np.isin(sid[o], ids[split], assume_unique=True)
         counts[split] = np.bincount(y[o][sel], minlength=K).tolist()
+    for split, fix in (("val", "a larger val_fraction (--val-fraction)"), ("pool", "a smaller val_fraction "
+                                                                                  "(--val-fraction)")):
+        # A class absent from D_val never moves its multiplier; one absent from the pool gets no class-wise
+        # threshold and drops out of CovGap: results that look fine and are not.
+        empty = [f"{names[k]!r} (index {k})" for k, c in enumerate(counts[split]) if c == 0]
+        if empty:
+            hint = "" if config.profile == "lists" else f"; use {fix}"
+            raise ValueError(f"the {split} split ({rules[split]}) would hold no example of class "
+                             f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
+                             f"({len(empty)} of {K} classes){hint}")
 
     spec = config.source_spec()
     source_options = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("dataset", "data_root",

@@ -497,6 +497,9 @@ def _write_outputs(config: TrainStageConfig, spec: dict, state: dict, seconds: f
     """A finished job's outputs, each written atomically (rank 0 writes them; the driver reads them back)."""
     d = config.method_dir
     d.mkdir(parents=True, exist_ok=True)
+    # The folder is committed as a unit: config.json (the commit marker) goes first and comes back last, so a
+    # crash in between leaves an unfinished run that is trained again, never new files under an old config.
+    (d / "config.json").unlink(missing_ok=True)
     with _io.atomic_path(d / "model.pt") as tmp:
         torch.save({"model_spec": spec, "model": state["model"], "image_size": config.image_size,
                     "method": config.method, "epochs": state["epoch"]}, tmp)
@@ -505,6 +508,8 @@ def _write_outputs(config: TrainStageConfig, spec: dict, state: dict, seconds: f
     _io.write_parquet(metrics.to_arrow(), d / "metrics.parquet")
     if state.get("dual") is not None:
         _io.write_json({"history": state["dual"]["history"], "config": state["dual"]["config"]}, d / "dual.json")
+    else:  # a previous run's multipliers (this project's file) must not pass for this run's
+        (d / "dual.json").unlink(missing_ok=True)
     _io.write_json({"wall_seconds": round(seconds, 2), "resumed_from_epoch": state.get("resumed_from_epoch", 0)},
                    d / "run.json")
     # config.json last: its presence marks a finished run that a rerun may reuse.

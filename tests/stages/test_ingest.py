@@ -142,8 +142,9 @@ NEWS = {
     "train": {"alt.atheism": {"101": "From: a@b\nSubject: god\n\nzeus zeus hera", "99": "From: c\n\nathena zeus"},
               "sci.space": {"200": "From: d\nSubject: moon\n\norbit rocket orbit", "7": "From: e\n\nrocket"},
               "comp.graphics": {"5": "From: f\n\npixel pixel"}},
-    "test": {"alt.atheism": {"300": "From: g\n\nzeus unseenword"}, "sci.space": {"301": "From: h\n\norbit"},
-             "comp.graphics": {"302": "From: i\n\npixel \xe9t\xe9"}},
+    "test": {"alt.atheism": {"300": "From: g\n\nzeus unseenword", "310": "From: j\n\nhera"},
+             "sci.space": {"301": "From: h\n\norbit", "311": "From: k\n\nrocket moon"},
+             "comp.graphics": {"302": "From: i\n\npixel \xe9t\xe9", "312": "From: l\n\npixel"}},
 }
 
 
@@ -433,7 +434,7 @@ def test_newsgroups_tarball_and_folder_agree(tmp_path):
                                       "20news-bydate-train/sci.space/7"]
     assert ta["text"][0].as_py().startswith("From: a@b")
     te = rows(a, "test")
-    assert te["sample_id"].to_pylist() == [5, 6, 7] and te["text"][1].as_py().endswith("\xe9t\xe9")
+    assert te["sample_id"].to_pylist() == [5, 6, 7, 8, 9, 10] and te["text"][2].as_py().endswith("\xe9t\xe9")
     stripped = rows(open_source("newsgroups", data_root=str(tmp_path / "tar"), strip_headers=True), "train")
     assert stripped["text"][0].as_py() == "zeus zeus hera"
 
@@ -467,7 +468,8 @@ def test_read_source_as_ray_dataset(ray_cluster, tmp_path):
     from stages.payload import decode
 
     s = build(LongTailConfig(dataset="newsgroups", data_root=str(write_newsgroups(tmp_path / "n")),
-                             out=str(tmp_path / "ng"), imbalance_factor=2, n_max=2, vocab_min_count=1))
+                             out=str(tmp_path / "ng"), imbalance_factor=2, n_max=2, val_fraction=0.5,
+                             vocab_min_count=1))
     d = build(LongTailConfig(dataset="digits", out=str(tmp_path / "dg"), imbalance_factor=10))
     for splits, shape in ((s, (4, 6)), (d, (sum(d.train_counts), 1, 8, 8))):
         ds = ray_cluster.data.read_parquet(str(splits.path("train")))

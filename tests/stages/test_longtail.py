@@ -154,6 +154,20 @@ def test_request_exceeding_source_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_split_without_some_class_is_refused_before_anything_is_written(tmp_path):
+    """An empty pool gave an all-NaN summary; a class missing from D_val never moves its multiplier; one missing
+    from the pool drops out of CovGap. Each is refused, naming the split, the classes and the flag."""
+    tar = write_newsgroups(tmp_path / "src")  # 2 test documents per class
+    cfg = dict(dataset="newsgroups", data_root=str(tar), imbalance_factor=2, n_max=2, vocab_min_count=1)
+    with pytest.raises(ValueError, match=r"the pool split \(the rest of the official test split\) would hold no "
+                                         r"example of class 'alt.atheism' \(index 0\), .* \(3 of 3 classes\); use a "
+                                         r"smaller val_fraction \(--val-fraction\)"):
+        build(LongTailConfig(out=str(tmp_path / "a"), val_fraction=0.9, **cfg))
+    with pytest.raises(ValueError, match=r"the val split .* use a larger val_fraction"):
+        build(LongTailConfig(out=str(tmp_path / "b"), val_fraction=0.2, **cfg))
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_load_errors_name_the_file(tmp_path):
     s = build(LongTailConfig(out=str(tmp_path / "d"), imbalance_factor=10))
     os.remove(s.path("pool"))
@@ -229,7 +243,7 @@ def test_imagefolder_exponential_and_corrupt_jpeg(tmp_path, caplog):
     src = write_imagefolder(tmp_path / "src", train=(4, 3, 2))
     bad = src / "train" / "n02" / "n02_0001.JPEG"
     bad.write_bytes(jpeg_bytes(99)[:60])  # truncated JPEG
-    cfg = dict(dataset="imagefolder", data_root=str(src), imbalance_factor=2, n_max=3)  # classes n01 n02 n03
+    cfg = dict(dataset="imagefolder", data_root=str(src), imbalance_factor=2, n_max=3, val_fraction=0.5)
     with pytest.raises(SourceError, match=r"corrupt image .*train/n02/n02_0001.JPEG .*on_corrupt='skip'"):
         build(LongTailConfig(out=str(tmp_path / "fail"), **cfg))
     assert not (tmp_path / "fail").exists()
@@ -260,8 +274,8 @@ def test_newsgroups_build_vocab_fit_on_train_only(tmp_path):
     vocab = s.vocab
     assert "unseenword" not in vocab and "zeus" in vocab and "moon" in vocab  # headers kept by default
     assert s.payload["vocab_size"] == len(vocab) + 2
-    assert s.manifest["counts"]["val"] == [1, 1, 1] and s.manifest["counts"]["pool"] == [0, 0, 0]
-    assert s.read_table("pool").column_names == ["sample_id", "label", "text", "tokens", "path"]  # empty, typed
+    assert s.manifest["counts"]["val"] == [1, 1, 1] and s.manifest["counts"]["pool"] == [1, 1, 1]
+    assert s.read_table("pool").column_names == ["sample_id", "label", "text", "tokens", "path"]
     all_test = {r["text"]: r["tokens"] for k in ("val", "pool") for r in s.read_table(k).to_pylist()}
     toks = all_test["From: g\n\nzeus unseenword"]
     index = {w: i + 2 for i, w in enumerate(vocab)}

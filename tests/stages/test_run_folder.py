@@ -117,6 +117,30 @@ def test_a_missing_config_json_means_unfinished_and_is_trained_again(tmp_path):
         assert not train._reusable(config)
 
 
+def test_a_crash_while_writing_outputs_leaves_an_unfinished_run_not_new_files_under_the_old_config(
+        tmp_path, monkeypatch):
+    config = _finished(tmp_path)
+    (config.method_dir / "dual.json").write_text('{"history": [], "config": {}}')  # as a CaCT run would leave
+    redo = train.TrainStageConfig(out=config.out, loop=config.loop, overwrite=True)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train._io, "write_parquet", crash)  # model.pt is written, then the write dies
+    spec = {"family": "linear", "num_classes": 3, "kwargs": {"in_features": 4}}
+    state = {"model": build_model("linear", 3, in_features=4).state_dict(), "epoch": 1, "history": [],
+             "metrics": [], "dual": None}
+    with pytest.raises(OSError, match="disk full"):
+        train._write_outputs(redo, spec, state, 1.0)
+    monkeypatch.undo()
+    assert not (config.method_dir / "config.json").exists()  # no commit marker: the new model.pt is not reused
+    with pytest.warns(UserWarning, match=r"config.json is damaged \(missing"):
+        assert not train._reusable(train.TrainStageConfig(out=config.out, loop=config.loop))
+    train._write_outputs(redo, spec, {**state, "metrics": [{"epoch": 0}], "history": [{"epoch": 0}]}, 1.0)
+    assert train._reusable(train.TrainStageConfig(out=config.out, loop=config.loop))
+    assert not (config.method_dir / "dual.json").exists()  # a CE-type run keeps no earlier multipliers
+
+
 def test_another_config_is_still_refused_and_overwrite_still_retrains(tmp_path):
     config = _finished(tmp_path)
     other = train.TrainStageConfig(out=config.out, loop=TrainConfig(method="ce", epochs=2))
