@@ -449,6 +449,51 @@ def test_newsgroups_bad_inputs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The source registry: a new format is one registered Source subclass
+
+
+class ToySource(ingest.Source):
+    """3 classes of 2x2x1 pixels (each row's bytes are its sample_id): train 8/4/2 rows, test 4 per class."""
+
+    dataset = "toy"
+    splits = ("train", "test")
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.classes = ["a", "b", "c"]
+        self.payload = {"kind": "pixels", "column": "pixels", "shape": [2, 2, 1], "dtype": "uint8", "layout": "HWC"}
+
+    def _load_labels(self, split):
+        y = np.repeat(np.arange(3), (8, 4, 2) if split == "train" else (4, 4, 4))
+        self._set_labels(split, np.arange(len(y)) + (0 if split == "train" else 14), y, "toy labels")
+
+    def _read(self, split, rows):
+        return {"pixels": pa.array([bytes([int(i)] * 4) for i in self._ids[split][rows]], type=pa.binary())}
+
+
+def test_registered_source_builds_long_tailed_splits(tmp_path):
+    from stages import sources
+    from stages.longtail import LongTailConfig, build
+
+    with pytest.raises(ValueError, match="'digits' is already registered"):
+        sources.register_source("digits", ToySource)
+    sources.register_source("toy", ToySource)
+    try:
+        assert ingest.DATASETS[-1] == "toy" and sources.source_names()[:2] == ("digits", "mnist")
+        s = build(LongTailConfig(dataset="toy", data_root=str(tmp_path), out=str(tmp_path / "t"),
+                                 imbalance_factor=4, val_fraction=0.5))
+        assert s.train_counts == [8, 4, 2] and s.manifest["dataset"] == "toy"
+        assert s.manifest["counts"]["val"] == [2, 2, 2] and s.manifest["counts"]["pool"] == [2, 2, 2]
+        train = s.read_table("train")
+        assert [b[0] for b in train["pixels"].to_pylist()] == train["sample_id"].to_pylist()
+    finally:
+        sources.unregister_source("toy")
+    assert "toy" not in ingest.DATASETS
+    with pytest.raises(ValueError, match="dataset='toy' is not supported; accepted: digits, mnist"):
+        SourceSpec("toy", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Ray Dataset path
 
 

@@ -1,0 +1,56 @@
+"""scikit-learn's bundled 8x8 digits (no files needed): the embedded default source."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from stages.sources.base import Source, SourceSpec, _pixels_column, _pixels_payload
+
+
+class DigitsSource(Source):
+    """scikit-learn's bundled 8x8 digits (1797 images, values 0..16 rescaled to uint8 0..255).
+
+    Digits has no official test split, so a fixed deterministic rule makes one: within each class, in
+    ``load_digits`` order, rows with an even within-class rank form the ``train`` part and odd ranks the
+    ``test`` part (a stratified 50/50 split). ``sample_id`` is the row index in ``load_digits``.
+
+    >>> src = DigitsSource(SourceSpec())
+    >>> src.labels("train").num_rows, src.labels("test").num_rows
+    (901, 896)
+    """
+
+    dataset = "digits"
+    splits = ("train", "test")
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        self.classes = [str(int(c)) for c in d.target_names]
+        # 0..16 -> 0..255, rounded: the payload is uint8 like every other pixel source.
+        self._pix = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        y = d.target.astype(np.int64)
+        rank = np.zeros(len(y), dtype=np.int64)
+        for k in range(len(self.classes)):
+            idx = np.flatnonzero(y == k)
+            rank[idx] = np.arange(len(idx))
+        parts = {"train": np.flatnonzero(rank % 2 == 0), "test": np.flatnonzero(rank % 2 == 1)}
+        for split, idx in parts.items():
+            self._set_labels(split, idx, y[idx], "sklearn load_digits target")
+        self.payload = _pixels_payload(self._pix.shape[1:])
+
+    def _load_labels(self, split):
+        pass
+
+    def _read(self, split, rows):
+        return {"pixels": _pixels_column(self._pix[self._ids[split][rows]])}
+
+    def sources(self):
+        import sklearn
+
+        return [f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})"]
+
+    def checksums(self):
+        return {"sklearn.datasets.load_digits": hashlib.sha256(self._pix.tobytes()).hexdigest()}
