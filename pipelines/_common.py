@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import inspect
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -20,32 +22,92 @@ from cact_ops.losses import METHODS  # noqa: E402
 from cact_ops.training import TrainConfig  # noqa: E402
 
 
-@dataclass
-class Defaults:
-    """A dataset's defaults for the common flags (each documented in --help)."""
+@dataclass(frozen=True)
+class Preset:
+    """A dataset's pipeline settings: only what differs from the common flags' and TrainConfig's defaults."""
 
     dataset: str
     imbalance_factor: float = 100.0
     epochs: int = 20  # CE backbone epochs (and every method's when --from-scratch)
     finetune_epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    augment: str = "none"
     model: str | None = None  # None: the split manifest's model family
     image_size: int | None = None
     needs_data_root: bool = True
-    loop_overrides: dict = field(default_factory=dict)  # other TrainConfig fields
+    loop: dict = field(default_factory=dict)  # TrainConfig fields that differ from its defaults
 
 
-def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# TrainConfig fields set by a pipeline flag of another meaning; every other field gets a flag of its own name.
+_PIPELINE_SET = {"method": "--methods", "epochs": "--epochs / --finetune-epochs", "seed": "--seed"}
+_RENAMED = {"alpha": "--train-alpha"}  # --alpha is the evaluation's miscoverage levels
+
+
+def loop_flag(name: str) -> str:
+    """The pipeline flag of a TrainConfig field.
+
+    >>> loop_flag("rho_init"), loop_flag("alpha")
+    ('--rho-init', '--train-alpha')
+    """
+    return _PIPELINE_SET.get(name) or _RENAMED.get(name) or "--" + name.replace("_", "-")
+
+
+def _dest(name: str) -> str:
+    return loop_flag(name)[2:].replace("-", "_")
+
+
+def _loop_fields() -> list:
+    return [f for f in fields(TrainConfig) if f.name not in _PIPELINE_SET]
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each dataclass field's comment, beside it or in the block right above it: the field's --help text."""
+    names, docs, block = {f.name for f in fields(cls)}, {}, []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            block.append(text.lstrip("#").strip())
+            continue
+        m = re.match(r"(\w+)\s*:", text)
+        if m and m.group(1) in names:
+            docs[m.group(1)] = text.split("  # ", 1)[1].strip() if "  # " in text else " ".join(block)
+        block = []
+    return docs
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it says something (not None, not a switch's False / True)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_loop_flags(group, preset: Preset) -> None:
+    """One flag per TrainConfig field (--rho-init, --quantile-operator, ...), its help the field's comment. Its
+    default is None (unset: the preset's value, else TrainConfig's), so an explicit value can be told apart."""
+    docs = field_docs(TrainConfig)
+    for f in _loop_fields():
+        default = preset.loop.get(f.name, f.default)
+        shown = "none" if default == () else default
+        kw = {"default": None, "dest": _dest(f.name),
+              "help": f"{docs.get(f.name) or 'TrainConfig.' + f.name} (default: {shown})"}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, tuple):
+            kw.update(nargs="*", type=int, metavar="EPOCH")
+        else:
+            kw["type"] = type(f.default) if f.default is not None else float
+            kw["choices"] = TrainConfig.CHOICES.get(f.name)
+        group.add_argument(loop_flag(f.name), **kw)
+
+
+def parser(description: str, d: Preset) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=_Help)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, required=d.needs_data_root,
-                   help="folder holding the dataset in its official format")
+                   help="the dataset in its official format: MNIST idx files folder, cifar-10-batches-py / "
+                        "cifar-100-python folder or a train/test.parquet folder, an ImageFolder root "
+                        "(<split>/<wnid>/*.JPEG), the 20news-bydate tarball or its folder")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<dataset>-lt-if<IF>-seed<seed>): new, empty, or one this project "
                         "created (marked by .cact-run.json), which is then reused")
@@ -66,38 +128,10 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
                         "method as a head on them with DeepMind's ConfTr CIFAR-10 settings (stages.features."
                         "REFERENCE_HEAD: 50 epochs, batch 500, lr 0.01, T 1, ConfTr lambda 0.05, log transform); "
                         "--finetune-epochs and --from-scratch apply to the heads")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="global mini-batch size")
-    t.add_argument("--lr", type=float, default=d.lr, help="learning rate (fine-tunes use a tenth of it)")
     t.add_argument("--model", default=d.model, help="model family (default: the manifest's hint)")
     t.add_argument("--image-size", type=int, default=d.image_size, help="resize images to this side")
-    t.add_argument("--train-alpha", type=float, default=0.1, help="alpha of the training-time threshold")
-    t.add_argument("--temperature", type=float, default=1.0, help="T of the soft sets")
-    t.add_argument("--eta", type=float, default=None,
-                   help="CaCT's absolute target soft set size per class, instead of --eta-relative (compare with "
-                        "`val_soft_size` in train/cact/history.parquet)")
-    t.add_argument("--eta-relative", type=float, default=None, metavar="FACTOR",
-                   help=f"CaCT: eta = FACTOR x the starting model's mean soft size on the dual-step data (the CE "
-                        f"backbone on D_val), measured before the first epoch (default {TrainConfig.eta_relative})")
-    t.add_argument("--reduction", choices=("class", "sample"), default=TrainConfig.reduction,
-                   help="CaCT's penalty: averaged per class (each class's constraint weighs the same) or per sample "
-                        "(class k weighs its frequency)")
-    t.add_argument("--cal-weighting", choices=("balanced", "none"), default=TrainConfig.cal_weighting,
-                   help="weights of the training calibration scores: 1/n_k (the balanced population that "
-                        "calibrates at test time) or none (ConfTr's batch quantile)")
-    t.add_argument("--dual-every-steps", type=int, default=TrainConfig.dual_every_steps, metavar="N",
-                   help="a CaCT dual step every N optimizer steps (0: once per epoch)")
-    t.add_argument("--rho-step", type=int, default=TrainConfig.rho_step,
-                   help="dual steps between checks of the rho schedule (0: rho fixed)")
-    t.add_argument("--lambda-max", type=float, default=d.loop_overrides.get("lambda_max", TrainConfig.lambda_max),
-                   help="cap of the multipliers lambda_k (CALS's 1e6 by default)")
-    t.add_argument("--regularization-strength", type=float, default=TrainConfig.regularization_strength,
-                   help="torchsort soft-sort strength of the smooth quantile")
-    t.add_argument("--conftr-lambda", type=float, default=d.loop_overrides.get("conftr_lambda", 1.0),
-                   help="ConfTr's global size-penalty weight")
-    t.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="loop_set",
-                   help="any other field of cact_ops.training.TrainConfig for every method, e.g. --set rho_init=10 "
-                        "quantile_operator=kl milestones=[60,80] (values: JSON, else a plain string)")
     t.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and data order")
+    _add_loop_flags(p.add_argument_group("every method's TrainConfig (cact_ops.training.TrainConfig)"), d)
     r = p.add_argument_group("ray")
     r.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per method")
     r.add_argument("--use-gpu", action="store_true", help="one GPU per training worker and per inference actor")
@@ -109,8 +143,8 @@ def parser(description: str, d: Defaults) -> argparse.ArgumentParser:
     r.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="run N Ray Tune trials per method on the validation split first and train with the best")
     r.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="retrain every method even when a finished run exists (default: reuse finished stages "
-                        "and continue interrupted training from its last checkpoint)")
+                   help="retrain every method even when a finished run exists (by default finished stages are "
+                        "reused and interrupted training continues from its last checkpoint)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.05], help="miscoverage levels evaluated")
     e.add_argument("--n-splits", type=int, default=20, help="random calibration/test splits of the pool")
@@ -125,87 +159,33 @@ def _methods(text: str) -> list[str]:
     return methods
 
 
-def _eta(args: argparse.Namespace) -> tuple[float, float | None]:
-    """(eta, eta_relative) from the flags: --eta alone sets an absolute target, otherwise the relative one."""
-    if args.eta is not None and args.eta_relative is not None:
+def loop_values(args: argparse.Namespace, d: Preset) -> dict:
+    """The TrainConfig fields the preset and the flags set (flags win). ``--eta`` alone sets an absolute target
+    (eta_relative None); otherwise CaCT's target is relative."""
+    given = {f.name: getattr(args, _dest(f.name)) for f in _loop_fields()
+             if getattr(args, _dest(f.name), None) is not None}
+    if "eta" in given and "eta_relative" in given:
         raise SystemExit("--eta and --eta-relative: give one of them (an absolute or a relative size target)")
-    if args.eta is not None:
-        if not args.eta > 0:
-            raise SystemExit(f"--eta must be > 0, got {args.eta}")
-        return args.eta, None
-    return TrainConfig.eta, args.eta_relative if args.eta_relative is not None else TrainConfig.eta_relative
-
-
-# TrainConfig fields that have a flag of their own: --set refuses them (one way to set each).
-_FIELD_FLAGS = {"method": "--methods", "epochs": "--epochs / --finetune-epochs", "batch_size": "--batch-size",
-                "lr": "--lr", "alpha": "--train-alpha", "temperature": "--temperature", "eta": "--eta",
-                "eta_relative": "--eta-relative", "reduction": "--reduction", "cal_weighting": "--cal-weighting",
-                "dual_every_steps": "--dual-every-steps", "rho_step": "--rho-step", "lambda_max": "--lambda-max",
-                "regularization_strength": "--regularization-strength", "conftr_lambda": "--conftr-lambda",
-                "seed": "--seed"}
-
-
-def loop_settings(items: list[str]) -> dict:
-    """``--set FIELD=VALUE`` items as TrainConfig fields, each checked against the field's default's type.
-
-    >>> loop_settings(["rho_init=10", "quantile_operator=kl", "milestones=[60, 80]"])
-    {'rho_init': 10.0, 'quantile_operator': 'kl', 'milestones': (60, 80)}
-    """
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    out, problems = {}, []
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            problems.append(f"--set {item!r}: expected FIELD=VALUE")
-            continue
-        if name in _FIELD_FLAGS:
-            problems.append(f"--set {name}: use {_FIELD_FLAGS[name]}")
-            continue
-        if name not in defaults:
-            settable = sorted(set(defaults) - set(_FIELD_FLAGS))
-            problems.append(f"--set {name}: not a TrainConfig field; settable: {', '.join(settable)}")
-            continue
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        default = defaults[name]
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if default is not None and value is not None and type(value) is not type(default):
-            problems.append(f"--set {name}={text}: expected a {type(default).__name__} (default {default!r})")
-            continue
-        out[name] = value
-    if problems:
-        raise SystemExit("invalid flags (nothing was started):\n  " + "\n  ".join(problems))
-    return out
+    if "eta" in given:
+        given["eta_relative"] = None
+    if "milestones" in given:
+        given["milestones"] = tuple(given["milestones"])
+    return {**d.loop, **given}
 
 
 def _real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# (flag, attribute, accepted values in words, test): every numeric flag, checked before anything starts.
+# (flag, attribute, accepted values in words, test): the pipeline's own numeric flags (TrainConfig's fields are
+# checked by TrainConfig.RANGES), all checked before anything starts.
 _FLAG_CHECKS = (
     ("--imbalance-factor", "imbalance_factor", "a finite number >= 1 (1 = balanced)", lambda v: _real(v) and v >= 1),
     ("--val-fraction", "val_fraction", "a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
-    ("--epochs", "epochs", "an integer >= 1", lambda v: v >= 1),
-    ("--finetune-epochs", "finetune_epochs", "an integer >= 1", lambda v: v >= 1),
-    ("--batch-size", "batch_size", "an integer >= 2", lambda v: v >= 2),
-    ("--lr", "lr", "a finite number > 0", lambda v: _real(v) and v > 0),
+    ("--epochs", "epochs", *TrainConfig.RANGES["epochs"]),
+    ("--finetune-epochs", "finetune_epochs", *TrainConfig.RANGES["epochs"]),
     ("--image-size", "image_size", "an integer >= 1 (or unset: the stored size)", lambda v: v is None or v >= 1),
-    ("--train-alpha", "train_alpha", "a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
-    ("--temperature", "temperature", "a finite number > 0", lambda v: _real(v) and v > 0),
-    ("--eta", "eta", "a finite number > 0 (or unset)", lambda v: v is None or (_real(v) and v > 0)),
-    ("--eta-relative", "eta_relative", "a finite number > 0 (or unset)", lambda v: v is None or (_real(v) and v > 0)),
-    ("--dual-every-steps", "dual_every_steps", "an integer >= 0 (0: once per epoch)", lambda v: v >= 0),
-    ("--rho-step", "rho_step", "an integer >= 0 (0: rho fixed)", lambda v: v >= 0),
-    ("--lambda-max", "lambda_max", "a finite number > 0", lambda v: _real(v) and v > 0),
-    ("--regularization-strength", "regularization_strength", "a finite number > 0", lambda v: _real(v) and v > 0),
-    ("--conftr-lambda", "conftr_lambda", "a finite number >= 0", lambda v: _real(v) and v >= 0),
-    ("--seed", "seed", "an integer >= 0", lambda v: v >= 0),
+    ("--seed", "seed", *TrainConfig.RANGES["seed"]),
     ("--num-workers", "num_workers", "an integer >= 1", lambda v: v >= 1),
     ("--sweep", "sweep", "an integer >= 0 (0: no sweep)", lambda v: v >= 0),
     ("--n-splits", "n_splits", "an integer >= 1", lambda v: v >= 1),
@@ -217,6 +197,10 @@ def check_flags(args: argparse.Namespace) -> None:
     before anything is written, so that a typo never costs a training run."""
     problems = [f"{flag} must be {accepted}, got {getattr(args, attr)!r}"
                 for flag, attr, accepted, ok in _FLAG_CHECKS if hasattr(args, attr) and not ok(getattr(args, attr))]
+    for f in _loop_fields():
+        value = getattr(args, _dest(f.name), None)
+        if value is not None and f.name in TrainConfig.RANGES and not TrainConfig.RANGES[f.name][1](value):
+            problems.append(f"{loop_flag(f.name)} must be {TrainConfig.RANGES[f.name][0]}, got {value!r}")
     alphas = list(args.alpha or [])
     if not alphas or any(not (_real(a) and 0 < a < 1) for a in alphas) or len(set(alphas)) != len(alphas):
         problems.append(f"--alpha must be one or more distinct numbers in the open interval (0, 1), got {alphas}")
@@ -232,32 +216,21 @@ def check_flags(args: argparse.Namespace) -> None:
         raise SystemExit("invalid flags (nothing was started):\n  " + "\n  ".join(problems))
 
 
-def _configs(args: argparse.Namespace, d: Defaults, source: dict, out: Path, methods: list[str]):
+def _configs(args: argparse.Namespace, d: Preset, source: dict, out: Path, methods: list[str]):
     """The split, training and evaluation configs, built and checked up front (their own checks included)."""
     from stages import evaluate, longtail
 
-    eta, eta_relative = _eta(args)
     try:
         split_cfg = longtail.LongTailConfig(out=str(out / "splits"), imbalance_factor=args.imbalance_factor,
                                             val_fraction=args.val_fraction, seed=args.seed, **source)
         split_cfg.validate()
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid split settings (--imbalance-factor, --val-fraction, --seed, data flags): {e}")
-    known = {f.name for f in fields(TrainConfig)}
     try:
-        loop = TrainConfig(
-            method="ce", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=d.optimizer,
-            weight_decay=d.weight_decay, schedule=d.schedule, warmup_epochs=d.warmup_epochs, augment=d.augment,
-            alpha=args.train_alpha, temperature=args.temperature, eta=eta, eta_relative=eta_relative,
-            reduction=args.reduction, cal_weighting=args.cal_weighting, dual_every_steps=args.dual_every_steps,
-            rho_step=args.rho_step, lambda_max=args.lambda_max, regularization_strength=args.regularization_strength,
-            conftr_lambda=args.conftr_lambda, seed=args.seed,
-            **{**{k: v for k, v in d.loop_overrides.items() if k in known and k not in ("lambda_max", "conftr_lambda")},
-               **loop_settings(getattr(args, "loop_set", []))})
+        loop = TrainConfig(method="ce", epochs=args.epochs, seed=args.seed, **loop_values(args, d))
         dataclasses.replace(loop, epochs=args.finetune_epochs)  # the fine-tunes' TrainConfig checks too
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"invalid training settings (--epochs, --finetune-epochs, --batch-size, --train-alpha, "
-                         f"...): {e}")
+        raise SystemExit(f"invalid training settings: {e}")
     ev = evaluate.EvalConfig(run_dir=out, methods=tuple(methods), alphas=tuple(args.alpha), n_splits=args.n_splits,
                              seed=args.seed)
     try:
@@ -286,7 +259,7 @@ class _Clock:
         self.last = now
 
 
-def run(args: argparse.Namespace, d: Defaults, source: dict) -> dict:
+def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     """Chain the stages for one dataset. ``source`` holds the LongTailConfig fields of the dataset."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # seconds saved on every short fit
     import ray

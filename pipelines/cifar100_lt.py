@@ -2,13 +2,15 @@
 
     python pipelines/cifar100_lt.py --data-root ~/data/cifar-100-python --use-gpu
 """
-from _common import Defaults, parser, run
-from cifar10_lt import DEFAULTS as CIFAR10
+import dataclasses
 
-DEFAULTS = Defaults(**{**CIFAR10.__dict__, "dataset": "cifar100"})
+from _common import parser, run
+from cifar10_lt import PRESET as CIFAR10
+
+PRESET = dataclasses.replace(CIFAR10, dataset="cifar100")
 
 if __name__ == "__main__":
-    p = parser(__doc__.splitlines()[0], DEFAULTS)
+    p = parser(__doc__.splitlines()[0], PRESET)
     p.add_argument("--label-kind", choices=("fine", "coarse"), default="fine", help="CIFAR-100 label set")
     args = p.parse_args()
-    run(args, DEFAULTS, {"dataset": "cifar100", "data_root": args.data_root, "label_kind": args.label_kind})
+    run(args, PRESET, {"dataset": "cifar100", "data_root": args.data_root, "label_kind": args.label_kind})

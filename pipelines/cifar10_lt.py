@@ -8,11 +8,11 @@ The defaults follow the LDAM-DRW protocol (ResNet-32, SGD 0.1 with 5 warm-up epo
 """
 from pathlib import Path
 
-from _common import Defaults, parser, run
+from _common import Preset, parser, run
 
-DEFAULTS = Defaults(dataset="cifar10", imbalance_factor=100, epochs=200, finetune_epochs=20, batch_size=128,
-                    lr=0.1, weight_decay=2e-4, schedule="step", warmup_epochs=5, augment="crop_flip",
-                    model="cifar_resnet32", loop_overrides={"milestones": (160, 180)})
+PRESET = Preset(dataset="cifar10", imbalance_factor=100, epochs=200, finetune_epochs=20, model="cifar_resnet32",
+                loop={"lr": 0.1, "weight_decay": 2e-4, "schedule": "step", "milestones": (160, 180),
+                      "warmup_epochs": 5, "augment": "crop_flip"})
 
 
 def source(data_root: str, dataset: str) -> dict:
@@ -24,6 +24,6 @@ def source(data_root: str, dataset: str) -> dict:
 
 
 if __name__ == "__main__":
-    p = parser(__doc__.splitlines()[0], DEFAULTS)
+    p = parser(__doc__.splitlines()[0], PRESET)
     args = p.parse_args()
-    run(args, DEFAULTS, source(args.data_root, "cifar10"))
+    run(args, PRESET, source(args.data_root, "cifar10"))

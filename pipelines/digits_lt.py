@@ -3,11 +3,11 @@
     python pipelines/digits_lt.py                 # all six methods, about 70 s on 2 CPU cores
     python pipelines/digits_lt.py --methods ce,cact --epochs 10
 """
-from _common import Defaults, parser, run
+from _common import Preset, parser, run
 
-DEFAULTS = Defaults(dataset="digits", imbalance_factor=10, epochs=15, finetune_epochs=6, batch_size=64, lr=0.05,
-                    model="small_cnn", needs_data_root=False)
+PRESET = Preset(dataset="digits", imbalance_factor=10, epochs=15, finetune_epochs=6, model="small_cnn",
+                needs_data_root=False, loop={"batch_size": 64})
 
 if __name__ == "__main__":
-    args = parser(__doc__.splitlines()[0], DEFAULTS).parse_args()
-    run(args, DEFAULTS, {"dataset": "digits"})
+    args = parser(__doc__.splitlines()[0], PRESET).parse_args()
+    run(args, PRESET, {"dataset": "digits"})

@@ -9,14 +9,13 @@ pool taken from the val folder (so it runs on Imagenette).
     python pipelines/imagenet_lt.py --data-root ../shared/data/imagenette2-128 --imbalance-factor 10 \\
         --image-size 64 --model imagenet_resnet18 --epochs 5
 """
-from _common import Defaults, parser, run
+from _common import Preset, parser, run
 
-DEFAULTS = Defaults(dataset="imagefolder", imbalance_factor=10, epochs=90, finetune_epochs=10, batch_size=256,
-                    lr=0.1, weight_decay=5e-4, schedule="cosine", warmup_epochs=5, augment="crop_flip",
-                    model="imagenet_resnet50", image_size=224)
+PRESET = Preset(dataset="imagefolder", imbalance_factor=10, epochs=90, finetune_epochs=10, model="imagenet_resnet50",
+                image_size=224, loop={"batch_size": 256, "lr": 0.1, "warmup_epochs": 5, "augment": "crop_flip"})
 
 if __name__ == "__main__":
-    p = parser(__doc__.splitlines()[0], DEFAULTS)
+    p = parser(__doc__.splitlines()[0], PRESET)
     p.add_argument("--train-list", default=None, help="ImageNet-LT train list (paths relative to --data-root)")
     p.add_argument("--val-list", default=None, help="ImageNet-LT val list (D_val for the dual step)")
     p.add_argument("--test-list", default=None, help="ImageNet-LT test list (the calibration/test pool)")
@@ -26,4 +25,4 @@ if __name__ == "__main__":
     source = {"dataset": "imagefolder", "data_root": args.data_root, "on_corrupt": args.on_corrupt, **lists}
     if lists:
         source["profile"] = "lists"
-    run(args, DEFAULTS, source)
+    run(args, PRESET, source)

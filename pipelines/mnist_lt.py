@@ -2,11 +2,10 @@
 
     python pipelines/mnist_lt.py --data-root ../shared/data/mnist --imbalance-factor 100
 """
-from _common import Defaults, parser, run
+from _common import Preset, parser, run
 
-DEFAULTS = Defaults(dataset="mnist", imbalance_factor=100, epochs=10, finetune_epochs=5, batch_size=128, lr=0.05,
-                    model="small_cnn")
+PRESET = Preset(dataset="mnist", imbalance_factor=100, epochs=10, finetune_epochs=5, model="small_cnn")
 
 if __name__ == "__main__":
-    args = parser(__doc__.splitlines()[0], DEFAULTS).parse_args()
-    run(args, DEFAULTS, {"dataset": "mnist", "data_root": args.data_root})
+    args = parser(__doc__.splitlines()[0], PRESET).parse_args()
+    run(args, PRESET, {"dataset": "mnist", "data_root": args.data_root})

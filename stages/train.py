@@ -224,7 +224,7 @@ def _same_run(saved: dict, config: TrainStageConfig) -> bool:
         _relative_to_run(d)
     if method_registry.get(config.method).loss == "ce":
         for d in (a, b):
-            d["loop"] = {k: v for k, v in d["loop"].items() if k not in CONFORMAL_ONLY}
+            d["loop"] = {k: v for k, v in d["loop"].items() if k not in TrainConfig.conformal_fields()}
     return a == b
 
 
@@ -587,14 +587,6 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     return {m: results[m] for m in methods if m in results}
 
 
-# TrainConfig fields read only by the conformal losses and the dual step. CE keeps alpha, temperature and
-# val_cal_fraction: its validation metrics (hard size at alpha, soft size at T) are computed with them.
-CONFORMAL_ONLY = ("regularization_strength", "quantile_operator", "cal_fraction", "stratified_split", "ce_weight", "conftr_lambda", "kappa",
-                  "size_transform", "coverage_weight", "eta", "eta_relative", "reduction", "lambda_init",
-                  "lambda_min", "lambda_max", "rho_init", "rho_max", "rho_step", "gamma", "tau_rho", "dual_source",
-                  "cal_weighting", "dual_every_steps")
-
-
 def ce_config(loop: TrainConfig) -> TrainConfig:
     """``loop`` as the CE backbone's config: method ``ce`` and every field CE never reads at its default, so
     that changing a conformal knob (``--eta``, ``--lambda-max``...) re-keys only the fine-tunes, and the backbone
@@ -605,7 +597,7 @@ def ce_config(loop: TrainConfig) -> TrainConfig:
     ('ce', 1.2, 0.9, 0.2, 0.05)
     """
     defaults = TrainConfig()
-    return dataclasses.replace(loop, method="ce", **{k: getattr(defaults, k) for k in CONFORMAL_ONLY})
+    return dataclasses.replace(loop, method="ce", **{k: getattr(defaults, k) for k in TrainConfig.conformal_fields()})
 
 
 def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None = None,

@@ -17,7 +17,7 @@ Their settings (experiments/run_mnist.py and config.py of that repository):
     eval.py: alpha 0.01, THR on softmax probabilities, 10 trials; each trial permutes the 10000 test images and
              calibrates on 5000, tests on the other 5000.
 
-What our switches allow (the pipeline flags plus TrainConfig fields passed through Defaults.loop_overrides):
+What our switches allow (the pipeline flags plus TrainConfig fields passed through Preset.loop):
     model 'linear' (784 -> 10 logits, inputs in [0, 1], not whitened), --from-scratch, 50 epochs, SGD momentum 0.9
     (not Nesterov), weight decay 5e-4, cosine schedule (not exponential), batch 100 (CE) / 500 (ConfTr), lr 0.05,
     --train-alpha 0.01, --temperature 0.5, size_transform 'log', kappa 1, cal_fraction 0.5, conftr_lambda 1.
@@ -42,14 +42,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pipelines"))
 
-from _common import Defaults, parser, run  # noqa: E402
+from _common import Preset, parser, run  # noqa: E402
 
-COMMON = dict(dataset="mnist", imbalance_factor=1, epochs=50, finetune_epochs=50, lr=0.05, optimizer="sgd",
-              weight_decay=5e-4, schedule="cosine", model="linear")
+COMMON = dict(dataset="mnist", imbalance_factor=1, epochs=50, finetune_epochs=50, model="linear")
 PARTS = {
-    "ce": Defaults(batch_size=100, **COMMON),
-    "conftr": Defaults(batch_size=500, loop_overrides={"size_transform": "log", "kappa": 1.0, "cal_fraction": 0.5},
-                       **COMMON),
+    "ce": Preset(loop={"batch_size": 100}, **COMMON),
+    "conftr": Preset(loop={"batch_size": 500, "size_transform": "log", "kappa": 1.0, "cal_fraction": 0.5}, **COMMON),
 }
 FLAGS = {
     "ce": ["--methods", "ce", "--from-scratch", "--alpha", "0.01", "--n-splits", "10"],

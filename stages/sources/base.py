@@ -61,7 +61,7 @@ class SourceSpec:
     chunk_rows: int = 4096
 
     def __post_init__(self):
-        from stages.sources import source_names  # the registry imports this module: look it up when called
+        from stages.sources import _SOURCES, source_names  # the registry imports this module: look up when called
 
         datasets = source_names()
         if self.dataset not in datasets:
@@ -70,7 +70,7 @@ class SourceSpec:
             raise ValueError(f"label_kind={self.label_kind!r}; accepted: 'fine', 'coarse'")
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows={self.chunk_rows} must be >= 1")
-        if self.dataset not in ("digits",) and self.data_root is None:
+        if _SOURCES[self.dataset].needs_data_root and self.data_root is None:
             raise ValueError(f"dataset={self.dataset!r} needs data_root (the folder holding its official files)")
         lists = [self.train_list, self.val_list, self.test_list]
         if any(x is not None for x in lists) and self.dataset != "imagefolder":
@@ -92,6 +92,7 @@ class Source:
     classes: list[str]
     payload: dict
     splits: tuple[str, ...]
+    needs_data_root: bool = True  # False for a source that reads no files (digits)
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec

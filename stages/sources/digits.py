@@ -20,6 +20,8 @@ class DigitsSource(Source):
     (901, 896)
     """
 
+    needs_data_root = False
+
     dataset = "digits"
     splits = ("train", "test")
 

@@ -131,7 +131,7 @@ def test_eta_relative_is_a_fraction_of_the_starting_models_soft_size_and_survive
     assert resumed.loss_fn.eta == loop.eta
     # other methods have no size target to resolve; the absolute eta stays the default
     assert fit_in_process(linear_model(0), tiny_cfg("conftr", eta_relative=0.8), TRAIN, VAL).eta == cfg.eta
-    with pytest.raises(ValueError, match="eta_relative must be None or > 0"):
+    with pytest.raises(ValueError, match=r"TrainConfig.eta_relative must be a finite number > 0, or None"):
         TrainConfig(eta_relative=0.0)
 
 
@@ -283,12 +283,16 @@ def test_train_config_rejects_bad_settings():
                         ("size_transform", "sqrt"), ("reduction", "mean"), ("dual_source", "test")):
         with pytest.raises(ValueError, match=f"TrainConfig.{name} must be one of"):
             TrainConfig(**{name: value})
-    with pytest.raises(ValueError, match="need epochs >= 1 and batch_size >= 2"):
+    with pytest.raises(ValueError, match=r"TrainConfig.epochs must be an integer >= 1, got 0"):
         TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match=r"val_cal_fraction must lie in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"TrainConfig.val_cal_fraction must be a number in the open interval \(0, 1\)"):
         TrainConfig(val_cal_fraction=1.0)
-    with pytest.raises(ValueError, match="alpha must lie in the open interval"):
+    with pytest.raises(ValueError, match=r"TrainConfig.alpha must be a number in the open interval \(0, 1\)"):
         EpochLoop(linear_model(), TrainConfig(method="conftr", alpha=1.5), K)
+    for name, bad in (("lr", 0.0), ("lr", float("nan")), ("temperature", -1.0), ("batch_size", 1), ("seed", -1),
+                      ("milestones", (10, -1)), ("conftr_lambda", -0.5), ("rho_step", 1.5)):
+        with pytest.raises(ValueError, match=rf"TrainConfig.{name} must be"):
+            TrainConfig(**{name: bad})
     with pytest.raises(ValueError, match="need 0 < lambda_min <= lambda_init <= lambda_max"):
         EpochLoop(linear_model(), TrainConfig(lambda_max=1e-9), K)
 
@@ -336,9 +340,9 @@ def test_balanced_calibration_weights_stand_for_the_balanced_population():
 
 def test_bad_dual_settings_name_the_field():
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="TrainConfig.dual_every_steps must be an integer >= 0"):
+        with pytest.raises(ValueError, match=r"TrainConfig.dual_every_steps must be an integer >= 0 \(0: once per epoch\)"):
             TrainConfig(dual_every_steps=bad)
     with pytest.raises(ValueError, match=r"TrainConfig.cal_weighting must be one of \('balanced', 'none'\)"):
         TrainConfig(cal_weighting="inverse")
-    with pytest.raises(ValueError, match=r"TrainConfig.reduction must be one of \('sample', 'class'\)"):
+    with pytest.raises(ValueError, match=r"TrainConfig.reduction must be one of \('class', 'sample'\)"):
         TrainConfig(reduction="mean")

@@ -2,6 +2,7 @@
 refused before Ray starts, before any split is built and before anything is written (no Ray needed here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import sys
@@ -63,10 +64,11 @@ BAD_FLAGS = [
     (["--image-size", "0"], "--image-size", ">= 1"),
     (["--model", "bogus"], "--model", "small_cnn"),
     (["--frozen-features", "--sweep", "2"], "--frozen-features with --sweep", "not supported"),
-    (["--set", "bogus=1"], "--set bogus", "rho_init"),
-    (["--set", "lr=0.1"], "--set lr", "--lr"),
-    (["--set", "rho_init=abc"], "--set rho_init=abc", "float"),
-    (["--set", "quantile_operator=bogus"], "quantile_operator", "sigmoid"),
+    (["--rho-step", "-2"], "--rho-step", ">= 0"),
+    (["--momentum", "1"], "--momentum", "[0, 1)"),
+    (["--milestones", "5", "-1"], "--milestones", "epochs"),
+    (["--lambda-init", "1e7"], "lambda_init <= lambda_max", "invalid training settings"),
+    (["--eta", "1", "--eta-relative", "0.5"], "--eta and --eta-relative", "one of them"),
 ]
 
 
@@ -77,6 +79,19 @@ def test_a_bad_flag_is_refused_before_anything_starts(pipeline, tmp_path, argv, 
     message = str(e.value)
     assert flag in message and accepted in message, message
     assert not (tmp_path / "run").exists()  # nothing written: not even the run folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rho-init", "abc"], "argument --rho-init: invalid float value: 'abc'"),
+    (["--quantile-operator", "bogus"],
+     "argument --quantile-operator: invalid choice: 'bogus' (choose from l2, kl, sigmoid)"),
+    (["--set", "rho_init=1"], "unrecognized arguments: --set"),
+])
+def test_a_malformed_flag_is_refused_by_the_parser(pipeline, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        pipeline(*argv)
+    assert message in capsys.readouterr().err.replace("'l2', 'kl', 'sigmoid'", "l2, kl, sigmoid")
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_bad_flag_is_named_at_once(pipeline, tmp_path):
@@ -116,9 +131,11 @@ def test_a_run_folder_of_an_older_version_is_recognised(pipeline, tmp_path):
     assert json.loads((old / ".cact-run.json").read_text())["project"] == "cact"
 
 
-def test_any_train_config_field_can_be_set(pipeline, monkeypatch):
-    """--set FIELD=VALUE reaches the TrainConfig every method trains with (checked before Ray starts)."""
+def test_every_train_config_field_has_a_flag_with_its_documentation(pipeline, monkeypatch, capsys):
+    """Each TrainConfig field (but method, epochs and seed, which the pipeline sets) is a flag of its own name,
+    its help the field's comment and the preset's default; what is given reaches every method's TrainConfig."""
     import _common
+    from cact_ops.training import TrainConfig
 
     seen = {}
     real = _common._configs
@@ -130,6 +147,15 @@ def test_any_train_config_field_can_be_set(pipeline, monkeypatch):
 
     monkeypatch.setattr(_common, "_configs", spy)
     with pytest.raises(_Started):
-        pipeline("--set", "rho_init=10", "quantile_operator=kl", "milestones=[3,4]")
+        pipeline("--rho-init", "10", "--quantile-operator", "kl", "--milestones", "3", "4", "--no-amp", "--eta", "0.7")
     loop = seen["loop"]
-    assert (loop.rho_init, loop.quantile_operator, loop.milestones) == (10.0, "kl", (3, 4))
+    assert (loop.rho_init, loop.quantile_operator, loop.milestones, loop.amp) == (10.0, "kl", (3, 4), False)
+    assert (loop.eta, loop.eta_relative, loop.batch_size) == (0.7, None, 64)  # --eta: absolute; batch: the preset
+    with pytest.raises(SystemExit):
+        pipeline("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert _common.loop_flag(f.name).split(" ")[0] in text, f.name
+    assert "--train-alpha TRAIN_ALPHA miscoverage level of the training-time threshold" in text
+    assert "--batch-size BATCH_SIZE global mini-batch size (split across Ray Train workers) (default: 64)" in text
+    assert "(default: None)" not in text and "--no-resume retrain every method even when" in text

@@ -457,6 +457,7 @@ class ToySource(ingest.Source):
 
     dataset = "toy"
     splits = ("train", "test")
+    needs_data_root = False  # it reads no files
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -480,8 +481,7 @@ def test_registered_source_builds_long_tailed_splits(tmp_path):
     sources.register_source("toy", ToySource)
     try:
         assert ingest.DATASETS[-1] == "toy" and sources.source_names()[:2] == ("digits", "mnist")
-        s = build(LongTailConfig(dataset="toy", data_root=str(tmp_path), out=str(tmp_path / "t"),
-                                 imbalance_factor=4, val_fraction=0.5))
+        s = build(LongTailConfig(dataset="toy", out=str(tmp_path / "t"), imbalance_factor=4, val_fraction=0.5))
         assert s.train_counts == [8, 4, 2] and s.manifest["dataset"] == "toy"
         assert s.manifest["counts"]["val"] == [2, 2, 2] and s.manifest["counts"]["pool"] == [2, 2, 2]
         train = s.read_table("train")

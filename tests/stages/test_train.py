@@ -250,8 +250,9 @@ def test_a_run_saved_before_a_field_was_added_is_still_the_same_run():
 def test_changing_a_conformal_knob_keeps_the_ce_backbone(tmp_path):
     """The CE backbone's run name ignores the fields only the conformal losses and the dual step read, so a rerun
     with another --eta (or lambda_max, rho...) reuses the backbone instead of training it again."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(train.CONFORMAL_ONLY) <= fields
+    conformal = set(TrainConfig.conformal_fields())
+    assert {"eta", "lambda_max", "conftr_lambda", "dual_every_steps"} <= conformal
+    assert not conformal & {"alpha", "temperature", "val_cal_fraction", "lr"}  # CE's validation metrics read them
     splits, spec = types.SimpleNamespace(root=tmp_path), {"family": "linear"}
 
     def ce_name(**changes):
