@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade "pip>=24" "setuptools>=70" wheel
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -c "import torchsort" 2>/dev/null || PATH="$(NO_NVCC_PATH)" $(PIP) install -q --no-build-isolation torchsort==0.1.10
+	$(PIP) install -q "ray[data,train,tune,default]==2.60.0"
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
