@@ -26,11 +26,11 @@ def test_core_dependencies_are_the_library_s_and_ray_is_an_extra():
     assert "pytest" in _names(extras["dev"]) and {"ray", "dev", "bench"} <= set(extras)
 
 
-def test_every_cact_ops_module_imports_with_ray_and_the_data_stack_unimportable():
+def test_every_cact_ops_module_imports_and_passes_its_doctests_with_ray_and_the_data_stack_unimportable():
     blocked = ("ray", "polars", "pyarrow", "pandas", "matplotlib", "sklearn", "torchvision", "tqdm", "mlflow",
                "stages", "pipelines")
     code = textwrap.dedent(f"""
-        import importlib, importlib.abc, pkgutil, sys
+        import doctest, importlib, importlib.abc, pkgutil, sys
         BLOCKED = {blocked!r}
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -39,8 +39,10 @@ def test_every_cact_ops_module_imports_with_ray_and_the_data_stack_unimportable(
         sys.meta_path.insert(0, Block())
         import cact_ops
         names = [m.name for m in pkgutil.walk_packages(cact_ops.__path__, "cact_ops.")]
-        for name in names:
-            importlib.import_module(name)
+        failed = 0
+        for name in names:  # every module imports, and its doctests pass, without the [ray] extra
+            failed += doctest.testmod(importlib.import_module(name)).failed
+        assert failed == 0, failed
         import torch
         from cact_ops.predictors import SplitPredictor
         logits, labels = torch.randn(200, 4), torch.randint(0, 4, (200,))
