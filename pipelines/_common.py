@@ -148,6 +148,15 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation")
     e.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.05], help="miscoverage levels evaluated")
     e.add_argument("--n-splits", type=int, default=20, help="random calibration/test splits of the pool")
+    k = p.add_argument_group("tracking (MLflow: pip install -e '.[tracking]')")
+    k.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="log the finished run to MLflow from the driver (a file store file:/abs/path/mlruns, a "
+                        "server http://host:5000, or with the full mlflow package a database sqlite:///mlflow.db): "
+                        "one run per pipeline run with a nested run per method (configs, "
+                        "per-epoch metrics, summary table, report and plots), and one run per Tune trial with "
+                        "--sweep; a rerun updates, never duplicates (stages/tracking.py)")
+    k.add_argument("--mlflow-experiment", default=f"cact-{d.dataset}", metavar="NAME",
+                   help="MLflow experiment of the run (the sweep trials go to NAME-sweeps)")
     return p
 
 
@@ -212,6 +221,16 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "frozen_features", False) and args.sweep:
         problems.append("--frozen-features with --sweep: not supported yet (sweep the heads with "
                         "benchmarks/results/evidence.py, or drop one of the two flags)")
+    if getattr(args, "mlflow_uri", None) is not None:
+        from stages.tracking import missing_mlflow
+
+        if not args.mlflow_uri.strip():
+            problems.append("--mlflow-uri must be a tracking URI (file:/abs/path/mlruns, http://host:5000, "
+                            "sqlite:///mlflow.db), got ''")
+        elif missing := missing_mlflow():
+            problems.append(f"--mlflow-uri needs MLflow: {missing}")
+        if not (getattr(args, "mlflow_experiment", None) or "").strip():
+            problems.append("--mlflow-experiment must be a non-empty experiment name")
     if problems:
         raise SystemExit("invalid flags (nothing was started):\n  " + "\n  ".join(problems))
 
@@ -295,8 +314,10 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     overrides: dict[str, dict] = {}
     backbone = None  # the CE model the sweeps fine-tuned from: trained once, not again below
     if args.sweep:
+        tracking = {"mlflow_uri": args.mlflow_uri, "mlflow_experiment": f"{args.mlflow_experiment}-sweeps"} \
+            if getattr(args, "mlflow_uri", None) else {}
         overrides, backbone = sweep.run_methods(splits, str(out), methods, loop, args.sweep, args.finetune_epochs,
-                                                args.from_scratch, args.seed, **stage_kwargs)
+                                                args.from_scratch, args.seed, **tracking, **stage_kwargs)
         clock.stage(f"sweeps ({args.sweep} trials per method)")
     config["sweep_best"] = overrides
     _io.write_json(json.loads(json.dumps(config, default=str)), out / "config.json")
@@ -331,7 +352,29 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     clock.stage("evaluation and report")
     print_summary(ev.summary)
     print(f"\nreport: {ev.report_path}\nsummary: {ev.summary_path}")
-    return {"out": out, "splits": splits, "train": results, "eval": ev}
+    logged = _log_to_mlflow(args, out)
+    return {"out": out, "splits": splits, "train": results, "eval": ev, "mlflow": logged}
+
+
+def _log_to_mlflow(args: argparse.Namespace, out: Path):
+    """With --mlflow-uri: the finished run folder -> MLflow, from the driver (stages.tracking.log_run). A
+    failure here does not fail the finished run: it says so, and how to log the folder later."""
+    if not getattr(args, "mlflow_uri", None):
+        return None
+    import shlex
+
+    from stages import tracking
+
+    try:
+        logged = tracking.log_run(out, args.mlflow_uri, args.mlflow_experiment)
+    except Exception as e:  # noqa: BLE001  (the run itself is complete; only its logging failed)
+        again = shlex.join(["python", "-m", "stages.tracking", str(out), "--mlflow-uri", args.mlflow_uri,
+                            "--mlflow-experiment", args.mlflow_experiment])
+        print(f"mlflow: logging to {args.mlflow_uri} failed ({type(e).__name__}: {e}); the run folder is complete, "
+              f"log it later with: {again}", file=sys.stderr, flush=True)
+        return None
+    print(logged.line(), flush=True)
+    return logged
 
 
 def _frozen_features(splits, out: Path, loop: TrainConfig, stage_kwargs: dict, use_gpu: bool):

@@ -7,7 +7,8 @@ through :func:`stages.train.fit` with ``TuneReportCallback``). Trials are ranked
 under-covering. Only trials that ran every epoch can be chosen (ASHA stops the others early).
 
 Results: ``<out>/sweep/<method>/results.parquet`` (one row per trial: config, final validation metrics, epochs
-run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFrame.
+run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFrame. With ``mlflow_uri`` every trial
+is also an MLflow run (Ray's ``MLflowLoggerCallback``, through :func:`stages.tracking.trial_callback`).
 
 >>> sorted(default_search_space("conftr"))
 ['conftr_lambda', 'lr', 'temperature']
@@ -71,6 +72,8 @@ class SweepConfig:
     trial_cpus: float = 0.1  # the trial function itself only waits on its TorchTrainer
     seed: int = 0  # seeds the search algorithm's sampling
     time_budget_s: float | None = None  # stop every trial after this many seconds of sweep (None: no limit)
+    mlflow_uri: str | None = None  # log every trial to this MLflow tracking URI (None: no MLflow)
+    mlflow_experiment: str = "cact-sweeps"  # the MLflow experiment of the trials
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -144,7 +147,8 @@ def run(splits, config: SweepConfig) -> SweepResult:
             # seeded sampling; the generator itself bounds concurrency (Tune ignores max_concurrent_trials here)
             search_alg=tune.search.BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrency),
         ),
-        run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve())),
+        run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve()),
+                                  callbacks=_callbacks(config, out)),
     )
     # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller removes
     # its workers' placement group: the group's CPUs stay reserved, and on a small cluster the next trials wait
@@ -186,8 +190,23 @@ def run(splits, config: SweepConfig) -> SweepResult:
                        best_objective=float(best["val_objective"]), path=out / "results.parquet")
 
 
+def _callbacks(config: SweepConfig, out: Path) -> list | None:
+    """Tune callbacks: with ``mlflow_uri``, one MLflow run per trial (stages.tracking.trial_callback), tagged with
+    the method, the sweep folder and the run folder's identity."""
+    if not config.mlflow_uri:
+        return None
+    from . import tracking
+
+    run_dir = Path(config.base.out)
+    tags = {"cact.role": "trial", "cact.method": config.base.method, "cact.sweep_dir": str(out.resolve()),
+            tracking.TAG_RUN_ID: tracking.run_identity(run_dir)}
+    return [tracking.trial_callback(config.mlflow_uri, config.mlflow_experiment, tags)]
+
+
 def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, finetune_epochs: int | None = None,
-                from_scratch: bool = False, seed: int = 0, **stage_kwargs) -> tuple[dict[str, dict], "TrainResult | None"]:
+                from_scratch: bool = False, seed: int = 0, mlflow_uri: str | None = None,
+                mlflow_experiment: str = "cact-sweeps",
+                **stage_kwargs) -> tuple[dict[str, dict], "TrainResult | None"]:
     """Sweep every method with the same trial budget, as :func:`stages.train.fit_methods` will train it.
     Returns ``({method: best_config}, backbone)``: the ``overrides`` and ``backbone`` arguments of
     ``fit_methods`` (backbone: the CE result the fine-tunes were swept from, None from scratch).
@@ -196,7 +215,8 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
     trained with CE's best config, and each conformal method is swept *as a fine-tune from that backbone*
     (``finetune_epochs``, init_from the backbone; its lr range is centred on the fine-tune lr), which is exactly
     what its best config is later used for. ``from_scratch=True`` sweeps every method from scratch for ``loop.epochs``.
-    Every objective is measured on the validation split only.
+    Every objective is measured on the validation split only. ``mlflow_uri``: every trial is logged to MLflow
+    (experiment ``mlflow_experiment``).
     """
     from . import train as train_stage
 
@@ -217,7 +237,8 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
             base, init_from = train_stage.finetune_config(loop, method, finetune_epochs), str(backbone.model_path)
         res = run(splits, SweepConfig(base=TrainStageConfig(out=out, loop=base, init_from=init_from,
                                                             **{**stage_kwargs, "overwrite": False}),
-                                      num_samples=num_samples, seed=seed))
+                                      num_samples=num_samples, seed=seed, mlflow_uri=mlflow_uri,
+                                      mlflow_experiment=mlflow_experiment))
         overrides[method] = res.best_config
         print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}", flush=True)
     return overrides, backbone

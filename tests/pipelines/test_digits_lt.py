@@ -22,10 +22,22 @@ def _run(argv: list[str], monkeypatch, capsys) -> str:
     return capsys.readouterr().out
 
 
+def _mlflow_runs(uri: str):
+    """Every active MLflow run of the digits experiment, read back with mlflow.search_runs."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(experiment_names=["cact-digits"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
+    mlflow_uri = f"file:{tmp_path / 'mlruns'}"
     argv = ["--out", str(out), "--methods", "ce,ce_finetune,cact", "--epochs", "3", "--finetune-epochs", "2",
-            "--n-splits", "5", "--alpha", "0.1", "0.2"]
+            "--n-splits", "5", "--alpha", "0.1", "0.2", "--mlflow-uri", mlflow_uri]
     printed = _run(argv, monkeypatch, capsys)
     summary = pl.read_parquet(out / "eval" / "summary.parquet")
     # 3 methods x 3 scores x 2 predictors x 2 alphas, every one a measured row
@@ -51,9 +63,20 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     hist = pl.read_parquet(out / "train" / "cact" / "history.parquet")
     assert hist.height == 2 * 10 and hist["lambda"].is_finite().all()
     assert hist["lambda"].max() > 1e-3  # the default size target (eta_relative) binds: the multipliers move
-    # A rerun reuses every finished stage: nothing retrained, nothing appended.
+    # --mlflow-uri: one parent run for the pipeline run, a nested run per method with its config and metrics
+    runs = _mlflow_runs(mlflow_uri)
+    parent = runs[runs["tags.cact.role"] == "pipeline"]
+    children = runs[runs["tags.cact.role"] == "method"].set_index("tags.cact.method")
+    assert len(runs) == 4 and len(parent) == 1 and sorted(children.index) == ["cact", "ce", "ce_finetune"]
+    assert (children["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]).all()
+    assert children["metrics.coverage_mean/aps/standard/alpha0.1"].between(0.5, 1).all()
+    assert children.loc["cact", "params.method"] == "cact" and children.loc["cact", "metrics.val_coverage"] > 0
+    assert "mlflow: experiment 'cact-digits'" in printed
+    # A rerun reuses every finished stage: nothing retrained, nothing appended (in MLflow neither).
     printed = _run(argv, monkeypatch, capsys)
     assert printed.count("reused") >= 3
+    again = _mlflow_runs(mlflow_uri)
+    assert len(again) == 4 and set(again["run_id"]) == set(runs["run_id"])
     assert pl.read_parquet(out / "eval" / "summary.parquet").equals(summary)
     assert pl.read_parquet(out / "train" / "cact" / "history.parquet").height == 20
     assert json.loads((out / ".cact-run.json").read_text())["project"] == "cact"  # the folder is the project's
