@@ -1,36 +1,36 @@
-"""Run report: ``report.md`` with the run's config, the summary tables (methods side by side, the best of a column
-in bold only when it beats the runner-up significantly over the splits), the paired differences against the
-control (:func:`cact_ops.methods.control`), notes on multipliers that stayed at their floor, and PNG plots, from
-the outputs of :mod:`stages.evaluate` and :mod:`stages.train`. Methods appear in registry order everywhere.
+"""Run report: ``report.md`` and the same content as a self-contained ``report.html`` (tables as HTML tables,
+plots inline as PNG data URIs: no other file, no network), with the run's config, the summary tables (methods
+side by side, the best of a column in bold only when it beats the runner-up significantly over the splits), the
+paired differences against the control (:func:`cact_ops.methods.control`), notes on multipliers that stayed at
+their floor, and the plots of :mod:`stages.report_plots`, from the outputs of :mod:`stages.evaluate` and
+:mod:`stages.train`. Methods appear in registry order everywhere.
 
-Plots (``<run>/plots/``; each call replaces these files, each atomically, and leaves any other file there alone):
-
-* ``class_size_vs_train_count.png``  per-class set size vs training count (log x), one line per method;
-* ``class_coverage.png``             per-class coverage, classes from head to tail, with the 1 - alpha line;
-* ``lambda_evolution.png``           the multipliers lambda_k over epochs, one line per class, per method
-                                     (from ``train/<method>/history.parquet``; skipped when there is none);
-* ``coverage_vs_size.png``           mean coverage vs mean set size across the evaluated alphas.
-
-The per-class and coverage-vs-size plots show one score (APS when evaluated, else the first) and the first
-alpha; the summary tables show every (score, predictor, alpha), the paired tables that score and every alpha.
-Methods differ in colour, marker and line style, so overlapping lines stay apart. Matplotlib's object API (no
-pyplot): no display needed.
+Each call replaces ``report.md``, ``report.html`` and the plots of :data:`PLOTS` in ``<run>/plots/``, each
+atomically, and leaves any other file alone. The per-class and coverage-vs-size plots show one score (APS when
+evaluated, else the first), the per-class ones the first alpha; their error bars across the splits and the
+coverage-vs-size curves over a grid of alphas are recomputed from the run's logits (:mod:`stages.report_data`),
+since ``eval/`` stores per-class means and the evaluated alphas only. The summary tables show every (score,
+predictor, alpha), the paired tables the plotted score and every alpha.
 """
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import polars as pl
 
 from cact_ops import methods as registry
 from cact_ops.methods import order_key
 from cact_ops.metrics import METRIC_REGISTRY, paired_difference, paired_metrics
 
-from . import _io
+from . import _io, report_data
+# Plot names and functions are also read from here (benchmarks/results/run_quality.py).
+from .report_plots import PLOTS, _colors, plot_class_coverage, plot_class_size, plot_coverage_vs_size, plot_lambda
 
 # The table columns come from the metric registry (cact_ops.metrics.METRIC_REGISTRY), read at call time: a
 # registered metric is a column here too.
@@ -57,26 +57,10 @@ def _paired() -> list[tuple[str, str, str]]:
 
 # A multiplier at or below max(this, 10 x the run's lambda_min) in the last epoch counts as at its floor.
 LAMBDA_FLOOR = 1e-3
-_MARKERS = "osD^vP*X"
-_LINESTYLES = ("-", "--", "-.", ":")
-PLOTS = ("class_size_vs_train_count.png", "class_coverage.png", "lambda_evolution.png", "coverage_vs_size.png")
 
 
 def _method_order(methods) -> list[str]:
     return sorted(set(methods), key=order_key)
-
-
-def _colors(methods: Sequence[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
-
-
-def _styles(colors: dict) -> dict[str, dict]:
-    """Matplotlib line keywords per method: its colour, and a marker and line style by its position."""
-    return {m: {"color": c, "marker": _MARKERS[i % len(_MARKERS)], "ls": _LINESTYLES[i % len(_LINESTYLES)]}
-            for i, (m, c) in enumerate(colors.items())}
 
 
 def _missing(value) -> bool:
@@ -160,193 +144,6 @@ def compact_json(obj, indent: int = 0) -> str:
     pad = "  " * (indent + 1)
     items = [f"{pad}{json.dumps(str(k))}: {compact_json(v, indent + 1)}" for k, v in sorted(obj.items())]
     return "{\n" + ",\n".join(items) + "\n" + "  " * indent + "}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plots
-
-
-def _figure(ncols: int, width: float = 6.0, height: float = 4.2):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, axes
-
-
-# Above this many classes, per-class lines become noise: the plots show group means of consecutive classes
-# (ordered by training count) over the faint per-class values.
-_MAX_LINES = 50
-_GROUPS = 20
-
-
-def _grouped(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Means of x and y over ``_GROUPS`` groups of consecutive entries (NaN-aware)."""
-    parts = [idx for idx in np.array_split(np.arange(len(x)), _GROUPS) if len(idx)]
-    with np.errstate(invalid="ignore"):
-        return (np.array([np.nanmean(x[i]) for i in parts]), np.array([np.nanmean(y[i]) for i in parts]))
-
-
-def _draw_classes(ax, x: np.ndarray, y: np.ndarray, style: dict, label: str, many: bool, lw: float) -> None:
-    """One method's per-class values: a line, or with many classes faint dots under the group means.
-
-    Hollow markers of distinct shapes and distinct line styles keep methods with equal values visible."""
-    kw = {**style, "mfc": "none", "label": label}
-    if many:
-        ax.scatter(x, y, s=3, color=style["color"], alpha=0.15, linewidths=0)
-        gx, gy = _grouped(x, y)
-        ax.plot(gx, gy, ms=5, lw=1.8, **kw)
-    else:
-        ax.plot(x, y, ms=5, lw=lw, **kw)
-
-
-def _per_class_panels(per_class: pl.DataFrame, score: str, alpha: float):
-    """The rows of one score and alpha, its predictors (one panel each), whether to group classes, the figure."""
-    df = per_class.filter((pl.col("score") == score) & (pl.col("alpha") == alpha))
-    predictors = df["predictor"].unique(maintain_order=True).to_list()
-    fig, axes = _figure(len(predictors))
-    return df, predictors, df["class"].n_unique() > _MAX_LINES, fig, axes
-
-
-def plot_class_size(per_class: pl.DataFrame, score: str, alpha: float, colors: dict, path: Path) -> Path:
-    """Per-class mean set size vs training count (log x), one line per method, one panel per predictor."""
-    df, predictors, many, fig, axes = _per_class_panels(per_class, score, alpha)
-    styles = _styles(colors)
-    for ax, pred in zip(axes, predictors):
-        for m in colors:
-            d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m)).sort("train_count", "class")
-            if not d.height:
-                continue
-            _draw_classes(ax, d["train_count"].to_numpy().astype(float), d["size_mean"].to_numpy(), styles[m], m,
-                          many, lw=1.2)
-        ax.set_xscale("log")
-        ax.set_xlabel("training images of the class (log scale)")
-        ax.set_ylabel("mean prediction set size")
-        ax.set_title(f"{pred} CP, {score.upper()}, alpha={alpha:g}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="method")
-    note = f" (lines: means of {_GROUPS} groups of classes; dots: classes)" if many else ""
-    fig.suptitle(f"Per-class set size vs training count, tail classes on the left{note}")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_class_coverage(per_class: pl.DataFrame, score: str, alpha: float, colors: dict, path: Path) -> Path:
-    """Per-class coverage, classes ordered head -> tail, with the 1 - alpha target line."""
-    df, predictors, many, fig, axes = _per_class_panels(per_class, score, alpha)
-    styles = _styles(colors)
-    for ax, pred in zip(axes, predictors):
-        for m in colors:
-            d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m))
-            d = d.sort(["train_count", "class"], descending=[True, False])
-            if not d.height:
-                continue
-            _draw_classes(ax, np.arange(d.height, dtype=float), d["coverage_mean"].to_numpy(), styles[m], m, many,
-                          lw=1.0)
-        ax.axhline(1 - alpha, color="black", ls="--", lw=1.2, label=f"1 - alpha = {1 - alpha:g}")
-        ax.set_xlabel("class, ordered by training count (head -> tail)")
-        ax.set_ylabel("coverage of the class (mean over splits)")
-        ax.set_title(f"{pred} CP, {score.upper()}, alpha={alpha:g}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower left")
-    note = f" (lines: means of {_GROUPS} groups of classes; dots: classes)" if many else ""
-    fig.suptitle(f"Per-class coverage{note}")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_lambda(histories: dict[str, pl.DataFrame], train_counts: Sequence[int], path: Path) -> Path | None:
-    """lambda_k over epochs, one line per class coloured by its training count, one panel per method."""
-    from matplotlib import colormaps
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import LogNorm
-    from matplotlib.ticker import MaxNLocator
-
-    usable = {m: h for m, h in histories.items() if {"epoch", "class", "lambda"} <= set(h.columns)
-              and h["lambda"].drop_nulls().len()}
-    # Methods without a dual step (ce, conftr) carry a constant lambda: show the methods whose multipliers move,
-    # else the CaCT ones (whose multipliers then stayed put, which is worth seeing), else all.
-    varying = {m: h for m, h in usable.items() if h["lambda"].drop_nulls().n_unique() > 1}
-    usable = varying or {m: h for m, h in usable.items()
-                         if m in registry.names() and registry.get(m).uses_dual} or usable
-    if not usable:
-        return None
-    from matplotlib.figure import Figure
-
-    ncols = min(len(usable), 3)
-    nrows = -(-len(usable) // ncols)
-    fig = Figure(figsize=(5.0 * ncols, 4.2 * nrows), layout="constrained")
-    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in grid[len(usable):]:
-        ax.set_visible(False)
-    axes = grid[: len(usable)]
-    counts = np.maximum(np.asarray(train_counts, dtype=float), 1)
-    norm = LogNorm(vmin=counts.min(), vmax=max(counts.max(), counts.min() * 1.01))
-    cmap = colormaps["viridis"]
-    for ax, (m, h) in zip(axes, usable.items()):
-        h = h.drop_nulls("lambda").sort("class", "epoch")
-        segs, cols = [], []
-        for (k,), d in h.group_by("class", maintain_order=True):
-            segs.append(np.column_stack([d["epoch"].to_numpy(), d["lambda"].to_numpy()]))
-            cols.append(cmap(norm(counts[k] if k < len(counts) else counts.min())))
-        ax.add_collection(LineCollection(segs, colors=cols, linewidths=1.0))
-        lam = h["lambda"].to_numpy()
-        ax.set_xlim(h["epoch"].min(), max(h["epoch"].max(), h["epoch"].min() + 1))
-        if (lam > 0).all():
-            ax.set_yscale("log")
-            ax.set_ylim(lam.min() / 1.5, lam.max() * 1.5)
-        else:
-            pad = 0.05 * (lam.max() - lam.min() or 1.0)
-            ax.set_ylim(lam.min() - pad, lam.max() + pad)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("multiplier lambda_k")
-        ax.set_title(m)
-        if h["lambda"].n_unique() == 1:
-            ax.text(0.5, 0.6, f"constant: lambda = {lam[0]:g}\nfor every class and epoch", transform=ax.transAxes,
-                    ha="center", fontsize=10, bbox={"facecolor": "white", "alpha": 0.8})
-        ax.grid(True, which="both", alpha=0.3)
-    from matplotlib.cm import ScalarMappable
-
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(grid), label="training images of the class")
-    fig.suptitle("Class multipliers lambda_k over epochs (one line per class)")
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_coverage_vs_size(summary: pl.DataFrame, score: str, colors: dict, path: Path) -> Path:
-    """Mean coverage vs mean set size across alphas: colour and line style = method, marker = alpha, one panel
-    per predictor."""
-    from matplotlib.lines import Line2D
-
-    df = summary.filter(pl.col("score") == score)
-    predictors = df["predictor"].unique(maintain_order=True).to_list()
-    alphas = sorted(df["alpha"].unique().to_list())
-    markers = dict(zip(alphas, _MARKERS * 4))
-    styles = _styles(colors)
-    fig, axes = _figure(len(predictors))
-    for ax, pred in zip(axes, predictors):
-        for m in colors:
-            d = df.filter((pl.col("predictor") == pred) & (pl.col("method") == m)).sort("alpha")
-            if not d.height:
-                continue
-            x, y = d["size_mean"].to_numpy(), d["coverage_mean"].to_numpy()
-            ax.plot(x, y, color=colors[m], ls=styles[m]["ls"], lw=1.2)
-            for xi, yi, a in zip(x, y, d["alpha"].to_list()):
-                ax.plot([xi], [yi], marker=markers[a], color=colors[m], ms=7, ls="none")
-        for a in alphas:
-            ax.axhline(1 - a, color="grey", ls=":", lw=0.8)
-        ax.set_xlabel("mean prediction set size")
-        ax.set_ylabel("coverage (mean over splits)")
-        ax.set_title(f"{pred} CP, {score.upper()} (dotted: 1 - alpha)")
-        ax.grid(True, alpha=0.3)
-        handles = [Line2D([], [], color=colors[m], ls=styles[m]["ls"], lw=2, label=m) for m in colors]
-        handles += [Line2D([], [], color="black", marker=markers[a], ls="none", label=f"alpha={a:g}")
-                    for a in alphas]
-        ax.legend(handles=handles, loc="lower right", fontsize=8)
-    fig.suptitle("Coverage vs set size across alphas")
-    fig.savefig(path, dpi=110)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,10 +261,123 @@ def _write_plots(folder: Path, makers: dict) -> list[str]:
     return written
 
 
+_TITLES = dict(zip(PLOTS, ("Per-class set size vs training count", "Per-class coverage",
+                            "Multiplier (lambda) evolution per class", "Coverage vs size across alphas")))
+
+
+def _plot_lines(plots: Sequence[str], score: str, alpha: float, n_splits: int, data: report_data.PlotData) -> list[str]:
+    """Markdown lines of the plots section: a heading, the image and what it shows, per plot written."""
+    bars = (f"Error bars: ± one standard deviation across the R = {n_splits} splits." if data.per_split is not None
+            and n_splits > 1 else "No error bars: " + (data.why or "a single split has no spread across splits") + ".")
+    shift = "The methods' points are shifted a little apart along x, so that equal values stay visible."
+    captions = {
+        PLOTS[0]: f"Each class's mean prediction set size over the splits against its training images. {bars} {shift}",
+        PLOTS[1]: f"Each class's coverage (mean over the splits), classes from head to tail; dashed: the target "
+                  f"1 - alpha. {bars} {shift}",
+        PLOTS[2]: "One line per class, coloured by its training images; the axis is logarithmic only where a "
+                  "method's multipliers span a decade or more.",
+        PLOTS[3]: ("One curve per method across the alphas of the grid and the evaluated ones (large markers: the "
+                   "evaluated alphas, whose numbers are the summary's; x: an alpha at which a threshold is +inf, "
+                   "the pool being too small, so that sets are full)." if data.curve is not None else
+                   "The evaluated alphas only: the grid of alphas needs the run's logits, and " + (data.why or "")
+                   + "."),
+    }
+    lines = ["## Plots", "", f"{score.upper()} score; the per-class plots at alpha = {alpha:g}.", ""]
+    for name in PLOTS:
+        if name in plots:
+            lines += [f"### {_TITLES[name]}", "", f"![{_TITLES[name]}](plots/{name})", "", captions[name], ""]
+        elif name == PLOTS[2]:
+            lines += [f"### {_TITLES[name]}", "", "No training history with multipliers in this run "
+                      "(`train/<method>/history.parquet`).", ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1400px;margin:2em auto;
+padding:0 1.5em;color:#222;line-height:1.45}div.t{overflow-x:auto}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em}
+th{background:#f0f0f0}tr:nth-child(even) td{background:#fafafa}code{font-size:.92em}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
+img{max-width:100%;height:auto;border:1px solid #ddd}h1,h2{border-bottom:1px solid #ddd;padding-bottom:.2em}"""
+
+
+def _inline(text: str) -> str:
+    """Inline Markdown of the report: `code` and **bold**, everything else escaped."""
+    parts = text.split("`")
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else
+                   re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(p)) for i, p in enumerate(parts))
+
+
+def _html_table(rows: list[str]) -> str:
+    """A pipe table as an HTML table; a cell breaks only between a value and its interval."""
+    cells = [[c.replace(" ± ", "\xa0±\xa0").replace(", ", ",\xa0") for c in r.strip().strip("|").split("|")]
+             for r in rows]
+    align = ["right" if c.strip().endswith(":") else "left" for c in cells[1]]
+    head = "".join(f"<th>{_inline(c.strip())}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f'<td style="text-align:{a}">{_inline(c.strip())}</td>' for a, c in zip(align, r))
+                   + "</tr>" for r in cells[2:])
+    return f'<div class="t"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def markdown_html(markdown: str, images: dict[str, Path], title: str) -> str:
+    r"""The report's Markdown (the subset it writes: headings, paragraphs, lists, pipe tables, fenced code, images,
+    `code` and **bold**) as one self-contained HTML page: ``images`` maps an image path of the Markdown to the PNG
+    file inlined as a data URI (an image not in it is left out).
+
+    >>> page = markdown_html("# T\n\n| a |\n|---:|\n| **1** ± 2 |", {}, "T")
+    >>> print(page[page.index("<body>") + 6:page.index("</body>")].strip())  # doctest: +ELLIPSIS
+    <h1>T</h1>
+    <div class="t"><table><thead><tr><th>a</th></tr></thead><tbody><tr><td style="text-align:right">...
+    """
+    out, para, lines, i = [], [], markdown.splitlines(), 0
+
+    def flush():
+        if para:
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i]
+        block = [line]
+        if line.startswith("```"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
+            flush()
+            out.append("<pre><code>" + html.escape("\n".join(lines[i + 1:end])) + "</code></pre>")
+            i = end + 1
+            continue
+        if line.startswith(("|", "- ")):
+            while i + len(block) < len(lines) and lines[i + len(block)].startswith(line[0]):
+                block.append(lines[i + len(block)])
+        i += len(block)
+        heading = re.fullmatch(r"(#{1,6}) (.*)", line)
+        image = re.fullmatch(r"!\[(.*)\]\((.*)\)", line)
+        if heading or image or line.startswith(("|", "- ")) or not line.strip():
+            flush()
+        if heading:
+            n = len(heading[1])
+            out.append(f"<h{n}>{_inline(heading[2])}</h{n}>")
+        elif image:
+            if image[2] in images:
+                data = base64.b64encode(Path(images[image[2]]).read_bytes()).decode("ascii")
+                out.append(f'<figure><img alt="{html.escape(image[1])}" src="data:image/png;base64,{data}"></figure>')
+        elif line.startswith("|"):
+            out.append(_html_table(block))
+        elif line.startswith("- "):
+            out.append("<ul>" + "".join(f"<li>{_inline(b[2:])}</li>" for b in block) + "</ul>")
+        elif line.strip():
+            para.append(line)
+    flush()
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
 def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_class: pl.DataFrame | None = None,
                  per_split: pl.DataFrame | None = None, eval_config: dict | None = None, score: str | None = None,
                  alpha: float | None = None) -> Path:
-    """Write ``<run>/report.md`` and ``<run>/plots/*.png``; missing inputs are read from ``<run>/eval/``.
+    """Write ``<run>/report.md``, ``<run>/report.html`` (the same, self-contained) and ``<run>/plots/*.png``; missing
+    inputs are read from ``<run>/eval/``.
 
     ``per_split`` (``eval/per_split.parquet``) decides what is bold; it is read from disk only together with the
     summary, and without it (older run folders, or a summary passed alone) nothing is bold. ``score``/``alpha``
@@ -494,10 +404,12 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
     colors = _colors(methods)
     histories = _read_histories(run_dir, methods)
 
-    makers = {PLOTS[0]: lambda path: plot_class_size(per_class, score, alpha, colors, path),
-              PLOTS[1]: lambda path: plot_class_coverage(per_class, score, alpha, colors, path),
+    data = report_data.recompute(run_dir, per_class, score, alpha, methods,
+                                 summary["predictor"].unique(maintain_order=True).to_list(), eval_config)
+    makers = {PLOTS[0]: lambda path: plot_class_size(per_class, score, alpha, colors, path, data.per_split),
+              PLOTS[1]: lambda path: plot_class_coverage(per_class, score, alpha, colors, path, data.per_split),
               PLOTS[2]: lambda path: plot_lambda(histories, _train_counts(per_class), path),
-              PLOTS[3]: lambda path: plot_coverage_vs_size(summary, score, colors, path)}
+              PLOTS[3]: lambda path: plot_coverage_vs_size(summary, score, colors, path, data.curve)}
     plots = _write_plots(run_dir / "plots", makers)
 
     lines = [f"# Report: {run_dir.name}", "",
@@ -555,14 +467,8 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
                   f"(best − runner-up) over the {int(summary['n_splits'][0])} calibration/test splits excludes zero; "
                   "a best value not in bold is not distinguishable from the runner-up on these splits.", ""]
     lines += paired_tables(summary, score, methods)
-    lines += ["## Plots", "",
-              f"Per-class plots: {score.upper()} score, alpha = {alpha:g}.", ""]
-    titles = {PLOTS[0]: "Per-class set size vs training count", PLOTS[1]: "Per-class coverage",
-              PLOTS[2]: "Multiplier (lambda) evolution per class", PLOTS[3]: "Coverage vs size across alphas"}
-    for name in PLOTS:
-        if name in plots:
-            lines += [f"### {titles[name]}", "", f"![{titles[name]}](plots/{name})", ""]
-        elif name == PLOTS[2]:
-            lines += [f"### {titles[name]}", "", "No training history with multipliers in this run "
-                      "(`train/<method>/history.parquet`).", ""]
-    return _io.write_text("\n".join(lines), run_dir / "report.md")
+    lines += _plot_lines(plots, score, alpha, int(summary["n_splits"][0]), data)
+    report = _io.write_text("\n".join(lines), run_dir / "report.md")
+    images = {f"plots/{name}": run_dir / "plots" / name for name in plots}
+    _io.write_text(markdown_html("\n".join(lines), images, f"Report: {run_dir.name}"), run_dir / "report.html")
+    return report

@@ -1,15 +1,21 @@
 """Report: report.md content (config, tables with the significant best marked, paired differences against the
-control, multipliers at their floor, warnings) and the four PNG plots."""
+control, multipliers at their floor, warnings), the four PNG plots, the recomputed per-split data behind their
+error bars and curves, and report.html (self-contained; rendered in headless Chromium when one is installed)."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
+import numpy as np
 import polars as pl
 import pytest
 
 from stages import evaluate as E
 from stages import report as R
-from tests.stages.test_evaluate import make_run
+from stages import report_data
+from tests.stages.test_evaluate import make_logits, make_run, write_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore:pool too small")
 
@@ -45,6 +51,26 @@ def test_report_and_plots(tmp_path):
         data = (run / "plots" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
         assert f"(plots/{name})" in text
+    assert "Error bars: ± one standard deviation across the R = 3 splits" in text
+    # report.html: the same content, self-contained (every image inline, nothing fetched)
+    page = (run / "report.html").read_text()
+    links = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert len(links) == len(R.PLOTS) and all(u.startswith("data:image/png;base64,") for u in links)
+    assert "http" not in page and page.count("<table>") == text.count("|---|") and "<strong>" in page
+    # The recomputed per-split values: their means are the evaluation's, and the curves pass through the summary.
+    data = report_data.recompute(run, res.per_class, "aps", 0.1, ["ce", "cact"], ["standard", "classwise"],
+                                 json.loads((run / "eval" / "manifest.json").read_text())["config"])
+    assert data.why is None and data.per_split["split"].n_unique() == 3
+    means = data.per_split.group_by("method", "predictor", "class").agg(pl.col("coverage", "size").mean())
+    ref = res.per_class.filter(pl.col("score") == "aps", pl.col("alpha") == 0.1).join(
+        means, on=["method", "predictor", "class"])
+    assert ref.height == 2 * 2 * 6 and np.allclose(ref["coverage"], ref["coverage_mean"], atol=1e-9, rtol=0)
+    assert np.allclose(ref["size"], ref["size_mean"], atol=1e-9, rtol=0)
+    assert set(data.curve["alpha"]) == set(report_data.ALPHA_GRID)  # 0.1 and 0.05 are in the grid
+    at = data.curve.filter(pl.col("evaluated")).join(res.summary.filter(pl.col("score") == "aps"),
+                                                     on=["method", "predictor", "alpha"])
+    assert at.height == 2 * 2 * 2 and np.allclose(at["size_mean"], at["size_mean_right"], atol=1e-9, rtol=0)
+    assert np.allclose(at["coverage_mean"], at["coverage_mean_right"], atol=1e-9, rtol=0)
 
 
 def test_report_without_history_or_config(tmp_path):
@@ -55,10 +81,16 @@ def test_report_without_history_or_config(tmp_path):
     text = path.read_text()
     assert "No `config.json`" in text and "No training history" in text
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(set(R.PLOTS) - {"lambda_evolution.png"})
+    assert "No error bars" not in text and "(large markers: the evaluated alphas" in text
     # a plot of the report's own with nothing to show this time is removed; another file there stays
     (run / "plots" / "lambda_evolution.png").write_bytes(PNG)
     (run / "plots" / "mine.png").write_bytes(PNG)
-    R.write_report(run)
+    # logits rewritten after the evaluation: the report does not mix them with the evaluation's numbers
+    labels, logits = make_logits([60, 50, 40, 30, 20, 9], seed=99)
+    write_logits(run / "logits" / "ce" / "pool.parquet", np.arange(len(labels)) * 3 + 100, labels, logits)
+    text = R.write_report(run).read_text()
+    assert "No error bars: the logits no longer give the evaluation's per-class means" in text
+    assert "The evaluated alphas only" in text
     assert sorted(p.name for p in (run / "plots").iterdir()) == \
         sorted(set(R.PLOTS) - {"lambda_evolution.png"} | {"mine.png"})
 
@@ -102,12 +134,17 @@ def _table_rows(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith("|"))
 
 
-def test_identical_to_control_not_bold(tmp_path):
-    """A method with the control's logits: zero difference, a zero-width interval, nothing bold between the two."""
-    run = make_run(tmp_path, methods=("ce_finetune", "cact"))
+@pytest.fixture(scope="module")
+def twin_report(tmp_path_factory):
+    """A small report (one score, one alpha) of two methods with the same logits: their lines coincide."""
+    run = make_run(tmp_path_factory.mktemp("twins"), methods=("ce_finetune", "cact"), history=True)
     (run / "logits" / "cact" / "pool.parquet").write_bytes((run / "logits" / "ce_finetune" / "pool.parquet").read_bytes())
-    res = E.run(E.EvalConfig(run, n_splits=4, alphas=(0.1,), scores=("aps",)))
-    text = res.report_path.read_text()
+    return E.run(E.EvalConfig(run, n_splits=4, alphas=(0.1,), scores=("aps",)))
+
+
+def test_identical_to_control_not_bold(twin_report):
+    """A method with the control's logits: zero difference, a zero-width interval, nothing bold between the two."""
+    text = twin_report.report_path.read_text()
     assert "**" not in _table_rows(text.split("## Summary")[1])
     paired = text.split("## Paired differences against ce_finetune")[1].split("## Plots")[0]
     assert "| standard | cact | +0.000 [+0.000, +0.000] | +0.00 [+0.00, +0.00] |" in paired
@@ -178,3 +215,24 @@ def test_lambda_at_floor_note(tmp_path):
     assert "every multiplier of cact_uniform " not in R.write_report(run).read_text()
     (run / "train" / "cact_uniform" / "config.json").write_text(json.dumps({"loop": {"lambda_min": 1e-3}}))
     assert "every multiplier of cact_uniform stayed at its floor" in R.write_report(run).read_text()
+
+
+_CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium; "
+                                               ".ci/run installs it): report.html is not rendered")
+def test_report_html_renders_in_headless_chromium(twin_report, tmp_path):
+    """report.html opened from disk in headless Chromium: the screenshot shows text, tables and the inline plots."""
+    from matplotlib.image import imread
+
+    page, shot = twin_report.run_dir / "report.html", tmp_path / "shot.png"
+    # Tall enough for the whole page of this small report, plots included (they come last).
+    subprocess.run([_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,6000",
+                    page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    rgb = (imread(shot)[..., :3] * 255).round().astype(int)
+    assert rgb.shape[:2] == (6000, 1200)
+    assert (rgb.min(axis=2) < 200).mean() > 0.01  # text and lines: not a blank page
+    assert (rgb.max(axis=2) - rgb.min(axis=2) > 60).sum() > 5000  # saturated pixels: the plots rendered
+    assert len(np.unique(rgb @ np.array([1 << 16, 1 << 8, 1]))) > 500  # distinct colours
