@@ -142,6 +142,9 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
                    help="the cluster adds nodes on demand: wait for workers instead of refusing when it is short")
     r.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="run N Ray Tune trials per method on the validation split first and train with the best")
+    r.add_argument("--verbose", action="store_true",
+                   help="show Ray's own log lines and progress bars (by default only warnings and errors, beside the "
+                        "project's progress lines)")
     r.add_argument("--no-resume", dest="resume", action="store_false",
                    help="retrain every method even when a finished run exists (by default finished stages are "
                         "reused and interrupted training continues from its last checkpoint)")
@@ -282,6 +285,7 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     """Chain the stages for one dataset. ``source`` holds the LongTailConfig fields of the dataset."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # seconds saved on every short fit
     import ray
+    import ray.data
 
     from stages import _io, evaluate, infer, longtail, sweep, train
 
@@ -295,8 +299,16 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     except FileExistsError as e:
         raise SystemExit(f"--out: {e}")
     clock = _Clock()
+    if not args.verbose:  # Ray Data's INFO lines in the workers of a local cluster (they inherit this environment)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=True)
+        # Ray's own INFO lines (and Ray Data's per-epoch progress bars) drown the project's: WARNING and up only,
+        # in the driver and every worker of the job, unless --verbose.
+        quiet = None if args.verbose else ray.LoggingConfig(log_level="WARNING")
+        ray.init(address=args.address, log_to_driver=True, logging_config=quiet)
+    if not args.verbose:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     clock.stage("ray ready")
 
     splits = longtail.build(split_cfg)

@@ -150,7 +150,7 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
 
         ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
         ds = ds.map_batches(predictor_cls, fn_constructor_kwargs=predictor_kwargs, batch_size=batch_size,
-                            batch_format="pyarrow", concurrency=concurrency, num_gpus=1 if use_gpu else 0,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
                             num_cpus=num_cpus)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for name, values in batch.items():

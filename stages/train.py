@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import uuid
 import warnings
@@ -75,8 +76,9 @@ class TrainStageConfig:
     # shard: each worker streams its own Ray Data shard of the train split (scales to any size); global: every
     # worker reads the split and takes its contiguous slice of one seeded global batch order, so a run gives the
     # same batches, and up to float rounding the same model and multipliers, with any number of workers (not
-    # with crop_flip augmentation or BatchNorm: both see only a worker's slice)
-    data_order: str = "shard"
+    # with crop_flip augmentation or BatchNorm: both see only a worker's slice); auto: global for a train split
+    # of at most DRIVER_READ_BYTES on disk (no Ray Data actor to start, ~0.1 s less per epoch), shard above
+    data_order: str = "auto"
     max_failures: int = 2  # worker-group restarts before the run fails
     storage_path: str | None = None  # Ray Train storage (shared storage on a cluster); None: <out>/ray_storage
     run_name: str | None = None  # None: method + a hash of the config, so a rerun resumes the same run
@@ -96,8 +98,9 @@ class TrainStageConfig:
         self.out = str(Path(self.out).resolve())
         if self.init_from:
             self.init_from = str(Path(self.init_from).resolve())
-        if self.data_order not in ("shard", "global"):
-            raise ValueError(f"TrainStageConfig.data_order must be 'shard' or 'global', got {self.data_order!r}")
+        if self.data_order not in ("auto", "shard", "global"):
+            raise ValueError(f"TrainStageConfig.data_order must be 'auto', 'shard' or 'global', got "
+                             f"{self.data_order!r}")
         if self.finetune not in ("all", "head"):
             raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
         if self.num_workers < 1:
@@ -358,12 +361,15 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     job's ``model.pt`` (``init_from``): the CE backbone and its fine-tunes train in one group. The group's Ray
     Train run is named after all its jobs, so re-running the same command after the driver died resumes it.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not configs:
         return {}
     splits = _splits(splits)
+    for c in configs:  # resolved before the run names and the saved configs, which record what was done
+        if c.data_order == "auto":
+            c.data_order = "global" if _io.parquet_bytes(Path(splits.path("train"))) <= DRIVER_READ_BYTES else "shard"
     first = configs[0]
     for c in configs[1:]:
         differ = [k for k in _GROUP_SHARED if getattr(c, k) != getattr(first, k)]
@@ -421,15 +427,18 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         if streamed else None
     from .train_worker import train_loop_per_worker
 
+    # Ray Train's own INFO lines follow the job's Ray log level (WARNING in a pipeline without --verbose)
+    log_level = logging.getLevelName(max(logging.getLogger("ray").getEffectiveLevel(), logging.INFO))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()),
+        train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()), "log_level": log_level,
                            "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=first.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
+                             logging_config=LoggingConfig(log_level=log_level)),
         datasets={"train": train_ds} if streamed else None,
         # preserve_order: each worker sees its rows in the same order on every run, so a seed fixes the result.
         dataset_config=DataConfig(datasets_to_split=["train"],

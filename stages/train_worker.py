@@ -7,6 +7,7 @@ Kept apart from the driver side so that each file does one job; the driver only 
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -119,6 +120,9 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     from . import longtail
 
+    # Ray Train gives the worker's root logger an INFO console handler; its per-report line ("Reporting training
+    # result ...", a logger outside ray.train) then follows the job's log level only if the root does.
+    logging.getLogger().setLevel(cfg.get("log_level", "INFO"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     splits = longtail.load(cfg["splits"])

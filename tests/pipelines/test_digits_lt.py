@@ -59,6 +59,7 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     # what a user reads at the end
     assert "report:" in printed and (out / "report.md").is_file()
     assert "alpha = 0.1" in printed and "cact" in printed
+    assert "Traceback" not in printed and "eprecat" not in printed
     assert any((out / "plots").glob("*.png"))
     hist = pl.read_parquet(out / "train" / "cact" / "history.parquet")
     assert hist.height == 2 * 10 and hist["lambda"].is_finite().all()
