@@ -33,6 +33,7 @@ class Preset:
     model: str | None = None  # None: the split manifest's model family
     image_size: int | None = None
     needs_data_root: bool = True
+    data_root: str = ""  # what --data-root must hold (its --help)
     loop: dict = field(default_factory=dict)  # TrainConfig fields that differ from its defaults
 
 
@@ -105,9 +106,7 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_Help)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=None, required=d.needs_data_root,
-                   help="the dataset in its official format: MNIST idx files folder, cifar-10-batches-py / "
-                        "cifar-100-python folder or a train/test.parquet folder, an ImageFolder root "
-                        "(<split>/<wnid>/*.JPEG), the 20news-bydate tarball or its folder")
+                   help=d.data_root or "the dataset in its official format")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<dataset>-lt-if<IF>-seed<seed>): new, empty, or one this project "
                         "created (marked by .cact-run.json), which is then reused")

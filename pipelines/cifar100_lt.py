@@ -7,7 +7,8 @@ import dataclasses
 from _common import parser, run
 from cifar10_lt import PRESET as CIFAR10
 
-PRESET = dataclasses.replace(CIFAR10, dataset="cifar100")
+PRESET = dataclasses.replace(CIFAR10, dataset="cifar100", data_root="cifar-100-python/ (the official python pickles: "
+                                                                  "train, test, meta)")
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], PRESET)

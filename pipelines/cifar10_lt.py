@@ -11,6 +11,8 @@ from pathlib import Path
 from _common import Preset, parser, run
 
 PRESET = Preset(dataset="cifar10", imbalance_factor=100, epochs=200, finetune_epochs=20, model="cifar_resnet32",
+                data_root="cifar-10-batches-py/ (the official python pickles: data_batch_1..5, test_batch, "
+                          "batches.meta), or a folder with train.parquet and test.parquet (image bytes + label)",
                 loop={"lr": 0.1, "weight_decay": 2e-4, "schedule": "step", "milestones": (160, 180),
                       "warmup_epochs": 5, "augment": "crop_flip"})
 

@@ -6,7 +6,8 @@
 from _common import Preset, parser, run
 
 PRESET = Preset(dataset="digits", imbalance_factor=10, epochs=15, finetune_epochs=6, model="small_cnn",
-                needs_data_root=False, loop={"batch_size": 64})
+                needs_data_root=False, loop={"batch_size": 64},
+                data_root="not needed: scikit-learn's bundled digits")
 
 if __name__ == "__main__":
     args = parser(__doc__.splitlines()[0], PRESET).parse_args()

@@ -5,6 +5,8 @@
 from _common import Preset, parser, run
 
 PRESET = Preset(dataset="newsgroups", imbalance_factor=10, epochs=20, finetune_epochs=10, model="text",
+                data_root="20news-bydate.tar.gz, or the folder it unpacks to (20news-bydate-train/, "
+                          "20news-bydate-test/, one folder per newsgroup)",
                 loop={"batch_size": 64, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 1e-4})
 
 if __name__ == "__main__":

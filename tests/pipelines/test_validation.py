@@ -158,4 +158,5 @@ def test_every_train_config_field_has_a_flag_with_its_documentation(pipeline, mo
         assert _common.loop_flag(f.name).split(" ")[0] in text, f.name
     assert "--train-alpha TRAIN_ALPHA miscoverage level of the training-time threshold" in text
     assert "--batch-size BATCH_SIZE global mini-batch size (split across Ray Train workers) (default: 64)" in text
+    assert "--data-root DATA_ROOT not needed: scikit-learn's bundled digits" in text
     assert "(default: None)" not in text and "--no-resume retrain every method even when" in text
