@@ -239,10 +239,10 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def _configs(args: argparse.Namespace, d: Preset, source: dict, out: Path, methods: list[str]):
     """The split, training and evaluation configs, built and checked up front (their own checks included)."""
-    from stages import evaluate, longtail
+    from stages import _io, evaluate, longtail
 
     try:
-        split_cfg = longtail.LongTailConfig(out=str(out / "splits"), imbalance_factor=args.imbalance_factor,
+        split_cfg = longtail.LongTailConfig(out=str(_io.RunFolder(out).splits), imbalance_factor=args.imbalance_factor,
                                             val_fraction=args.val_fraction, seed=args.seed, **source)
         split_cfg.validate()
     except (TypeError, ValueError) as e:
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
                                                 args.from_scratch, args.seed, **tracking, **stage_kwargs)
         clock.stage(f"sweeps ({args.sweep} trials per method)")
     config["sweep_best"] = overrides
-    _io.write_json(json.loads(json.dumps(config, default=str)), out / "config.json")
+    _io.write_json(json.loads(json.dumps(config, default=str)), _io.RunFolder(out).config)
 
     eval_splits = None
     if args.frozen_features:
@@ -391,12 +391,13 @@ def _log_to_mlflow(args: argparse.Namespace, out: Path):
 def _frozen_features(splits, out: Path, loop: TrainConfig, stage_kwargs: dict, use_gpu: bool):
     """The CE backbone (<out>/backbone), its penultimate features (<out>/features), and the head protocol: the
     split handle, TrainConfig and stage arguments every method then trains with."""
-    from stages import features, train
+    from stages import _io, features, train
 
-    backbone = train.fit_methods(splits, str(out / "backbone"), ["ce"], loop=loop, **stage_kwargs)["ce"]
+    run = _io.RunFolder(out)
+    backbone = train.fit_methods(splits, str(run.backbone), ["ce"], loop=loop, **stage_kwargs)["ce"]
     print(f"backbone: val acc {backbone.final_metrics.get('val_accuracy', float('nan')):.3f} "
           f"({'reused' if backbone.reused else 'trained'}) -> {backbone.model_path}")
-    feats = features.extract(features.FeatureConfig(splits_root=splits.root, out=out / "features",
+    feats = features.extract(features.FeatureConfig(splits_root=splits.root, out=run.features,
                                                     model=backbone.model_path, use_gpu=use_gpu))
     print(f"features: {feats.payload['dim']} per row -> {feats.root}")
     head_loop = dataclasses.replace(loop, **features.REFERENCE_HEAD)

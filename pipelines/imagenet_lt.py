@@ -14,7 +14,8 @@ from _common import Preset, parser, run
 PRESET = Preset(dataset="imagefolder", imbalance_factor=10, epochs=90, finetune_epochs=10, model="imagenet_resnet50",
                 image_size=224,
                 data_root="an ImageFolder root: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (ImageNet, Imagenette); "
-                          "with --train-list/--val-list/--test-list, the root their paths are relative to", loop={"batch_size": 256, "lr": 0.1, "warmup_epochs": 5, "augment": "crop_flip"})
+                          "with --train-list/--val-list/--test-list, the root their paths are relative to",
+                loop={"batch_size": 256, "lr": 0.1, "warmup_epochs": 5, "augment": "crop_flip"})
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], PRESET)

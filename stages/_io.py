@@ -87,7 +87,48 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run folders: the project writes only into folders it created (or a run folder of an older version).
+# Run folders: their layout, and the rule that the project writes only into folders it created (or a run folder
+# of an older version).
+
+
+class RunFolder:
+    """The layout of a run folder: the one place that names where each stage reads and writes.
+
+    >>> r = RunFolder("runs/x")
+    >>> r.model("cact").as_posix(), r.logits("ce", "pool").as_posix(), r.eval_file("summary.parquet").as_posix()
+    ('runs/x/train/cact/model.pt', 'runs/x/logits/ce/pool.parquet', 'runs/x/eval/summary.parquet')
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    splits = property(lambda self: self.root / "splits", doc="the long-tailed splits (stages.longtail)")
+    train = property(lambda self: self.root / "train", doc="one folder per trained method")
+    eval = property(lambda self: self.root / "eval", doc="summary, per-class and per-split tables")
+    plots = property(lambda self: self.root / "plots", doc="the report's figures")
+    report = property(lambda self: self.root / "report.md")
+    report_html = property(lambda self: self.root / "report.html")
+    config = property(lambda self: self.root / "config.json", doc="the pipeline's flags and configs")
+    ray_storage = property(lambda self: self.root / "ray_storage", doc="Ray Train checkpoints (default)")
+    features = property(lambda self: self.root / "features", doc="frozen-features mode: the features' splits")
+    backbone = property(lambda self: self.root / "backbone", doc="frozen-features mode: the CE backbone's run")
+
+    def method(self, method: str) -> Path:
+        return self.train / method
+
+    def model(self, method: str) -> Path:
+        return self.method(method) / "model.pt"
+
+    def logits(self, method: str, split: str | None = None) -> Path:
+        folder = self.root / "logits" / method
+        return folder if split is None else folder / f"{split}.parquet"
+
+    def eval_file(self, name: str) -> Path:
+        return self.eval / name
+
+    def sweep(self, method: str) -> Path:
+        return self.root / "sweep" / method
+
 
 RUN_MARKER = ".cact-run.json"  # written first into every run folder the project creates
 PROJECT = "cact"
@@ -96,11 +137,11 @@ PROJECT = "cact"
 def _is_legacy_run(folder: Path) -> bool:
     """A run folder written before the marker existed: a pipeline's config.json and a train/ or splits/ folder."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(RunFolder(folder).config.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "pipeline" in config and \
-        ((folder / "train").is_dir() or (folder / "splits").is_dir())
+        (RunFolder(folder).train.is_dir() or RunFolder(folder).splits.is_dir())
 
 
 def is_run_folder(folder: str | os.PathLike) -> bool:

@@ -264,7 +264,7 @@ def check_against_manifest(pool: PoolLogits, manifest: dict, split: str = "pool"
 
 def discover_methods(run_dir: str | Path) -> tuple[str, ...]:
     """Methods with ``logits/<method>/pool.parquet``, in the canonical order (ce, conftr, ..., cact)."""
-    root = Path(run_dir) / "logits"
+    root = _io.RunFolder(run_dir).root / "logits"
     found = sorted(p.parent.name for p in root.glob("*/pool.parquet")) if root.is_dir() else []
     return tuple(sorted(found, key=order_key))
 
@@ -309,19 +309,20 @@ def run(config: EvalConfig) -> EvalResult:
     """
     config.validate()
     run_dir = Path(config.run_dir)
-    splits_root = Path(config.splits_root) if config.splits_root else run_dir / "splits"
+    run = _io.RunFolder(run_dir)
+    splits_root = Path(config.splits_root) if config.splits_root else run.splits
     manifest = read_manifest(splits_root)
     methods = tuple(sorted(config.methods, key=order_key)) if config.methods else discover_methods(run_dir)
     if not methods:
         raise FileNotFoundError(2, f"no logits found under {run_dir / 'logits'} (run stages.infer first)",
-                                str(run_dir / "logits"))
+                                str(run.root / "logits"))
     classes, train_counts = manifest["classes"], manifest["counts"]["train"]
     dtype = getattr(torch, config.dtype)
     summary_rows, class_rows, split_rows, inputs = [], [], [], {}
     reference, splits = None, None
     for method in methods:
         t0 = time.perf_counter()
-        pool = read_logits(run_dir / "logits" / method / "pool.parquet")
+        pool = read_logits(run.logits(method, "pool"))
         check_against_manifest(pool, manifest)
         if reference is None:
             reference = pool
@@ -350,7 +351,7 @@ def run(config: EvalConfig) -> EvalResult:
     summary = _frame(engine.with_paired(summary_rows, split_rows, registry.control()), engine.summary_columns())
     per_class = _frame(class_rows, PER_CLASS_COLUMNS)
     _warn_infinite(summary, splits[0].shape[1])
-    out = run_dir / "eval"
+    out = run.eval
     summary_path = _io.write_parquet(summary.to_arrow(), out / "summary.parquet")
     with _io.atomic_path(out / "summary.csv") as tmp:
         summary.write_csv(tmp)

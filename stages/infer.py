@@ -73,7 +73,7 @@ class InferResult:
 
 def discover_models(run_dir: str | Path) -> tuple[str, ...]:
     """Methods with ``train/<method>/model.pt``, in the canonical order (ce, conftr, ..., cact)."""
-    root = Path(run_dir) / "train"
+    root = _io.RunFolder(run_dir).train
     found = [p.parent.name for p in root.glob("*/model.pt")] if root.is_dir() else []
     return tuple(sorted(found, key=order_key))
 
@@ -150,8 +150,8 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
 
         ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
         ds = ds.map_batches(predictor_cls, fn_constructor_kwargs=predictor_kwargs, batch_size=batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
-                            num_cpus=num_cpus)
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
+                            num_gpus=1 if use_gpu else 0, num_cpus=num_cpus)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for name, values in batch.items():
                 parts.setdefault(name, []).append(np.asarray(values))
@@ -166,12 +166,13 @@ def run(config: InferConfig) -> InferResult:
     from . import longtail
 
     run_dir = Path(config.run_dir)
-    splits = longtail.load(config.splits_root or run_dir / "splits")
+    run = _io.RunFolder(run_dir)
+    splits = longtail.load(config.splits_root or run.splits)
     methods = tuple(config.methods) if config.methods else discover_models(run_dir)
     if not methods:
         raise FileNotFoundError(2, f"no trained model under {run_dir / 'train'} (run stages.train first)",
-                                str(run_dir / "train"))
-    model_paths = {m: run_dir / "train" / m / "model.pt" for m in methods}
+                                str(run.train))
+    model_paths = {m: run.model(m) for m in methods}
     for m, p in model_paths.items():
         if not p.is_file():
             raise FileNotFoundError(2, f"model file not found: {p}", str(p))
@@ -191,7 +192,7 @@ def run(config: InferConfig) -> InferResult:
             raise RuntimeError(f"{splits.path(split)}: inference returned {len(sample_id)} rows, the manifest "
                                f"lists {expected}")
         for m in methods:
-            path = run_dir / "logits" / m / f"{split}.parquet"
+            path = run.logits(m, split)
             _io.write_parquet(_logits_table(sample_id, label, cols[f"logits__{m}"]), path)
             result.paths[m][split] = path
         log.info("inference on %s: %d rows x %d methods", split, len(sample_id), len(methods))
@@ -200,7 +201,7 @@ def run(config: InferConfig) -> InferResult:
                         "splits_root": str(splits.root),
                         "split_files": {s: {"file": str(splits.path(s)), "sha256": _io.sha256_file(splits.path(s)),
                                             "rows": result.rows[s]} for s in config.splits}},
-                       run_dir / "logits" / m / "manifest.json")
+                       run.logits(m) / "manifest.json")
     return result
 
 

@@ -153,7 +153,7 @@ def compact_json(obj, indent: int = 0) -> str:
 def _read_histories(run_dir: Path, methods: Sequence[str]) -> dict[str, pl.DataFrame]:
     out = {}
     for m in methods:
-        p = run_dir / "train" / m / "history.parquet"
+        p = _io.RunFolder(run_dir).method(m) / "history.parquet"
         if p.is_file():
             out[m] = pl.read_parquet(p)
     return out
@@ -167,7 +167,8 @@ def _train_counts(per_class: pl.DataFrame) -> list[int]:
 def _lambda_min(run_dir: Path, method: str) -> float:
     """``loop.lambda_min`` of ``train/<method>/config.json``; 0 when it cannot be read."""
     try:
-        return float(json.loads((run_dir / "train" / method / "config.json").read_text())["loop"]["lambda_min"])
+        saved = _io.RunFolder(run_dir).method(method) / "config.json"
+        return float(json.loads(saved.read_text())["loop"]["lambda_min"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0
 
@@ -388,14 +389,15 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
     PosixPath('runs/digits/report.md')
     """
     run_dir = Path(run_dir)
+    run = _io.RunFolder(run_dir)
     if summary is None:
-        summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
-        if per_split is None and (run_dir / "eval" / "per_split.parquet").is_file():
-            per_split = pl.read_parquet(run_dir / "eval" / "per_split.parquet")
+        summary = pl.read_parquet(run.eval_file("summary.parquet"))
+        if per_split is None and run.eval_file("per_split.parquet").is_file():
+            per_split = pl.read_parquet(run.eval_file("per_split.parquet"))
     per_split = _matching_per_split(summary, per_split)
-    per_class = pl.read_parquet(run_dir / "eval" / "per_class.parquet") if per_class is None else per_class
-    if eval_config is None and (run_dir / "eval" / "manifest.json").is_file():
-        eval_config = json.loads((run_dir / "eval" / "manifest.json").read_text()).get("config")
+    per_class = pl.read_parquet(run.eval_file("per_class.parquet")) if per_class is None else per_class
+    if eval_config is None and run.eval_file("manifest.json").is_file():
+        eval_config = json.loads(run.eval_file("manifest.json").read_text()).get("config")
     methods = _method_order(summary["method"].to_list())
     scores = summary["score"].unique(maintain_order=True).to_list()
     alphas = summary["alpha"].unique(maintain_order=True).to_list()
@@ -410,7 +412,7 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
               PLOTS[1]: lambda path: plot_class_coverage(per_class, score, alpha, colors, path, data.per_split),
               PLOTS[2]: lambda path: plot_lambda(histories, _train_counts(per_class), path),
               PLOTS[3]: lambda path: plot_coverage_vs_size(summary, score, colors, path, data.curve)}
-    plots = _write_plots(run_dir / "plots", makers)
+    plots = _write_plots(run.plots, makers)
 
     lines = [f"# Report: {run_dir.name}", "",
              f"Run folder `{run_dir.resolve()}`. Hard split conformal prediction on the pool: "
@@ -418,7 +420,7 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
              "over splits (± its standard deviation across splits). Class Adaptive Conformal Training: Marani et "
              "al., arXiv 2601.09522.", ""]
     lines += ["## Configuration", ""]
-    config_path = run_dir / "config.json"
+    config_path = run.config
     if config_path.is_file():
         lines += ["Pipeline (`config.json`):", "", "```json", compact_json(json.loads(config_path.read_text())),
                   "```", ""]
@@ -468,7 +470,7 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
                   "a best value not in bold is not distinguishable from the runner-up on these splits.", ""]
     lines += paired_tables(summary, score, methods)
     lines += _plot_lines(plots, score, alpha, int(summary["n_splits"][0]), data)
-    report = _io.write_text("\n".join(lines), run_dir / "report.md")
-    images = {f"plots/{name}": run_dir / "plots" / name for name in plots}
+    report = _io.write_text("\n".join(lines), run.report)
+    images = {f"plots/{name}": run.plots / name for name in plots}
     _io.write_text(markdown_html("\n".join(lines), images, f"Report: {run_dir.name}"), run_dir / "report.html")
     return report

@@ -22,6 +22,8 @@ import torch
 
 from cact_ops import engine
 
+from ._io import RunFolder
+
 # Alphas of the coverage-vs-size curves, besides the evaluated ones.
 ALPHA_GRID = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3)
 # Recomputed per-class means must agree with eval/per_class.parquet to this absolute tolerance.
@@ -59,7 +61,7 @@ def recompute(run_dir: str | Path, per_class: pl.DataFrame, score: str, alpha: f
     at = alphas.index(float(alpha))
     splits, rows, curve = None, [], []
     for m in methods:
-        path = Path(run_dir) / "logits" / m / "pool.parquet"
+        path = RunFolder(run_dir).logits(m, "pool")
         if not path.is_file():
             return PlotData(why=f"{path.relative_to(run_dir)} is missing")
         pool = read_logits(path)

@@ -116,7 +116,7 @@ def run(splits, config: SweepConfig) -> SweepResult:
     base = config.base
     method = base.method
     space = dict(config.search_space or default_search_space(method, base.loop))
-    out = Path(base.out) / "sweep" / method
+    out = _io.RunFolder(base.out).sweep(method)
     if not ray.is_initialized():
         ray.init()
     # Workers get a fraction of a CPU so that several trials (and their data reads) fit on a small machine.

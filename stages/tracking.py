@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ._io import RUN_MARKER
+from ._io import RUN_MARKER, RunFolder
 
 INSTALL_HINT = "pip install -e '.[tracking]' (the tracking extra: mlflow-skinny and pandas)"
 TAG_RUN_ID, TAG_ROLE, TAG_METHOD, TAG_FINGERPRINT = "cact.run_id", "cact.role", "cact.method", "cact.fingerprint"
@@ -231,11 +231,12 @@ def _records(run_dir: Path) -> tuple[_Record, dict[str, _Record]]:
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a folder: give a CaCT run folder (runs/<dataset>-lt-...)")
-    config = _read_json(run_dir / "config.json")
+    run = RunFolder(run_dir)
+    config = _read_json(run.config)
     args = config.get("args") or {}
-    summary_path = run_dir / "eval" / "summary.parquet"
+    summary_path = run.eval_file("summary.parquet")
     summary = pl.read_parquet(summary_path) if summary_path.is_file() else None
-    methods = {p.parent.name for p in (run_dir / "train").glob("*/config.json")}
+    methods = {p.parent.name for p in run.train.glob("*/config.json")}
     if summary is not None:
         methods |= set(summary["method"].unique().to_list())
     if not methods:
@@ -247,16 +248,14 @@ def _records(run_dir: Path) -> tuple[_Record, dict[str, _Record]]:
         pipeline_params["argv"] = shlex.join(str(a) for a in config["argv"])
     parent = _Record(run_dir.name, params=_params(pipeline_params),
                      tags={"cact.dataset": str(config.get("pipeline") or "")})
-    for name, folder in (("config.json", None), ("report.md", None), ("report.html", None)):
-        if (run_dir / name).is_file():
-            parent.artifacts.append((run_dir / name, folder))
-    if (run_dir / "eval" / "summary.csv").is_file():
-        parent.artifacts.append((run_dir / "eval" / "summary.csv", "eval"))
-    parent.artifacts += [(p, "plots") for p in sorted((run_dir / "plots").glob("*.png"))]
+    parent.artifacts += [(p, None) for p in (run.config, run.report, run.report_html) if p.is_file()]
+    if run.eval_file("summary.csv").is_file():
+        parent.artifacts.append((run.eval_file("summary.csv"), "eval"))
+    parent.artifacts += [(p, "plots") for p in sorted(run.plots.glob("*.png"))]
 
     children = {}
     for method in sorted(methods, key=method_registry.order_key):
-        d = run_dir / "train" / method
+        d = run.method(method)
         stage = _read_json(d / "config.json")
         loop = stage.pop("loop", {}) or {}
         rec = _Record(method, params=_params({**loop, **{f"stage.{k}": v for k, v in stage.items()},

@@ -112,7 +112,7 @@ class TrainStageConfig:
 
     @property
     def method_dir(self) -> Path:
-        return Path(self.out) / "train" / self.method
+        return _io.RunFolder(self.out).method(self.method)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -369,7 +369,8 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     splits = _splits(splits)
     for c in configs:  # resolved before the run names and the saved configs, which record what was done
         if c.data_order == "auto":
-            c.data_order = "global" if _io.parquet_bytes(Path(splits.path("train"))) <= DRIVER_READ_BYTES else "shard"
+            small = _io.parquet_bytes(Path(splits.path("train"))) <= DRIVER_READ_BYTES
+            c.data_order = "global" if small else "shard"
     first = configs[0]
     for c in configs[1:]:
         differ = [k for k in _GROUP_SHARED if getattr(c, k) != getattr(first, k)]
@@ -411,7 +412,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         # Retrain means start afresh: the same name would resume the last run's latest checkpoint (and skip the
         # jobs before it in the group).
         name = f"{name}-fresh-{uuid.uuid4().hex[:8]}"
-    storage = first.storage_path or str((Path(first.out) / "ray_storage").resolve())
+    storage = first.storage_path or str(_io.RunFolder(first.out).ray_storage.resolve())
     jobs = [{"stage": _jsonable(configs[i].to_dict()), "spec": specs[i], "name": names[i]} for i in todo]
     duals = {names[i]: (specs[i]["num_classes"], dataclasses.asdict(configs[i].loop.dual_config))
              for i in todo if method_registry.get(configs[i].method).uses_dual}
