@@ -443,6 +443,8 @@ class EpochLoop:
             x, y, is_cal = x.to(dev), y.to(dev).long(), is_cal.to(dev).bool()
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
                 logits = self.model(x)
+            if not torch.isfinite(logits).all():  # weights blown up by the last optimizer steps
+                raise TrainingDiverged(cfg, self.epoch, self.global_step, "the model's validation logits")
             conf = logprob(logits.float())
             cal_scores.append(conf[is_cal].gather(1, y[is_cal, None]).squeeze(1).cpu())
             cal_labels.append(y[is_cal].cpu())
