@@ -349,6 +349,25 @@ _GROUP_SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "s
                  "check_resources", "verbose")
 
 
+def _check_dual_data(splits, configs: list[TrainStageConfig]) -> None:
+    """Refuse, before any worker starts, dual-step data whose stratified calibration part (val_cal_fraction of
+    each class, rounded) or remainder is empty: every worker would raise it, and Ray Train retry it."""
+    from cact_ops.training import val_cal_mask
+
+    from .payload import decode_labels
+
+    for c in configs:
+        source = "train" if c.loop.dual_source == "train" else "val"
+        labels = decode_labels(splits.read_table(source, columns=["label"]))
+        cal = val_cal_mask(labels, c.loop.val_cal_fraction, c.loop.seed)
+        if not cal.any() or cal.all():
+            raise ValueError(
+                f"{c.method}: the {source} split ({labels.numel()} rows, at most {int(labels.bincount().max())} per "
+                f"class) leaves the dual step no {'calibration' if not cal.any() else 'evaluation'} rows at "
+                f"val_cal_fraction={c.loop.val_cal_fraction} (round(fraction x n_k) per class); use a larger val "
+                "split (--val-fraction) or another val_cal_fraction (--val-cal-fraction)")
+
+
 def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = None, dataset=None,
               ) -> dict[str, TrainResult]:
     """Train several methods one after the other in one Ray Train worker group: the start-up (controller,
@@ -383,6 +402,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     specs = [model_spec(c, splits) for c in configs]
     outputs = {str((c.method_dir / "model.pt").resolve()) for c in configs}
     todo = [i for i, c in enumerate(configs) if not _reusable(c)]
+    _check_dual_data(splits, [configs[i] for i in todo])
     for i in todo:
         c = configs[i]
         if c.init_from and c.init_from not in outputs:  # an earlier job's output is checked when it is written

@@ -150,6 +150,12 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "w"), num_workers=64))
     with pytest.raises(ValueError, match="GPU"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "g"), use_gpu=True))
+    # a dual-step calibration part rounded to nothing: refused here, not raised (and retried) in every worker
+    with pytest.raises(ValueError, match=r"ce: the val split \(179 rows.*no calibration rows at "
+                                         r"val_cal_fraction=0.01.*--val-fraction"):
+        train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "v"),
+                                                        loop=TrainConfig(method="ce", val_cal_fraction=0.01)))
+    assert not (tmp_path / "v" / "train").exists()
     (tmp_path / "nomanifest").mkdir()
     with pytest.raises(Exception, match="manifest"):
         train.fit(tmp_path / "nomanifest", train.TrainStageConfig(out=str(tmp_path / "m")))
