@@ -319,7 +319,8 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
                         model_family=args.model, image_size=args.image_size, overwrite=not args.resume,
                         check_resources=not args.autoscale)
-    config = {"pipeline": d.dataset, "argv": sys.argv[1:], "args": vars(args), "loop": loop.to_dict(),
+    config = {"pipeline": d.dataset, "argv": sys.argv[1:], "loop": loop.to_dict(),
+              "args": {k: v for k, v in vars(args).items() if v is not None},  # unset flags: see "loop"
               "stage": {k: v for k, v in stage_kwargs.items()}, "splits": str(splits.root)}
 
     overrides: dict[str, dict] = {}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.pipelines._faults import kill_in_every_stage
+from tests.stages.test_report import _CHROMIUM, assert_renders_in_chromium
 
 pytestmark = pytest.mark.ray
 
@@ -66,6 +67,8 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     assert "alpha = 0.1" in printed and "cact" in printed
     assert "Traceback" not in printed and "eprecat" not in printed
     assert any((out / "plots").glob("*.png"))
+    if _CHROMIUM:  # the demo's own report.html, as a browser shows it (the report tests skip without chromium too)
+        assert_renders_in_chromium(out / "report.html", tmp_path, height=12000)  # 3 methods: ~7,000 px
     hist = pl.read_parquet(out / "train" / "cact" / "history.parquet")
     assert hist.height == 2 * 10 and hist["lambda"].is_finite().all()
     assert hist["lambda"].max() > 1e-3  # the default size target (eta_relative) binds: the multipliers move

@@ -224,15 +224,21 @@ _CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
                                                ".ci/run installs it): report.html is not rendered")
 def test_report_html_renders_in_headless_chromium(twin_report, tmp_path):
     """report.html opened from disk in headless Chromium: the screenshot shows text, tables and the inline plots."""
+    assert_renders_in_chromium(twin_report.run_dir / "report.html", tmp_path)
+
+
+def assert_renders_in_chromium(page, tmp_path, height: int = 6000) -> None:
+    """Screenshot ``page`` (the top ``height`` pixels, 1200 wide) in headless Chromium; it must show text, tables and
+    plots (not a blank page)."""
     from matplotlib.image import imread
 
-    page, shot = twin_report.run_dir / "report.html", tmp_path / "shot.png"
-    # Tall enough for the whole page of this small report, plots included (they come last).
+    shot = tmp_path / "shot.png"
+    # Tall enough for the whole page, plots included (they come last).
     subprocess.run([_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,6000",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1200,{height}",
                     page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
     rgb = (imread(shot)[..., :3] * 255).round().astype(int)
-    assert rgb.shape[:2] == (6000, 1200)
+    assert rgb.shape[:2] == (height, 1200)
     assert (rgb.min(axis=2) < 200).mean() > 0.01  # text and lines: not a blank page
     assert (rgb.max(axis=2) - rgb.min(axis=2) > 60).sum() > 5000  # saturated pixels: the plots rendered
     assert len(np.unique(rgb @ np.array([1 << 16, 1 << 8, 1]))) > 500  # distinct colours
