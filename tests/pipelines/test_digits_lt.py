@@ -95,7 +95,12 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     ft = out / "train" / "ce_finetune"
     history, weights = pl.read_parquet(ft / "history.parquet"), torch.load(ft / "model.pt", weights_only=True)["model"]
     (ft / "model.pt").write_bytes((ft / "model.pt").read_bytes()[:100])
-    (out / "plots" / "mine.txt").write_text("keep")
+    # A user's files in every folder the pipeline writes into survive a rerun that rewrites them (the project
+    # never deletes or overwrites a file it did not write).
+    planted = [out / d / "mine.txt" for d in (".", "splits", "train", "train/ce_finetune", "train/cact", "logits",
+                                                "logits/cact", "eval", "plots", "ray_storage")]
+    for p in planted:
+        p.write_text("keep")
     with pytest.warns(UserWarning, match=r"ce_finetune/model.pt is damaged.*training ce_finetune again"):
         printed = _run(argv, monkeypatch, capsys)
     assert printed.count("reused") == 2 and "trained ce_finetune" in printed
@@ -103,7 +108,7 @@ def test_digits_pipeline_end_to_end_and_rerun(ray_cluster, tmp_path, monkeypatch
     for k, v in torch.load(ft / "model.pt", weights_only=True)["model"].items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
     assert pl.read_parquet(out / "eval" / "summary.parquet").equals(summary)
-    assert (out / "plots" / "mine.txt").read_text() == "keep"
+    assert all(p.read_text() == "keep" for p in planted)
     # Killed at a random point of every stage in turn and rerun each time, the same command ends with this
     # unbroken run's tables (summary.csv byte for byte); the CE backbone continued from its checkpoint.
     killed = tmp_path / "killed"
