@@ -1,7 +1,24 @@
 """Input validation shared by every ``cact_ops`` function: one clear ``ValueError`` naming the argument."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+
+def is_real(v) -> bool:
+    """A finite real number, not a bool.
+
+    >>> is_real(0.5), is_real(float("nan")), is_real(True)
+    (True, False, False)
+    """
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_count(v) -> bool:
+    """An integer >= 0, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:

@@ -12,13 +12,13 @@ size S at the same temperature T; per-class sums of P'(h_i), counts and sums of 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar, Iterable
 
 import torch
 import torch.nn as nn
 
+from ._checks import is_count, is_real
 from .alm import DualConfig, DualState
 from .cp import conformal_quantile
 from . import methods
@@ -30,14 +30,6 @@ from .smooth import QUANTILE_OPERATORS, smooth_threshold, soft_size
 def _conformal(default):
     """A field read only by the conformal losses and the dual step: the CE backbone keeps it at its default."""
     return field(default=default, metadata={"conformal": True})
-
-
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass
@@ -123,30 +115,30 @@ class TrainConfig:
         "dual_source": ("val", "train"), "cal_weighting": ("balanced", "none"), "quantile_operator": QUANTILE_OPERATORS}
     # The accepted values of the numeric fields: (in words, test).
     RANGES: ClassVar[dict[str, tuple[str, Callable]]] = {
-        "epochs": ("an integer >= 1", lambda v: _count(v) and v >= 1),
-        "batch_size": ("an integer >= 2", lambda v: _count(v) and v >= 2),
-        "lr": ("a finite number > 0", lambda v: _real(v) and v > 0),
-        "momentum": ("a number in [0, 1)", lambda v: _real(v) and 0 <= v < 1),
-        "weight_decay": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
-        "warmup_epochs": ("an integer >= 0", _count),
-        "milestones": ("epochs (integers >= 0)", lambda v: all(_count(m) for m in v)),
-        "grad_clip": ("a finite number >= 0 (0: no clipping)", lambda v: _real(v) and v >= 0),
-        "alpha": ("a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
-        "temperature": ("a finite number > 0", lambda v: _real(v) and v > 0),
-        "regularization_strength": ("a finite number > 0", lambda v: _real(v) and v > 0),
-        "cal_fraction": ("a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
-        "ce_weight": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
-        "conftr_lambda": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
-        "kappa": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
-        "coverage_weight": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
-        "eta": ("a finite number > 0", lambda v: _real(v) and v > 0),
+        "epochs": ("an integer >= 1", lambda v: is_count(v) and v >= 1),
+        "batch_size": ("an integer >= 2", lambda v: is_count(v) and v >= 2),
+        "lr": ("a finite number > 0", lambda v: is_real(v) and v > 0),
+        "momentum": ("a number in [0, 1)", lambda v: is_real(v) and 0 <= v < 1),
+        "weight_decay": ("a finite number >= 0", lambda v: is_real(v) and v >= 0),
+        "warmup_epochs": ("an integer >= 0", is_count),
+        "milestones": ("epochs (integers >= 0)", lambda v: all(is_count(m) for m in v)),
+        "grad_clip": ("a finite number >= 0 (0: no clipping)", lambda v: is_real(v) and v >= 0),
+        "alpha": ("a number in the open interval (0, 1)", lambda v: is_real(v) and 0 < v < 1),
+        "temperature": ("a finite number > 0", lambda v: is_real(v) and v > 0),
+        "regularization_strength": ("a finite number > 0", lambda v: is_real(v) and v > 0),
+        "cal_fraction": ("a number in the open interval (0, 1)", lambda v: is_real(v) and 0 < v < 1),
+        "ce_weight": ("a finite number >= 0", lambda v: is_real(v) and v >= 0),
+        "conftr_lambda": ("a finite number >= 0", lambda v: is_real(v) and v >= 0),
+        "kappa": ("a finite number >= 0", lambda v: is_real(v) and v >= 0),
+        "coverage_weight": ("a finite number >= 0", lambda v: is_real(v) and v >= 0),
+        "eta": ("a finite number > 0", lambda v: is_real(v) and v > 0),
         "eta_relative": ("a finite number > 0, or None (the absolute eta)",
-                         lambda v: v is None or (_real(v) and v > 0)),
-        "lambda_max": ("a finite number > 0", lambda v: _real(v) and v > 0),
-        "rho_step": ("an integer >= 0 (0: rho fixed)", _count),
-        "val_cal_fraction": ("a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
-        "dual_every_steps": ("an integer >= 0 (0: once per epoch)", _count),
-        "seed": ("an integer >= 0", _count),
+                         lambda v: v is None or (is_real(v) and v > 0)),
+        "lambda_max": ("a finite number > 0", lambda v: is_real(v) and v > 0),
+        "rho_step": ("an integer >= 0 (0: rho fixed)", is_count),
+        "val_cal_fraction": ("a number in the open interval (0, 1)", lambda v: is_real(v) and 0 < v < 1),
+        "dual_every_steps": ("an integer >= 0 (0: once per epoch)", is_count),
+        "seed": ("an integer >= 0", is_count),
     }
 
     def __post_init__(self):

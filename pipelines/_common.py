@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import inspect
-import math
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from cact_ops import methods as method_registry  # noqa: E402
 from cact_ops.losses import METHODS  # noqa: E402
+from cact_ops._checks import is_real  # noqa: E402
 from cact_ops.training import TrainConfig  # noqa: E402
 
 
@@ -184,15 +184,11 @@ def loop_values(args: argparse.Namespace, d: Preset) -> dict:
     return {**d.loop, **given}
 
 
-def _real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # (flag, attribute, accepted values in words, test): the pipeline's own numeric flags (TrainConfig's fields are
 # checked by TrainConfig.RANGES), all checked before anything starts.
 _FLAG_CHECKS = (
-    ("--imbalance-factor", "imbalance_factor", "a finite number >= 1 (1 = balanced)", lambda v: _real(v) and v >= 1),
-    ("--val-fraction", "val_fraction", "a number in the open interval (0, 1)", lambda v: _real(v) and 0 < v < 1),
+    ("--imbalance-factor", "imbalance_factor", "a finite number >= 1 (1 = balanced)", lambda v: is_real(v) and v >= 1),
+    ("--val-fraction", "val_fraction", "a number in the open interval (0, 1)", lambda v: is_real(v) and 0 < v < 1),
     ("--epochs", "epochs", *TrainConfig.RANGES["epochs"]),
     ("--finetune-epochs", "finetune_epochs", *TrainConfig.RANGES["epochs"]),
     ("--image-size", "image_size", "an integer >= 1 (or unset: the stored size)", lambda v: v is None or v >= 1),
@@ -213,7 +209,7 @@ def check_flags(args: argparse.Namespace) -> None:
         if value is not None and f.name in TrainConfig.RANGES and not TrainConfig.RANGES[f.name][1](value):
             problems.append(f"{loop_flag(f.name)} must be {TrainConfig.RANGES[f.name][0]}, got {value!r}")
     alphas = list(args.alpha or [])
-    if not alphas or any(not (_real(a) and 0 < a < 1) for a in alphas) or len(set(alphas)) != len(alphas):
+    if not alphas or any(not (is_real(a) and 0 < a < 1) for a in alphas) or len(set(alphas)) != len(alphas):
         problems.append(f"--alpha must be one or more distinct numbers in the open interval (0, 1), got {alphas}")
     if args.model is not None:
         from cact_ops.models import MODEL_FAMILIES
