@@ -112,6 +112,7 @@ class RunFolder:
     ray_storage = property(lambda self: self.root / "ray_storage", doc="Ray Train checkpoints (default)")
     features = property(lambda self: self.root / "features", doc="frozen-features mode: the features' splits")
     backbone = property(lambda self: self.root / "backbone", doc="frozen-features mode: the CE backbone's run")
+    all_logits = property(lambda self: self.root / "logits", doc="one folder per method: its logits per split")
 
     def method(self, method: str) -> Path:
         return self.train / method
@@ -120,7 +121,7 @@ class RunFolder:
         return self.method(method) / "model.pt"
 
     def logits(self, method: str, split: str | None = None) -> Path:
-        folder = self.root / "logits" / method
+        folder = self.all_logits / method
         return folder if split is None else folder / f"{split}.parquet"
 
     def eval_file(self, name: str) -> Path:

@@ -264,7 +264,7 @@ def check_against_manifest(pool: PoolLogits, manifest: dict, split: str = "pool"
 
 def discover_methods(run_dir: str | Path) -> tuple[str, ...]:
     """Methods with ``logits/<method>/pool.parquet``, in the canonical order (ce, conftr, ..., cact)."""
-    root = _io.RunFolder(run_dir).root / "logits"
+    root = _io.RunFolder(run_dir).all_logits
     found = sorted(p.parent.name for p in root.glob("*/pool.parquet")) if root.is_dir() else []
     return tuple(sorted(found, key=order_key))
 
@@ -314,8 +314,8 @@ def run(config: EvalConfig) -> EvalResult:
     manifest = read_manifest(splits_root)
     methods = tuple(sorted(config.methods, key=order_key)) if config.methods else discover_methods(run_dir)
     if not methods:
-        raise FileNotFoundError(2, f"no logits found under {run_dir / 'logits'} (run stages.infer first)",
-                                str(run.root / "logits"))
+        raise FileNotFoundError(2, f"no logits found under {run.all_logits} (run stages.infer first)",
+                                str(run.all_logits))
     classes, train_counts = manifest["classes"], manifest["counts"]["train"]
     dtype = getattr(torch, config.dtype)
     summary_rows, class_rows, split_rows, inputs = [], [], [], {}

@@ -170,7 +170,7 @@ def run(config: InferConfig) -> InferResult:
     splits = longtail.load(config.splits_root or run.splits)
     methods = tuple(config.methods) if config.methods else discover_models(run_dir)
     if not methods:
-        raise FileNotFoundError(2, f"no trained model under {run_dir / 'train'} (run stages.train first)",
+        raise FileNotFoundError(2, f"no trained model under {run.train} (run stages.train first)",
                                 str(run.train))
     model_paths = {m: run.model(m) for m in methods}
     for m, p in model_paths.items():

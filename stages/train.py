@@ -356,13 +356,16 @@ def _check_dual_data(splits, configs: list[TrainStageConfig]) -> None:
 
     from .payload import decode_labels
 
+    labels = {}  # each split's labels read once, whatever the number of jobs
     for c in configs:
         source = "train" if c.loop.dual_source == "train" else "val"
-        labels = decode_labels(splits.read_table(source, columns=["label"]))
-        cal = val_cal_mask(labels, c.loop.val_cal_fraction, c.loop.seed)
+        if source not in labels:
+            labels[source] = decode_labels(splits.read_table(source, columns=["label"]))
+        y = labels[source]
+        cal = val_cal_mask(y, c.loop.val_cal_fraction, c.loop.seed)
         if not cal.any() or cal.all():
             raise ValueError(
-                f"{c.method}: the {source} split ({labels.numel()} rows, at most {int(labels.bincount().max())} per "
+                f"{c.method}: the {source} split ({y.numel()} rows, at most {int(y.bincount().max())} per "
                 f"class) leaves the dual step no {'calibration' if not cal.any() else 'evaluation'} rows at "
                 f"val_cal_fraction={c.loop.val_cal_fraction} (round(fraction x n_k) per class); use a larger val "
                 "split (--val-fraction) or another val_cal_fraction (--val-cal-fraction)")
@@ -386,10 +389,11 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     if not configs:
         return {}
     splits = _splits(splits)
-    for c in configs:  # resolved before the run names and the saved configs, which record what was done
-        if c.data_order == "auto":
-            small = _io.parquet_bytes(Path(splits.path("train"))) <= DRIVER_READ_BYTES
-            c.data_order = "global" if small else "shard"
+    if any(c.data_order == "auto" for c in configs):  # resolved before the run names and the saved configs
+        auto = "global" if _io.parquet_bytes(Path(splits.path("train"))) <= DRIVER_READ_BYTES else "shard"
+        for c in configs:
+            if c.data_order == "auto":
+                c.data_order = auto
     first = configs[0]
     for c in configs[1:]:
         differ = [k for k in _GROUP_SHARED if getattr(c, k) != getattr(first, k)]
