@@ -191,14 +191,17 @@ def calibration_weights(cfg: TrainConfig, train_counts) -> torch.Tensor | None:
 
 def build_loss(cfg: TrainConfig, dual: DualState | None, generator: torch.Generator | None = None,
                train_counts=None) -> nn.Module:
-    """The loss module of ``cfg.method``; CaCT methods read lambda, rho from ``dual``."""
+    """The loss module of ``cfg.method`` (its registry entry's ``build_loss`` if it has one, else its loss
+    family's); CaCT methods read lambda, rho from ``dual``."""
     m = methods.get(cfg.method)
-    if m.loss == "ce":
+    if m.loss == "ce" and m.build_loss is None:
         return CELoss()
     common = dict(alpha=cfg.alpha, temperature=cfg.temperature, regularization_strength=cfg.regularization_strength,
                   cal_fraction=cfg.cal_fraction, stratified=cfg.stratified_split, ce_weight=cfg.ce_weight,
                   generator=generator, cal_weights=calibration_weights(cfg, train_counts),
                   quantile_operator=cfg.quantile_operator)
+    if m.build_loss is not None:
+        return m.build_loss(cfg, dual=dual, **common)
     if m.loss == "conftr":
         return ConfTrLoss(lam=cfg.conftr_lambda, kappa=cfg.kappa, size_transform=cfg.size_transform,
                           coverage_weight=cfg.coverage_weight, classwise_tau=m.classwise_tau, **common)

@@ -17,8 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from cact_ops import methods as method_registry  # noqa: E402
-from cact_ops.losses import METHODS  # noqa: E402
+from cact_ops import plugins  # noqa: E402
 from cact_ops._checks import is_real  # noqa: E402
+from cact_ops.engine import DEFAULT_SCORES  # noqa: E402
 from cact_ops.training import TrainConfig  # noqa: E402
 
 
@@ -114,9 +115,14 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
                    help="IF = n_max / n_min of the exponential long-tail profile (1 = balanced)")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="stratified fraction of the official test split used as D_val for the dual step")
+    x = p.add_argument_group("extensions")
+    x.add_argument("--plugins", nargs="+", default=None, metavar="MODULE", action=plugins.LoadPlugins,
+                   help="modules that register scores, metrics or methods when imported (cact_ops.plugins; "
+                        "docs/DESIGN.md section 3), loaded first: --methods and --scores then accept them")
     t = p.add_argument_group("training")
-    t.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}")
+    t.add_argument("--methods", default=",".join(method_registry.names()),
+                   help=f"comma-separated subset of the registered methods ({','.join(method_registry.names())}, "
+                        "and those of --plugins)")
     t.add_argument("--epochs", type=int, default=d.epochs, help="CE backbone epochs")
     t.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
                    help="epochs of each conformal method fine-tuned from the CE backbone")
@@ -150,6 +156,9 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation")
     e.add_argument("--alpha", type=float, nargs="+", default=[0.1, 0.05], help="miscoverage levels evaluated")
     e.add_argument("--n-splits", type=int, default=20, help="random calibration/test splits of the pool")
+    e.add_argument("--scores", default=",".join(DEFAULT_SCORES),
+                   help="comma-separated registered non-conformity scores evaluated (cact_ops.scores; and those of "
+                        "--plugins)")
     k = p.add_argument_group("tracking (MLflow: pip install -e '.[tracking]')")
     k.add_argument("--mlflow-uri", default=None, metavar="URI",
                    help="log the finished run to MLflow from the driver (a file store file:/abs/path/mlruns, a "
@@ -164,9 +173,10 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
 
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    known = method_registry.names()
+    bad = [m for m in methods if m not in known]
     if bad or not methods:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(known)}")
     return methods
 
 
@@ -244,16 +254,17 @@ def _configs(args: argparse.Namespace, d: Preset, source: dict, out: Path, metho
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid split settings (--imbalance-factor, --val-fraction, --seed, data flags): {e}")
     try:
-        loop = TrainConfig(method="ce", epochs=args.epochs, seed=args.seed, **loop_values(args, d))
+        loop = TrainConfig(method=method_registry.backbone(), epochs=args.epochs, seed=args.seed, **loop_values(args, d))
         dataclasses.replace(loop, epochs=args.finetune_epochs)  # the fine-tunes' TrainConfig checks too
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid training settings: {e}")
+    scores = tuple(x.strip() for x in getattr(args, "scores", ",".join(DEFAULT_SCORES)).split(",") if x.strip())
     ev = evaluate.EvalConfig(run_dir=out, methods=tuple(methods), alphas=tuple(args.alpha), n_splits=args.n_splits,
-                             seed=args.seed)
+                             seed=args.seed, scores=scores)
     try:
         ev.validate()
     except ValueError as e:
-        raise SystemExit(f"invalid evaluation settings (--alpha, --n-splits, --seed): {e}")
+        raise SystemExit(f"invalid evaluation settings (--alpha, --n-splits, --scores, --seed): {e}")
     return split_cfg, loop, ev
 
 
@@ -294,6 +305,10 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     except FileExistsError as e:
         raise SystemExit(f"--out: {e}")
     clock = _Clock()
+    if getattr(args, "plugins", None):
+        print(plugins.describe(args.plugins), flush=True)
+        for module in args.plugins:  # its functions travel by value: workers need not import the module
+            ray.cloudpickle.register_pickle_by_value(sys.modules[module])
     if not args.verbose:  # Ray Data's INFO lines in the workers of a local cluster (they inherit this environment)
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
@@ -391,7 +406,8 @@ def _frozen_features(splits, out: Path, loop: TrainConfig, stage_kwargs: dict, u
     from stages import _io, features, train
 
     run = _io.RunFolder(out)
-    backbone = train.fit_methods(splits, str(run.backbone), ["ce"], loop=loop, **stage_kwargs)["ce"]
+    first = method_registry.backbone()
+    backbone = train.fit_methods(splits, str(run.backbone), [first], loop=loop, **stage_kwargs)[first]
     print(f"backbone: val acc {backbone.final_metrics.get('val_accuracy', float('nan')):.3f} "
           f"({'reused' if backbone.reused else 'trained'}) -> {backbone.model_path}")
     feats = features.extract(features.FeatureConfig(splits_root=splits.root, out=run.features,

@@ -50,6 +50,7 @@ import torch
 
 from cact_ops import engine
 from cact_ops import methods as registry
+from cact_ops import plugins
 from cact_ops.engine import DEFAULT_SCORES, PER_CLASS_COLUMNS, PREDICTORS
 from cact_ops.methods import order_key
 from cact_ops.metrics import paired_metrics
@@ -376,7 +377,10 @@ def _parse(argv=None) -> EvalConfig:
     p.add_argument("run_dir", help="run folder with logits/<method>/pool.parquet and splits/manifest.json")
     p.add_argument("--splits-root", default=None, help="split folder (default RUN_DIR/splits)")
     p.add_argument("--methods", nargs="+", default=None, help="default: every method with logits")
-    p.add_argument("--scores", nargs="+", default=list(DEFAULT_SCORES), choices=engine.score_names())
+    p.add_argument("--plugins", nargs="+", default=None, metavar="MODULE", action=plugins.LoadPlugins,
+                   help="modules that register scores or metrics when imported, loaded before --scores is checked")
+    p.add_argument("--scores", nargs="+", default=list(DEFAULT_SCORES),
+                   help=f"registered scores ({', '.join(engine.score_names())}, and those of --plugins)")
     p.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
     p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.05])
     p.add_argument("--n-splits", type=int, default=20)
@@ -389,6 +393,8 @@ def _parse(argv=None) -> EvalConfig:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--no-report", action="store_true", help="skip report.md and the plots")
     a = p.parse_args(argv)
+    if a.plugins:
+        print(plugins.describe(a.plugins), flush=True)
     return EvalConfig(run_dir=a.run_dir, splits_root=a.splits_root, methods=a.methods, scores=a.scores,
                       predictors=a.predictors, alphas=a.alphas, n_splits=a.n_splits, cal_fraction=a.cal_fraction,
                       seed=a.seed, raps_lam=a.raps_lam, raps_k_reg=a.raps_k_reg, randomized=not a.no_randomized,

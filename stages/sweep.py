@@ -43,7 +43,8 @@ def default_search_space(method: str, loop: TrainConfig | None = None) -> dict:
 
     loop = loop or TrainConfig()
     lr = loop.lr
-    loss = method_registry.get(method).loss
+    entry = method_registry.get(method)
+    loss = entry.loss
     space: dict[str, Any] = {"lr": tune.loguniform(lr / 10, lr * 10)}
     if loss == "conftr":
         space |= {"conftr_lambda": tune.loguniform(1e-2, 10.0), "temperature": tune.choice([0.1, 0.5, 1.0])}
@@ -56,6 +57,8 @@ def default_search_space(method: str, loop: TrainConfig | None = None) -> dict:
                   else {"eta": tune.choice([1.0, 1.5, 2.0])})
     else:
         space |= {"weight_decay": tune.loguniform(1e-5, 1e-3)}
+    if entry.search_space is not None:  # a registered method's own knobs
+        space |= entry.search_space(loop)
     return space
 
 
@@ -124,12 +127,14 @@ def run(splits, config: SweepConfig) -> SweepResult:
     concurrency = _concurrency(config, per_worker_cpus)
     base_dict = base.to_dict()
     splits_root = str(Path(splits.root).resolve())
+    entry = method_registry.get(method)
 
     def trial(params: dict) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from . import train as train_stage
 
+        method_registry.adopt(entry)  # the driver's entry: a plugin's method is not registered in a trial actor
         ctx = tune.get_context()
         loop = dataclasses.replace(TrainConfig(**base_dict["loop"]), **params)
         stage = TrainStageConfig(**{**base_dict, "loop": loop, "out": str(out / "trials" / ctx.get_trial_id()),
@@ -222,9 +227,10 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
 
     overrides: dict[str, dict] = {}
     backbone = None
-    for method in sorted(methods, key=lambda m: m != "ce"):  # CE first: the fine-tunes start from its best model
+    first = method_registry.backbone()
+    for method in sorted(methods, key=lambda m: m != first):  # CE first: the fine-tunes start from its best model
         init_from = None
-        if method == "ce":
+        if method == first:
             base = train_stage.ce_config(loop)  # keyed like the backbone fit_methods trains from its best config
         elif from_scratch and method_registry.get(method).finetune_only:
             continue  # the control exists only as a fine-tune (fit_methods skips it too)
@@ -232,8 +238,8 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
             base = dataclasses.replace(loop, method=method)
         else:
             if backbone is None:
-                backbone = train_stage.fit_methods(splits, out, ("ce",), loop=loop, overrides=overrides,
-                                                   **stage_kwargs)["ce"]
+                backbone = train_stage.fit_methods(splits, out, (first,), loop=loop, overrides=overrides,
+                                                   **stage_kwargs)[first]
             base, init_from = train_stage.finetune_config(loop, method, finetune_epochs), str(backbone.model_path)
         res = run(splits, SweepConfig(base=TrainStageConfig(out=out, loop=base, init_from=init_from,
                                                             **{**stage_kwargs, "overwrite": False}),

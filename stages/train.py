@@ -457,7 +457,9 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()), "log_level": log_level,
-                           "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name},
+                           "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name,
+                           # the registry entries travel with the jobs: a plugin's method trains on any worker
+                           "methods": [method_registry.get(configs[i].method) for i in todo]},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage,
@@ -589,14 +591,14 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
     overrides = overrides or {}
     results: dict[str, TrainResult] = {}
     splits = _splits(splits)
-    ce_cfg = None
+    ce_cfg, first = None, method_registry.backbone()
     if backbone is not None and not from_scratch:
-        results["ce"] = backbone
-    elif "ce" in methods or not from_scratch:
-        ce = dataclasses.replace(ce_config(loop), epochs=ce_epochs or loop.epochs, **overrides.get("ce", {}))
+        results[first] = backbone
+    elif first in methods or not from_scratch:
+        ce = dataclasses.replace(ce_config(loop), epochs=ce_epochs or loop.epochs, **overrides.get(first, {}))
         ce_cfg = TrainStageConfig(out=out, loop=ce, **stage_kwargs)
     configs = []
-    for method in (m for m in methods if m != "ce"):
+    for method in (m for m in methods if m != first):
         if from_scratch and method_registry.get(method).finetune_only:
             warnings.warn(f"{method} exists only as a fine-tune of the CE backbone: skipped with from_scratch",
                           stacklevel=2)
@@ -607,7 +609,7 @@ def fit_methods(splits, out: str, methods=METHODS, loop: TrainConfig | None = No
         else:
             ft = dataclasses.replace(finetune_config(loop, method, finetune_epochs, finetune_lr),
                                      **overrides.get(method, {}))
-            init = results["ce"].model_path if ce_cfg is None else ce_cfg.method_dir / "model.pt"
+            init = results[first].model_path if ce_cfg is None else ce_cfg.method_dir / "model.pt"
             configs.append(TrainStageConfig(out=out, loop=ft, init_from=str(init), **stage_kwargs))
     slots = _group_slots(ce_cfg or (configs[0] if configs else None), parallel)
     # several groups share one read of the train split; a single group reads it only if it trains something
@@ -631,7 +633,8 @@ def ce_config(loop: TrainConfig) -> TrainConfig:
     ('ce', 1.2, 0.9, 0.2, 0.05)
     """
     defaults = TrainConfig()
-    return dataclasses.replace(loop, method="ce", **{k: getattr(defaults, k) for k in TrainConfig.conformal_fields()})
+    return dataclasses.replace(loop, method=method_registry.backbone(),
+                               **{k: getattr(defaults, k) for k in TrainConfig.conformal_fields()})
 
 
 def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None = None,
@@ -671,12 +674,15 @@ def _fit_groups(splits, configs: list[TrainStageConfig], slots: int, dataset) ->
         return fit_group(splits, configs, dataset=dataset)
     task = ray.remote(num_cpus=0)(_fit_group_task)
     results = {}
-    for part in ray.get([task.remote(str(_splits(splits).root), g, dataset) for g in groups]):
+    entries = [method_registry.get(c.method) for c in configs]
+    for part in ray.get([task.remote(str(_splits(splits).root), g, dataset, entries) for g in groups]):
         results |= part
     return results
 
 
-def _fit_group_task(splits_root: str, configs: list[TrainStageConfig], dataset) -> dict[str, TrainResult]:
+def _fit_group_task(splits_root: str, configs: list[TrainStageConfig], dataset, entries) -> dict[str, TrainResult]:
+    for entry in entries:  # the driver's registry entries (a plugin's method is not registered in this process)
+        method_registry.adopt(entry)
     return fit_group(splits_root, configs, dataset=dataset)
 
 

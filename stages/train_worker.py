@@ -123,6 +123,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     # Ray Train gives the worker's root logger an INFO console handler; its per-report line ("Reporting training
     # result ...", a logger outside ray.train) then follows the job's log level only if the root does.
     logging.getLogger().setLevel(cfg.get("log_level", "INFO"))
+    for entry in cfg.get("methods", ()):  # the driver's registry entries: a plugin's method builds its loss here
+        method_registry.adopt(entry)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     splits = longtail.load(cfg["splits"])

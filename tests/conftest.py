@@ -31,3 +31,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (optional; see README)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def toy_plugin():
+    """tests/toy_plugin.py loadable as a plugin (``--plugins tests.toy_plugin``) by the test, and its toy score,
+    metric and method removed afterwards, so no other test sees them."""
+    import sys
+
+    from cact_ops import methods
+    from cact_ops.metrics import unregister_metric
+    from cact_ops.scores import unregister_score
+
+    sys.modules.pop("tests.toy_plugin", None)  # loading it registers again
+    yield "tests.toy_plugin"
+    if sys.modules.pop("tests.toy_plugin", None) is not None:
+        unregister_score("class_offset")
+        unregister_metric("singletons")
+        methods.unregister("ce_smoothed")

@@ -64,3 +64,10 @@ def test_the_custom_pipeline_example_runs_from_any_working_folder(ray_cluster, t
     assert set(summary["method"]) == {"ce", "conftr", "cact"} and summary["coverage_mean"].is_finite().all()
     saved = json.loads((tmp_path / "runs" / "my" / "train" / "cact" / "config.json").read_text())
     assert saved["model_family"] == "tests.readme_models:Wide" and saved["num_workers"] == 2
+
+
+def test_the_plugin_example_is_the_plugin_the_pipeline_test_loads():
+    """tests/toy_plugin.py, which the frozen-features pipeline test loads with --plugins, is the README's
+    example verbatim: so the example is the one shown to reach the Ray workers and the summary."""
+    plugin = (Path(__file__).parent / "toy_plugin.py").read_text().split('"""', 2)[2].lstrip("\n")
+    assert _block("### Your own score, metric or method (plugins)") == plugin

@@ -34,6 +34,13 @@ for _p in (str(ROOT), str(HERE)):
 
 from run_quality import MEASURED, RUNS  # noqa: E402
 
+from cact_ops import methods as method_registry  # noqa: E402
+
+
+def _uses_dual(method: str) -> bool:
+    """Whether a run's method had multipliers (an unregistered name: no)."""
+    return method in method_registry.names() and method_registry.get(method).uses_dual
+
 TABLES_MD = HERE / "TABLES.md"
 VARIANTS_DIR = MEASURED / "cact-variants"
 # The default eta of the first build: records made before ``val_constraint`` existed hold the mean of S - eta
@@ -180,7 +187,7 @@ def val_lines(name: str) -> list[str]:
         soft = r["val_soft_size"] if "val_constraint" in r else r["val_soft_size"] + eta
         lines.append(f"| {r['trained_method']} | {r['val_accuracy']:.3f} | {r['val_coverage']:.3f} | "
                      f"{r['val_size']:.2f} | {soft:.2f} | {soft - r['val_size']:+.2f} |"
-                     + ((f" {r['eta']:.3f} |" if r["eta"] is not None and r["trained_method"].startswith("cact") else " – |")
+                     + ((f" {r['eta']:.3f} |" if r["eta"] is not None and _uses_dual(r["trained_method"]) else " – |")
                         if has_eta else ""))
     return lines
 
@@ -305,7 +312,7 @@ def open_question_sections() -> list[str]:
                        f"{_pm(r['coverage_mean'], r['coverage_std'])} | {_pm(r['size_mean'], r['size_std'])} | "
                        f"{_pm(r['covgap_mean'], r['covgap_std'], '{:.2f}')} | {r['many_size_mean']:.2f} / "
                        f"{r['medium_size_mean']:.2f} / {r['few_size_mean']:.2f} |")
-        if (MEASURED / base / "lambda.csv").is_file() and method.startswith("cact"):
+        if (MEASURED / base / "lambda.csv").is_file() and _uses_dual(method):
             out += ["", "Base run:", *[ln for ln in lambda_lines(base) if ln.startswith(f"- `{method}`")]]
         if (MEASURED / alt / "lambda.csv").is_file():
             out += ["", "Refit:", *lambda_lines(alt)]

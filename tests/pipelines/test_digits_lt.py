@@ -126,10 +126,15 @@ def test_bad_method_name_is_refused(monkeypatch, capsys, tmp_path):
         _run(["--out", str(tmp_path), "--methods", "ce,bogus"], monkeypatch, capsys)
 
 
-def test_frozen_features_mode_trains_heads_on_the_backbone_features(ray_cluster, tmp_path, monkeypatch, capsys):
+def test_frozen_features_mode_trains_heads_on_the_backbone_features(ray_cluster, tmp_path, monkeypatch, capsys,
+                                                                    toy_plugin):
+    """Also the extension story, end to end: a plugin's toy score, metric and method (tests/toy_plugin.py, loaded
+    with --plugins) reach the Ray Train workers and the run's summary."""
     out = tmp_path / "run"
-    printed = _run(["--out", str(out), "--methods", "ce,conftr", "--epochs", "1", "--finetune-epochs", "1",
-                    "--n-splits", "2", "--alpha", "0.1", "--frozen-features"], monkeypatch, capsys)
+    printed = _run(["--out", str(out), "--plugins", toy_plugin, "--methods", "ce,conftr,ce_smoothed", "--epochs", "1",
+                    "--finetune-epochs", "1", "--n-splits", "2", "--alpha", "0.1", "--scores", "lac,class_offset",
+                    "--frozen-features"], monkeypatch, capsys)
+    assert "plugin tests.toy_plugin: score class_offset, metric singletons, method ce_smoothed" in printed
     assert (out / "backbone" / "train" / "ce" / "model.pt").is_file()
     manifest = json.loads((out / "features" / "manifest.json").read_text())
     assert manifest["payload"]["kind"] == "features" and manifest["payload"]["dim"] == 128  # SmallCNN's hidden
@@ -144,5 +149,12 @@ def test_frozen_features_mode_trains_heads_on_the_backbone_features(ray_cluster,
     assert (conftr["batch_size"], conftr["conftr_lambda"], conftr["size_transform"], conftr["temperature"]) == \
         (REFERENCE_HEAD["batch_size"], 0.05, "log", 1.0)
     summary = pl.read_parquet(out / "eval" / "summary.parquet")
-    assert set(summary["method"]) == {"ce", "conftr"} and summary["coverage_mean"].is_finite().all()
+    assert set(summary["method"]) == {"ce", "conftr", "ce_smoothed"} and summary["coverage_mean"].is_finite().all()
+    assert set(summary["score"]) == {"lac", "class_offset"}
+    assert summary["singletons_mean"].is_between(0, 1).all()  # (0 here: a 1-epoch backbone's sets are large)
+    standard = summary.filter(pl.col("predictor") == "standard", pl.col("method") == "ce")
+    assert standard["size_mean"].n_unique() == 2  # the toy score's own sets, not LAC's
+    assert "singleton sets" in (out / "report.md").read_text()
+    smoothed = json.loads((out / "train" / "ce_smoothed" / "config.json").read_text())["loop"]
+    assert smoothed["method"] == "ce_smoothed"
     assert "features: 128 per row" in printed
