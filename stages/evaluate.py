@@ -97,7 +97,9 @@ class EvalConfig:
     predictors: Sequence[str] = PREDICTORS
     alphas: Sequence[float] = (0.1, 0.05)
     n_splits: int = 20  # R random calibration/test splits of the pool
-    cal_fraction: float = 0.5  # share of each class's pool points that goes to calibration
+    # share of each class's pool points that goes to calibration in every split (TrainConfig.cal_fraction is
+    # another thing: the share of a training batch that calibrates the smooth threshold)
+    pool_cal_fraction: float = 0.5
     seed: int = 0  # seeds the splits and the APS/RAPS U: same seed, same numbers
     raps_lam: float = 0.01  # RAPS lambda (0.001 with raps_k_reg=1 is the CLIP-Conformal setting)
     raps_k_reg: int = 5
@@ -125,8 +127,8 @@ class EvalConfig:
             raise ValueError(f"alphas must be distinct, got {self.alphas}")
         if self.n_splits < 1:
             raise ValueError(f"n_splits must be >= 1, got {self.n_splits}")
-        if not 0.0 < self.cal_fraction < 1.0:
-            raise ValueError(f"cal_fraction must lie in (0, 1), got {self.cal_fraction}")
+        if not 0.0 < self.pool_cal_fraction < 1.0:
+            raise ValueError(f"pool_cal_fraction must lie in (0, 1), got {self.pool_cal_fraction}")
         if self.raps_lam < 0 or self.raps_k_reg < 0:
             raise ValueError(f"raps_lam and raps_k_reg must be >= 0, got {self.raps_lam}, {self.raps_k_reg}")
         if self.dtype not in ("float32", "float64"):
@@ -327,7 +329,7 @@ def run(config: EvalConfig) -> EvalResult:
         check_against_manifest(pool, manifest)
         if reference is None:
             reference = pool
-            splits = engine.split_indices(pool.labels, config.n_splits, config.cal_fraction, config.seed)
+            splits = engine.split_indices(pool.labels, config.n_splits, config.pool_cal_fraction, config.seed)
         elif not (np.array_equal(pool.sample_id, reference.sample_id)
                   and torch.equal(pool.labels, reference.labels)):
             raise ValueError(f"{pool.path}: sample_id/label differ from {reference.path}; all methods must be "
@@ -337,7 +339,7 @@ def run(config: EvalConfig) -> EvalResult:
             warnings.simplefilter("ignore")  # one clear warning per alpha below, not one per split
             accuracy, results = engine.evaluate_pool(
                 pool.logits, pool.labels, train_counts, config.scores, config.predictors, config.alphas,
-                config.n_splits, config.cal_fraction, config.seed, config.raps_lam, config.raps_k_reg,
+                config.n_splits, config.pool_cal_fraction, config.seed, config.raps_lam, config.raps_k_reg,
                 config.randomized, config.device, dtype, splits=splits)
         test_counts = torch.bincount(pool.labels[splits[1][0]], minlength=len(classes)).tolist()
         rows, cls_rows = engine.summarize(method, accuracy, results, config.alphas, classes, train_counts,
@@ -384,7 +386,8 @@ def _parse(argv=None) -> EvalConfig:
     p.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
     p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.05])
     p.add_argument("--n-splits", type=int, default=20)
-    p.add_argument("--cal-fraction", type=float, default=0.5)
+    p.add_argument("--pool-cal-fraction", type=float, default=EvalConfig.pool_cal_fraction,
+                   help="share of each class's pool points that calibrates, in every split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raps-lam", type=float, default=0.01)
     p.add_argument("--raps-k-reg", type=int, default=5)
@@ -396,7 +399,8 @@ def _parse(argv=None) -> EvalConfig:
     if a.plugins:
         print(plugins.describe(a.plugins), flush=True)
     return EvalConfig(run_dir=a.run_dir, splits_root=a.splits_root, methods=a.methods, scores=a.scores,
-                      predictors=a.predictors, alphas=a.alphas, n_splits=a.n_splits, cal_fraction=a.cal_fraction,
+                      predictors=a.predictors, alphas=a.alphas, n_splits=a.n_splits,
+                      pool_cal_fraction=a.pool_cal_fraction,
                       seed=a.seed, raps_lam=a.raps_lam, raps_k_reg=a.raps_k_reg, randomized=not a.no_randomized,
                       device=a.device, dtype=a.dtype, report=not a.no_report)
 

@@ -4,7 +4,7 @@
 the evaluated alphas only. The plots want more: per-class error bars across the R splits, and coverage vs set
 size over a grid of alphas (:data:`ALPHA_GRID` and the evaluated ones). Both come from one more call of
 :func:`cact_ops.engine.evaluate_pool` per method, for the plotted score only, on CPU, with the evaluation's own
-settings (``eval/manifest.json``: ``n_splits``, ``cal_fraction``, ``seed``, RAPS parameters, randomisation,
+settings (``eval/manifest.json``: ``n_splits``, ``pool_cal_fraction``, ``seed``, RAPS parameters, randomisation,
 dtype). The splits and U are seeded, so these are the evaluation's splits and U: at the plotted alpha the
 recomputed per-class means are those of ``per_class.parquet``, and this is checked (logits rewritten since the
 evaluation give other means, and then nothing recomputed is used). The cost is about one more evaluation of one
@@ -69,8 +69,8 @@ def recompute(run_dir: str | Path, per_class: pl.DataFrame, score: str, alpha: f
             return PlotData(why=f"{path.relative_to(run_dir)} has {pool.logits.shape[1]} classes, the evaluation "
                                 f"{len(train_counts)}")
         if splits is None:
-            splits = engine.split_indices(pool.labels, int(cfg["n_splits"]), float(cfg.get("cal_fraction", 0.5)),
-                                          int(cfg.get("seed", 0)))
+            share = cfg.get("pool_cal_fraction", cfg.get("cal_fraction", 0.5))  # its name before
+            splits = engine.split_indices(pool.labels, int(cfg["n_splits"]), float(share), int(cfg.get("seed", 0)))
         _, results = engine.evaluate_pool(
             pool.logits, pool.labels, train_counts, (score,), tuple(predictors), tuple(alphas), splits=splits,
             seed=int(cfg.get("seed", 0)), raps_lam=float(cfg.get("raps_lam", 0.01)),
