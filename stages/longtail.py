@@ -90,13 +90,13 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
-class LongTailConfig:
-    """One long-tailed split build.
+class LongTailConfig(SourceSpec):
+    """One long-tailed split build: a :class:`stages.ingest.SourceSpec` (where the data is) and how to split it.
 
-    Source (see :class:`stages.ingest.SourceSpec`): ``dataset`` (default ``"digits"``, needs no files),
+    Source fields (see :class:`stages.ingest.SourceSpec`, checked on construction): ``dataset`` (default ``"digits"``, needs no files),
     ``data_root``, ``train_split``/``test_split``, ImageNet-LT ``train_list``/``val_list``/``test_list``,
     ``label_kind`` (CIFAR-100 "fine"/"coarse"), ``strip_headers`` (newsgroups), ``image_column``,
-    ``label_column``.
+    ``label_column``, ``chunk_rows``.
 
     Attributes:
         out: the split folder to write (required).
@@ -111,24 +111,12 @@ class LongTailConfig:
         verify_images: fully decode every written image to detect corruption (True); False only parses headers.
         vocab_size, vocab_min_count: tokens payload: vocabulary cap (20000) and minimum train count (2).
         row_group_rows: rows per Parquet row group; default by payload (512 images, 8192 otherwise).
-        chunk_rows: rows per source read (4096).
 
     >>> LongTailConfig(out="runs/digits-lt", imbalance_factor=10).profile
     'exponential'
     """
 
-    dataset: str = "digits"
     out: str | None = None
-    data_root: str | None = None
-    train_split: str | None = None
-    test_split: str | None = None
-    train_list: str | None = None
-    val_list: str | None = None
-    test_list: str | None = None
-    label_kind: str = "fine"
-    strip_headers: bool = False
-    image_column: str | None = None
-    label_column: str = "label"
     profile: str = "exponential"
     imbalance_factor: float = 100
     n_max: int | None = None
@@ -141,7 +129,6 @@ class LongTailConfig:
     vocab_size: int = 20000
     vocab_min_count: int = 2
     row_group_rows: int | None = None
-    chunk_rows: int = 4096
 
     def source_spec(self) -> SourceSpec:
         names = {f.name for f in dataclasses.fields(SourceSpec)}
