@@ -79,8 +79,8 @@ def discover_models(run_dir: str | Path) -> tuple[str, ...]:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a ``model.pt`` (:func:`stages.train.load_model`, ``weights_only``: no pickle), in eval mode."""
-    from .train import load_model as _load
+    """Rebuild a ``model.pt`` (:func:`stages.train_run.load_model`, ``weights_only``: no pickle), in eval mode."""
+    from .train_run import load_model as _load
 
     model, blob = _load(path)
     return model.to(device).eval(), blob

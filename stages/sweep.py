@@ -28,7 +28,7 @@ from cact_ops import methods as method_registry
 from cact_ops.training import TrainConfig, val_objective  # noqa: F401  (re-exported)
 
 from . import _io
-from .train import TrainStageConfig, _splits
+from .train_run import TrainStageConfig, as_splits
 
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
@@ -115,7 +115,7 @@ def run(splits, config: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    splits = _splits(splits)
+    splits = as_splits(splits)
     base = config.base
     method = base.method
     space = dict(config.search_space or default_search_space(method, base.loop))

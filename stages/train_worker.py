@@ -3,7 +3,7 @@ resuming the job of the last checkpoint), one job's epochs with the dual step th
 the batches (Ray Data shard or one seeded global order) and the collectives.
 
 Kept apart from the driver side so that each file does one job; the driver only names
-:func:`train_loop_per_worker` and reads what rank 0 writes (:func:`stages.train._write_outputs`).
+:func:`train_loop_per_worker` and reads what rank 0 writes (:func:`stages.train_run.write_outputs`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from cact_ops.training import EpochLoop, TrainConfig, TrainingDiverged, format_e
 
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE
 from . import _io
-from .train import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, _write_outputs
+from .train_run import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, write_outputs
 
 
 class TorchDistComm:
@@ -156,7 +156,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 _io.write_json({"job": job["name"], "error": str(e)}, stage.method_dir / DIVERGED_FILE)
             return
         if rank == 0:
-            _write_outputs(stage, job["spec"], final, time.time() - t0)
+            write_outputs(stage, job["spec"], final, time.time() - t0)
         comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
 
 

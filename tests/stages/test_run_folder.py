@@ -12,7 +12,7 @@ import torch
 
 from cact_ops.models import build_model
 from cact_ops.training import TrainConfig
-from stages import _io, train
+from stages import _io, train, train_run
 
 # ----------------------------------------------------------------------------------------------------------
 # claim_run_folder
@@ -67,7 +67,7 @@ def test_a_run_folder_of_an_older_version_is_recognised_and_marked(tmp_path, sub
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Verify before reuse: stages.train._reusable / _result_from_disk
+# Verify before reuse: stages.train_run.reusable / _result_from_disk
 
 
 def _finished(tmp_path, method="ce") -> train.TrainStageConfig:
@@ -77,7 +77,7 @@ def _finished(tmp_path, method="ce") -> train.TrainStageConfig:
     state = {"model": build_model("linear", 3, in_features=4).state_dict(), "epoch": 1,
              "history": [{"epoch": 0, "class": k, "lambda": 0.0} for k in range(3)],
              "metrics": [{"epoch": 0, "val_accuracy": 0.5}], "dual": None}
-    train._write_outputs(config, spec, state, 1.0)
+    train_run.write_outputs(config, spec, state, 1.0)
     return config
 
 
@@ -98,15 +98,15 @@ def test_a_damaged_output_is_not_reused_but_trained_again(tmp_path, name):
     config = _finished(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert train._reusable(config) and config.run_name is None  # intact: reused, silently
+        assert train_run.reusable(config) and config.run_name is None  # intact: reused, silently
     DAMAGES[name](config.method_dir / name)
     with pytest.warns(UserWarning, match=rf"{re.escape(str(config.method_dir / name))} is damaged.*training ce again"):
-        assert not train._reusable(config)
+        assert not train_run.reusable(config)
     # its own Ray Train run: the new training starts afresh, not from the old run's last checkpoint
     assert config.run_name.startswith("ce-repair-")
     again = train.TrainStageConfig(out=config.out, loop=config.loop)
     with pytest.warns(UserWarning):
-        train._reusable(again)
+        train_run.reusable(again)
     assert again.run_name == config.run_name  # stable while the files stay as they are: a rerun resumes it
 
 
@@ -114,7 +114,7 @@ def test_a_missing_config_json_means_unfinished_and_is_trained_again(tmp_path):
     config = _finished(tmp_path)
     (config.method_dir / "config.json").unlink()
     with pytest.warns(UserWarning, match=r"config.json is damaged \(missing"):
-        assert not train._reusable(config)
+        assert not train_run.reusable(config)
 
 
 def test_a_crash_while_writing_outputs_leaves_an_unfinished_run_not_new_files_under_the_old_config(
@@ -131,13 +131,13 @@ def test_a_crash_while_writing_outputs_leaves_an_unfinished_run_not_new_files_un
     state = {"model": build_model("linear", 3, in_features=4).state_dict(), "epoch": 1, "history": [],
              "metrics": [], "dual": None}
     with pytest.raises(OSError, match="disk full"):
-        train._write_outputs(redo, spec, state, 1.0)
+        train_run.write_outputs(redo, spec, state, 1.0)
     monkeypatch.undo()
     assert not (config.method_dir / "config.json").exists()  # no commit marker: the new model.pt is not reused
     with pytest.warns(UserWarning, match=r"config.json is damaged \(missing"):
-        assert not train._reusable(train.TrainStageConfig(out=config.out, loop=config.loop))
-    train._write_outputs(redo, spec, {**state, "metrics": [{"epoch": 0}], "history": [{"epoch": 0}]}, 1.0)
-    assert train._reusable(train.TrainStageConfig(out=config.out, loop=config.loop))
+        assert not train_run.reusable(train.TrainStageConfig(out=config.out, loop=config.loop))
+    train_run.write_outputs(redo, spec, {**state, "metrics": [{"epoch": 0}], "history": [{"epoch": 0}]}, 1.0)
+    assert train_run.reusable(train.TrainStageConfig(out=config.out, loop=config.loop))
     assert not (config.method_dir / "dual.json").exists()  # a CE-type run keeps no earlier multipliers
 
 
@@ -145,17 +145,17 @@ def test_another_config_is_still_refused_and_overwrite_still_retrains(tmp_path):
     config = _finished(tmp_path)
     other = train.TrainStageConfig(out=config.out, loop=TrainConfig(method="ce", epochs=2))
     with pytest.raises(ValueError, match=r"another config; pass overwrite=True \(a pipeline's --no-resume\)"):
-        train._reusable(other)
-    assert not train._reusable(train.TrainStageConfig(out=config.out, loop=config.loop, overwrite=True))
+        train_run.reusable(other)
+    assert not train_run.reusable(train.TrainStageConfig(out=config.out, loop=config.loop, overwrite=True))
 
 
 def test_a_result_read_from_damaged_outputs_names_the_file(tmp_path):
     config = _finished(tmp_path)
-    assert train._result_from_disk(config).final_metrics["val_accuracy"] == 0.5
+    assert train_run.result_from_disk(config).final_metrics["val_accuracy"] == 0.5
     _truncate(config.method_dir / "metrics.parquet")
     with pytest.raises(RuntimeError, match=rf"{re.escape(str(config.method_dir / 'metrics.parquet'))} does not load"):
-        train._result_from_disk(config, reused=True)
+        train_run.result_from_disk(config, reused=True)
     pl.DataFrame({"epoch": [0]}).write_parquet(config.method_dir / "metrics.parquet")
     torch.save({"not": "a model"}, config.method_dir / "model.pt")
     with pytest.raises(RuntimeError, match="model.pt does not load.*not a model file"):
-        train._result_from_disk(config)
+        train_run.result_from_disk(config)

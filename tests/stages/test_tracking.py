@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from cact_ops.training import TrainConfig
-from stages import _io, evaluate, sweep, tracking, train
+from stages import _io, evaluate, sweep, tracking, train_run
 from stages.train import TrainStageConfig
 
 mlflow = pytest.importorskip("mlflow")
@@ -32,7 +32,7 @@ def _method(run: Path, method: str, epochs: int, val_accuracy: list[float]) -> N
              "history": [{"epoch": e, "class": k, "lambda": 0.1 * e} for e in range(epochs) for k in range(3)],
              "metrics": [{"epoch": e, "val_accuracy": a, "val_size": 2.0 - 0.1 * e, "val_tau": math.nan}
                          for e, a in enumerate(val_accuracy)], "dual": None}
-    train._write_outputs(config, spec, state, 1.0)
+    train_run.write_outputs(config, spec, state, 1.0)
 
 
 def _summary(methods=METHODS) -> pl.DataFrame:

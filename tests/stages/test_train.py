@@ -16,7 +16,7 @@ import torch
 
 from cact_ops.models import build_model
 from cact_ops.training import TrainConfig, fit_in_process
-from stages import longtail, ray_cleanup, train, train_worker
+from stages import longtail, ray_cleanup, train, train_run, train_worker
 from stages.payload import read_split_tensors
 
 pytestmark = pytest.mark.ray
@@ -202,11 +202,11 @@ def test_orphaned_placement_groups_are_released_and_others_kept(ray_cluster):
 def test_a_run_saved_before_a_field_was_added_is_still_the_same_run():
     """config.json written by an older version lacks fields added since (at their defaults): still reused."""
     cfg = train.TrainStageConfig(out="runs/x", loop=TrainConfig(method="cact", epochs=3))
-    saved = json.loads(json.dumps(train._jsonable(cfg.to_dict())))
+    saved = json.loads(json.dumps(train_run.jsonable(cfg.to_dict())))
     del saved["loop"]["eta_relative"], saved["materialize_bytes"]
-    assert train._with_defaults(saved) == train._jsonable(cfg.to_dict())
+    assert train_run._with_defaults(saved) == train_run.jsonable(cfg.to_dict())
     changed = {**saved, "loop": {**saved["loop"], "epochs": 4}}
-    assert train._with_defaults(changed) != train._jsonable(cfg.to_dict())
+    assert train_run._with_defaults(changed) != train_run.jsonable(cfg.to_dict())
 
 
 def test_changing_a_conformal_knob_keeps_the_ce_backbone(tmp_path):
@@ -219,7 +219,7 @@ def test_changing_a_conformal_knob_keeps_the_ce_backbone(tmp_path):
 
     def ce_name(**changes):
         loop = train.ce_config(dataclasses.replace(TrainConfig(epochs=3), **changes))
-        return train._run_name(train.TrainStageConfig(out=str(tmp_path), loop=loop), splits, spec)
+        return train_run.ray_run_name(train.TrainStageConfig(out=str(tmp_path), loop=loop), splits, spec)
 
     base = ce_name()
     assert base.startswith("ce-")
@@ -235,25 +235,25 @@ def test_a_backbone_saved_under_older_conformal_defaults_is_reused_but_not_an_ol
     no cal_weighting field) is the same backbone; a CaCT run saved without cal_weighting trained with the plain
     batch quantile, which is not today's default, so it is not the same run."""
     ce = train.TrainStageConfig(out="runs/x", loop=train.ce_config(TrainConfig(epochs=3)))
-    saved = json.loads(json.dumps(train._jsonable(ce.to_dict())))
+    saved = json.loads(json.dumps(train_run.jsonable(ce.to_dict())))
     saved["loop"] |= {"eta_relative": None, "reduction": "sample", "rho_step": 10}
     del saved["loop"]["cal_weighting"], saved["loop"]["dual_every_steps"]
-    assert train._same_run(saved, ce)
-    assert not train._same_run({**saved, "loop": {**saved["loop"], "lr": 0.5}}, ce)
+    assert train_run.same_run(saved, ce)
+    assert not train_run.same_run({**saved, "loop": {**saved["loop"], "lr": 0.5}}, ce)
     cact = train.TrainStageConfig(out="runs/x", loop=TrainConfig(method="cact", epochs=3))
-    old = json.loads(json.dumps(train._jsonable(cact.to_dict())))
+    old = json.loads(json.dumps(train_run.jsonable(cact.to_dict())))
     del old["loop"]["cal_weighting"]
-    assert not train._same_run(old, cact)
-    assert train._same_run({**old, "loop": {**old["loop"], "cal_weighting": "balanced"}}, cact)
+    assert not train_run.same_run(old, cact)
+    assert train_run.same_run({**old, "loop": {**old["loop"], "cal_weighting": "balanced"}}, cact)
 
 
 def test_a_finished_run_is_found_again_whatever_cpu_share_the_rerun_gets():
     """fit_methods sizes cpus_per_worker to the fits that run at once (and the cluster's free memory), so a rerun
     on a busier cluster asks for another share: that is how the run is executed, not what it computed."""
     cfg = train.TrainStageConfig(out="runs/x", loop=TrainConfig(method="ce_finetune", epochs=3), cpus_per_worker=0.4)
-    saved = json.loads(json.dumps(train._jsonable(dataclasses.replace(cfg, cpus_per_worker=1 / 3).to_dict())))
-    assert train._same_run(saved, cfg)
-    assert not train._same_run(saved, dataclasses.replace(cfg, num_workers=2))
+    saved = json.loads(json.dumps(train_run.jsonable(dataclasses.replace(cfg, cpus_per_worker=1 / 3).to_dict())))
+    assert train_run.same_run(saved, cfg)
+    assert not train_run.same_run(saved, dataclasses.replace(cfg, num_workers=2))
 
 
 def test_a_run_folder_moved_elsewhere_is_still_the_same_run(tmp_path):
@@ -262,12 +262,12 @@ def test_a_run_folder_moved_elsewhere_is_still_the_same_run(tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     cfg = train.TrainStageConfig(out=str(old), loop=TrainConfig(method="cact", epochs=3),
                                  init_from=str(old / "train" / "ce" / "model.pt"))
-    saved = json.loads(json.dumps(train._jsonable(cfg.to_dict())))
+    saved = json.loads(json.dumps(train_run.jsonable(cfg.to_dict())))
     moved = train.TrainStageConfig(out=str(new), loop=TrainConfig(method="cact", epochs=3),
                                    init_from=str(new / "train" / "ce" / "model.pt"))
-    assert train._same_run(saved, moved)
+    assert train_run.same_run(saved, moved)
     other = dataclasses.replace(moved, init_from=str(tmp_path / "elsewhere" / "model.pt"))
-    assert not train._same_run(saved, other)
+    assert not train_run.same_run(saved, other)
 
 
 def test_a_diverging_run_fails_once_with_a_clear_error_in_process(digits_splits):
