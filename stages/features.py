@@ -34,11 +34,11 @@ import torch
 
 from cact_ops.models import penultimate_features
 
-from . import _io, longtail
+from . import _io
+from .splits import SPLITS, Splits, load as load_splits
 
 log = logging.getLogger(__name__)
 
-SPLITS = longtail.SPLITS
 
 # How heads train on frozen features: DeepMind's ConfTr CIFAR-10 reference (experiments/run_cifar10.py: the logits
 # layer re-initialised and trained for 50 epochs, batch 500, lr 0.01, T = 1, size weight 0.05, log transform).
@@ -137,7 +137,7 @@ def _run_model(config: FeatureConfig, splits, model: torch.nn.Module | None) -> 
                       config.batch_size, config.use_gpu, config.concurrency, config.num_cpus, config.local_max_bytes)
 
 
-def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> longtail.Splits:
+def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> Splits:
     """Write (or reuse) the feature split folder ``config.out`` and return its handle.
 
     ``model``: any ``nn.Module`` ending in an ``nn.Linear`` (a user's pretrained network), instead of
@@ -147,7 +147,7 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
         raise ValueError("FeatureConfig.model (a model.pt path) or the model argument: give exactly one")
     if config.model is not None and not config.model.is_file():
         raise FileNotFoundError(2, f"FeatureConfig.model: model file not found: {config.model}", str(config.model))
-    splits = longtail.load(config.splits_root)
+    splits = load_splits(config.splits_root)
     # the build's own checksums; a hand-made split folder without them is hashed here
     checks = (splits.manifest.get("checksums") or {}).get("splits") or {
         splits.path(s).name: _io.sha256_file(splits.path(s)) for s in SPLITS}
@@ -158,7 +158,7 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
         if not (out / "manifest.json").is_file():
             raise FileExistsError(f"FeatureConfig.out={out} is not empty and holds no manifest.json; refusing to "
                                   "write into it: choose another folder")
-        old = longtail.load(out)
+        old = load_splits(out)
         # paths are not compared (a run folder moved elsewhere keeps its features); contents are, by SHA-256
         def key(d): return {k: v for k, v in d.items() if k not in ("splits_root", "model")}
         if key(old.manifest.get("features_from") or {}) == key(source):
@@ -183,4 +183,4 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> long
                      "features_from": source}
         _io.write_json(json.loads(json.dumps(manifest, default=str)), tmp / "manifest.json")
     log.info("wrote %d-dim features of %s to %s", dim, source["model"], out)
-    return longtail.load(out)
+    return load_splits(out)

@@ -163,11 +163,11 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
 def run(config: InferConfig) -> InferResult:
     """Write ``<run>/logits/<method>/<split>.parquet`` for every method and split (Ray Data ``map_batches``, or
     the same predictor in this process for splits up to ``local_max_bytes``)."""
-    from . import longtail
+    from .splits import load as load_splits
 
     run_dir = Path(config.run_dir)
     run = _io.RunFolder(run_dir)
-    splits = longtail.load(config.splits_root or run.splits)
+    splits = load_splits(config.splits_root or run.splits)
     methods = tuple(config.methods) if config.methods else discover_models(run_dir)
     if not methods:
         raise FileNotFoundError(2, f"no trained model under {run.train} (run stages.train first)",

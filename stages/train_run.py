@@ -24,6 +24,7 @@ from cact_ops.models import build_model
 from cact_ops.training import TrainConfig
 
 from . import _io
+from .splits import load as load_splits
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGED_FILE = "diverged.json"  # written by a worker whose training went NaN: a deterministic error, not retried
@@ -108,9 +109,7 @@ class TrainResult:
 
 
 def as_splits(splits):
-    from . import longtail
-
-    return splits if hasattr(splits, "manifest") else longtail.load(splits)
+    return splits if hasattr(splits, "manifest") else load_splits(splits)
 
 
 def model_spec(config: TrainStageConfig, splits) -> dict:

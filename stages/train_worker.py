@@ -118,7 +118,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from . import longtail
+    from .splits import load as load_splits
 
     # Ray Train gives the worker's root logger an INFO console handler; its per-report line ("Reporting training
     # result ...", a logger outside ray.train) then follows the job's log level only if the root does.
@@ -127,7 +127,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         method_registry.adopt(entry)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    splits = longtail.load(cfg["splits"])
+    splits = load_splits(cfg["splits"])
     device = ray.train.torch.get_device()
     comm = TorchDistComm(device)
     shard = ray.train.get_dataset_shard("train") if any(j["stage"]["data_order"] == "shard" for j in cfg["jobs"]) \
