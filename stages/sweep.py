@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import polars as pl
 from cact_ops import methods as method_registry
 from cact_ops.training import TrainConfig, val_objective  # noqa: F401  (re-exported)
 
-from . import _io
+from . import _io, ray_cleanup
 from .train_run import TrainStageConfig, as_splits
 
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -155,18 +154,10 @@ def run(splits, config: SweepConfig) -> SweepResult:
         run_config=tune.RunConfig(name=f"sweep-{method}", storage_path=str((out / "tune").resolve()),
                                   callbacks=_callbacks(config, out)),
     )
-    # Tune kills each finished trial's actor, and with it the Ray Train controller, before the controller removes
-    # its workers' placement group: the group's CPUs stay reserved, and on a small cluster the next trials wait
-    # for them forever (a 2-CPU sweep of 4 trials hung on the 4th). So orphans are removed while trials run.
-    stop = threading.Event()
-    reaper = threading.Thread(target=_reap_orphans, args=(stop,), name="cact-orphan-reaper", daemon=True)
-    reaper.start()
-    try:
+    # Tune kills each finished trial's actor, and with it the trial's Ray Train controller, before the controller
+    # removes its workers' placement group; Ray Train's PlacementGroupCleaner then frees it, where it can.
+    with ray_cleanup.orphans_released_unless_ray_can():
         grid = tuner.fit()
-    finally:
-        stop.set()
-        reaper.join()
-        _release_after_trials()
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -248,25 +239,3 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
         overrides[method] = res.best_config
         print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}", flush=True)
     return overrides, backbone
-
-
-def _reap_orphans(stop: threading.Event, every_s: float = 2.0) -> None:
-    from .ray_cleanup import release_orphaned_placement_groups
-
-    while not stop.wait(every_s):
-        release_orphaned_placement_groups()
-
-
-def _release_after_trials(wait_s: float = 10.0) -> None:
-    """Remove the placement groups of the trials' dead controllers (see ray_cleanup.release_orphaned_placement_groups);
-    a killed actor is marked dead by the GCS a moment later, so look again for a few seconds."""
-    import time
-
-    from .ray_cleanup import actor_placement_groups, release_orphaned_placement_groups
-
-    deadline = time.time() + wait_s
-    while True:
-        release_orphaned_placement_groups()
-        if not actor_placement_groups() or time.time() > deadline:  # none left whose controller may still die
-            return
-        time.sleep(1.0)

@@ -3,8 +3,7 @@
 A thin adapter around :class:`cact_ops.training.EpochLoop`. This file is the driver side: the Ray Train run of a
 worker group and the two-stage protocol (:func:`fit_methods`). :mod:`stages.train_run` holds a run's config,
 identity and outputs (and when a finished run is reused), :mod:`stages.train_worker` the loop each Ray Train
-worker runs, :mod:`stages.coordinator` the dual-step actor, :mod:`stages.ray_cleanup` the placement-group
-clean-up. What it adds:
+worker runs, :mod:`stages.coordinator` the dual-step actor. What it adds:
 
 * a Ray Train V2 ``TorchTrainer`` (DDP, one Ray Data shard of the train split per worker, GPU when asked);
 * the dual update coordinated on the driver: one small actor per worker group (:mod:`stages.coordinator`)
@@ -48,7 +47,6 @@ from cact_ops.training import TrainConfig
 
 from . import _io
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
-from .ray_cleanup import release_orphaned_placement_groups
 # The run's config, identity and outputs (no Ray); TrainStageConfig, TrainResult and load_model are public here too.
 from .train_run import (DIVERGED_FILE, TrainResult, TrainStageConfig, as_splits, jsonable, load_model,  # noqa: F401
                         model_spec, ray_run_name, result_from_disk, reusable, same_run)
@@ -225,7 +223,6 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)) if streamed else None,
     )
-    release_orphaned_placement_groups()  # e.g. left by an earlier attempt of this fit that was killed
     for i in todo:  # a divergence report of an earlier attempt is stale now
         (configs[i].method_dir / DIVERGED_FILE).unlink(missing_ok=True)
     histories = {}
@@ -235,7 +232,6 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         if coordinator is not None:
             histories = {job: _safe_get(coordinator.history.remote(job)) for job in duals}
             ray.kill(coordinator)
-        release_orphaned_placement_groups()
     for i in todo:
         c = configs[i]
         diverged = c.method_dir / DIVERGED_FILE
