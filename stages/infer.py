@@ -127,16 +127,52 @@ def _logits_table(sample_id: np.ndarray, label: np.ndarray, logits: np.ndarray) 
                      "logits": pa.FixedSizeListArray.from_arrays(flat, k)})
 
 
+# Ray Data runs tasks of one whole CPU that no option sizes (read_parquet lists the files in one): a pass needs
+# this much free beside its actors, or it never starts.
+RAY_DATA_OWN_CPUS = 1.0
+
+
+def fit_to_free(concurrency: int, num_cpus: float, free_cpus: float) -> tuple[int, float] | None:
+    """``(actors, CPUs per actor)`` for a Ray Data inference pass on ``free_cpus`` free CPUs, leaving
+    :data:`RAY_DATA_OWN_CPUS` to Ray Data's own tasks: as asked when it fits, else fewer actors, then smaller
+    ones (down to a quarter CPU); None when even that does not fit (the pass then runs in this process).
+
+    >>> fit_to_free(1, 1.0, 4.0), fit_to_free(4, 1.0, 3.0), fit_to_free(1, 1.0, 1.5), fit_to_free(1, 1.0, 1.0)
+    ((1, 1.0), (2, 1.0), (1, 0.5), None)
+    """
+    room = free_cpus - RAY_DATA_OWN_CPUS
+    if room < 0.25:
+        return None
+    per_actor = min(num_cpus, room)
+    return max(1, min(concurrency, int(room // per_actor))), per_actor
+
+
 def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: list[str], batch_size: int,
                use_gpu: bool = False, concurrency: int = 1, num_cpus: float = 1.0,
                local_max_bytes: int = 64 << 20) -> dict[str, dict[str, np.ndarray]]:
     """Run a batch predictor (a Ray Data model class: Arrow batch -> dict of arrays) over the ``names`` splits:
     in this process when they are small (up to ``local_max_bytes`` on disk, never with ``use_gpu``), else as one
-    Ray Data ``map_batches`` pass over all their files (the actors start once). Returns, per split, each output
+    Ray Data ``map_batches`` pass over all their files (the actors start once), sized to the CPUs free now
+    (:func:`fit_to_free`; in this process too when too few are free). Returns, per split, each output
     column concatenated over its batches (the ``path`` column the routing adds is dropped)."""
     files = {str(splits.path(s).resolve()): s for s in names}
     parts: dict[str, list[np.ndarray]] = {}
-    if not use_gpu and sum(map(_io.parquet_bytes, files)) <= local_max_bytes:
+    sizing = None
+    if use_gpu or sum(map(_io.parquet_bytes, files)) > local_max_bytes:
+        import ray
+
+        free = ray.available_resources()
+        sizing = fit_to_free(concurrency, num_cpus, free.get("CPU", 0.0))
+        if sizing is None and use_gpu:  # the driver may have no GPU: wait for the CPUs instead
+            sizing = (concurrency, num_cpus)
+            log.warning("inference: %.2g CPUs free, %.2g needed; the pass waits for them", free.get("CPU", 0.0),
+                        concurrency * num_cpus + RAY_DATA_OWN_CPUS)
+        elif sizing is None:
+            log.info("inference: %.2g CPUs free, too few for a Ray Data pass beside what holds the others; it "
+                     "runs in this process", free.get("CPU", 0.0))
+        elif sizing != (concurrency, num_cpus):
+            log.info("inference: %d model actor(s) x %.2g CPUs (%.2g CPUs free)", *sizing, free.get("CPU", 0.0))
+    if sizing is None:
         predictor = predictor_cls(**predictor_kwargs)
         for path, split in files.items():
             table = splits.read_table(split, columns=columns)
@@ -146,12 +182,13 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
                 for name, values in out.items():
                     parts.setdefault(name, []).append(np.asarray(values))
     else:
-        import ray
-
+        actors, actor_cpus = sizing
+        if use_gpu:
+            actors = max(1, min(actors, int(free.get("GPU", 0))))
         ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
         ds = ds.map_batches(predictor_cls, fn_constructor_kwargs=predictor_kwargs, batch_size=batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
-                            num_gpus=1 if use_gpu else 0, num_cpus=num_cpus)
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for name, values in batch.items():
                 parts.setdefault(name, []).append(np.asarray(values))

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Importing the example plugin registers its score, metric and method: only the tests that load it (the
+# toy_plugin fixture) may, not --doctest-modules' collection, or every other test would see them.
+collect_ignore = ["toy_plugin.py"]
 
 
 @pytest.fixture(scope="session")

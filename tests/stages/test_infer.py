@@ -79,6 +79,39 @@ def test_infer_matches_direct_model_and_feeds_evaluate(tmp_path, ray_cluster, lo
     assert ev.summary["method"].to_list() == ["ce", "ce", "cact", "cact"]
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("held", [0.5, 1.5])
+def test_infer_fits_itself_beside_cpus_someone_else_holds(tmp_path, ray_cluster, caplog, held):
+    """With part of the test cluster's 2 CPUs held (a finished stage's leftovers, another job): a Ray Data pass
+    sized for an idle cluster (an actor of 1 CPU, and Ray Data's own file-listing task of 1) never starts with
+    0.5 held, so the actor shrinks to what is free; with 1.5 held no pass fits, and the driver runs it."""
+    import logging
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    run = tmp_path / "run"
+    write_splits(run / "splits")
+    save_model(run / "train" / "ce" / "model.pt", 0)
+    busy = placement_group([{"CPU": held}])
+    ray.get(busy.ready(), timeout=60)
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(res=I.run(I.InferConfig(run, local_max_bytes=0))),
+                              daemon=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="stages.infer"):
+            worker.start()
+            worker.join(timeout=120)
+        assert "res" in done, "inference did not finish beside the held CPUs in 120 s"
+    finally:
+        remove_placement_group(busy)  # also lets a stuck pass finish
+        worker.join(timeout=60)
+    assert done["res"].rows == {"val": 18, "pool": 42}
+    said = "1 model actor(s) x 0.5 CPUs" if held == 0.5 else "it runs in this process"
+    assert said in caplog.text
+
+
 def test_infer_needs_models(tmp_path):
     write_splits(tmp_path / "run" / "splits")
     with pytest.raises(FileNotFoundError, match="no trained model"):
