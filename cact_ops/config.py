@@ -38,7 +38,7 @@ class TrainConfig:
     grad_clip: float = 5.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # bf16 autocast, on CUDA only
     # crop_flip: pad-4 random crop + horizontal flip (CIFAR); crop: pad-2 random crop without flip (digits, whose
-    # mirror images are other symbols)
+    # mirror images are other symbols); resized_crop_flip: RandomResizedCrop + flip (ImageNet-LT)
     augment: str = "none"
 
     # Conformal training (ConfTr and CaCT)
@@ -98,7 +98,7 @@ class TrainConfig:
     # The accepted values of the string fields.
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant"),
-        "augment": ("none", "crop_flip", "crop"), "size_transform": ("none", "log"), "reduction": ("class", "sample"),
+        "augment": ("none", "crop_flip", "crop", "resized_crop_flip"), "size_transform": ("none", "log"), "reduction": ("class", "sample"),
         "dual_source": ("val", "train"), "cal_weighting": ("balanced", "none"), "quantile_operator": QUANTILE_OPERATORS}
     # The accepted values of the numeric fields: (in words, test).
     RANGES: ClassVar[dict[str, tuple[str, Callable]]] = {

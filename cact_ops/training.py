@@ -105,6 +105,53 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     return torch.where(flips[:, None, None, None], out.flip(3), out)
 
 
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``TrainConfig.augment`` applied to an image batch [B, C, H, W]."""
+    if kind == "crop_flip":
+        return crop_flip(x, generator)
+    if kind == "crop":
+        return crop_flip(x, generator, pad=2, flip=False)
+    if kind == "resized_crop_flip":
+        return resized_crop_flip(x, generator)
+    return x
+
+
+def resized_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, scale=(0.08, 1.0),
+                      ratio=(3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
+    """Vectorised RandomResizedCrop + horizontal flip of an image batch [B, C, H, W] (the ImageNet-LT training
+    augmentation, torchvision's defaults): per image an area fraction in ``scale`` and a log-uniform aspect
+    ratio in ``ratio``, a uniform position, resized back to H x W bilinearly by one ``grid_sample`` on the
+    batch's device. A box that does not fit is clamped to the image (torchvision retries ten times, then falls
+    back to a centre crop: the distribution differs only in that corner).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> resized_crop_flip(torch.rand(4, 3, 32, 32), g).shape
+    torch.Size([4, 3, 32, 32])
+    >>> x = torch.rand(2, 1, 8, 8)
+    >>> torch.allclose(resized_crop_flip(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False), x, atol=1e-6)
+    True
+    """
+    B, _, H, W = x.shape
+    u = torch.rand(B, 4, generator=generator, dtype=torch.float64)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    aspect = torch.exp(log_r) * W / H  # w/h of the box in pixels over the image's own aspect
+    # box width and height as fractions of the image's: w * h = area, (w W) / (h H) = exp(log_r)
+    w = torch.sqrt(area * aspect * H / W).clamp(max=1.0)
+    h = (area / w).clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, 2] - 1)  # box centre in [-1, 1] coordinates, the box inside the image
+    cy = (1 - h) * (2 * u[:, 3] - 1)
+    sign = torch.ones(B, dtype=torch.float64)
+    if flip:
+        sign = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0).double()
+    theta = torch.zeros(B, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+    grid = torch.nn.functional.affine_grid(theta.to(x.device, x.dtype if x.is_floating_point() else torch.float32),
+                                           [B, x.shape[1], H, W], align_corners=False)
+    return torch.nn.functional.grid_sample(x.float() if not x.is_floating_point() else x, grid, mode="bilinear",
+                                           padding_mode="border", align_corners=False)
+
+
 def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None = None) -> float:
     """The dual step's threshold for the constraint: the training-time smooth quantile (torchsort at
     ``cfg.regularization_strength``, level alpha (1 + 1/n)) of the calibration rows' true-class conformity,
@@ -246,8 +293,7 @@ class EpochLoop:
             if y.shape[0] < 2 and self.comm.world_size == 1:
                 continue  # a conformal loss needs both a calibration and a prediction part (ranks pool theirs)
             if cfg.augment != "none" and x.dim() == 4:
-                x = crop_flip(x, self.generator) if cfg.augment == "crop_flip" else \
-                    crop_flip(x, self.generator, pad=2, flip=False)
+                x = augment(x, cfg.augment, self.generator)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = self.model(x)
             if not bool(torch.isfinite(logits).all()):
@@ -461,4 +507,5 @@ def format_epoch(method: str, m: dict) -> str:
 
 
 __all__ = ["TrainConfig", "TrainingDiverged", "EpochLoop", "ValStats", "LocalComm", "build_loss", "build_optimizer", "crop_flip",
+           "resized_crop_flip", "augment",
            "val_cal_mask", "iterate_tensors", "fit_in_process", "format_epoch", "val_objective", "METHODS"]

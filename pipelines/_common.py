@@ -140,6 +140,9 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
     r = p.add_argument_group("ray")
     r.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per method")
     r.add_argument("--use-gpu", action="store_true", help="one GPU per training worker and per inference actor")
+    r.add_argument("--infer-actors", type=int, default=None, metavar="N",
+                   help="model actors of the inference pass (default: one per GPU of the cluster with --use-gpu, "
+                        "else 1; fewer when fewer CPUs are free)")
     r.add_argument("--storage-path", default=None,
                    help="Ray Train storage for checkpoints (shared storage such as s3://... on a cluster)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -205,6 +208,7 @@ _FLAG_CHECKS = (
     ("--seed", "seed", *TrainConfig.RANGES["seed"]),
     ("--num-workers", "num_workers", "an integer >= 1", lambda v: v >= 1),
     ("--sweep", "sweep", "an integer >= 0 (0: no sweep)", lambda v: v >= 0),
+    ("--infer-actors", "infer_actors", "an integer >= 1 (or unset)", lambda v: v is None or v >= 1),
     ("--n-splits", "n_splits", "an integer >= 1", lambda v: v >= 1),
 )
 
@@ -369,7 +373,10 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
                   f"fine-tuning here")
     clock.stage("training")
 
-    infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu, splits_root=eval_splits))
+    actors = getattr(args, "infer_actors", None) or \
+        (max(1, int(ray.cluster_resources().get("GPU", 0))) if args.use_gpu else 1)
+    infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu, splits_root=eval_splits,
+                                concurrency=actors))
     clock.stage("inference")
     ev = evaluate.run(dataclasses.replace(eval_cfg, methods=tuple(results), splits_root=eval_splits))
     clock.stage("evaluation and report")

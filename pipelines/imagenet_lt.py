@@ -15,7 +15,7 @@ PRESET = Preset(dataset="imagefolder", imbalance_factor=10, epochs=90, finetune_
                 image_size=224,
                 data_root="an ImageFolder root: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (ImageNet, Imagenette); "
                           "with --train-list/--val-list/--test-list, the root their paths are relative to",
-                loop={"batch_size": 256, "lr": 0.1, "warmup_epochs": 5, "augment": "crop_flip"})
+                loop={"batch_size": 256, "lr": 0.1, "warmup_epochs": 5, "augment": "resized_crop_flip"})
 
 if __name__ == "__main__":
     p = parser(__doc__.splitlines()[0], PRESET)

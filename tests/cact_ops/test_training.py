@@ -346,3 +346,26 @@ def test_bad_dual_settings_name_the_field():
         TrainConfig(cal_weighting="inverse")
     with pytest.raises(ValueError, match=r"TrainConfig.reduction must be one of \('class', 'sample'\)"):
         TrainConfig(reduction="mean")
+
+
+def test_resized_crop_flip_draws_boxes_of_the_asked_area_and_flips_half():
+    """RandomResizedCrop + flip, batched: a box's area fraction lies in scale = (0.08, 1) (read back from a
+    gradient image), and about half the images are mirrored (a binomial count, 4 sd tolerance)."""
+    from cact_ops.training import resized_crop_flip
+
+    B, S = 2000, 64
+    ramp = torch.linspace(0, 1, S)
+    x = torch.stack([ramp.expand(S, S), ramp[:, None].expand(S, S)])[None].expand(B, 2, S, S).contiguous()
+    out = resized_crop_flip(x, torch.Generator().manual_seed(0))
+    # the box's width (height) is the span of the horizontal (vertical) ramp it saw, up to one pixel each side
+    w = (out[:, 0, 0, -1] - out[:, 0, 0, 0]).abs() * S / (S - 1)
+    h = (out[:, 1, -1, 0] - out[:, 1, 0, 0]) * S / (S - 1)
+    area = w * h
+    assert area.min() >= 0.08 - 4 / S and area.max() <= 1 + 4 / S
+    assert 0.3 < float(area.mean()) < 0.7  # uniform area in (0.08, 1): 0.54, less where a box is clamped
+    flipped = int((out[:, 0, 0, -1] < out[:, 0, 0, 0]).sum())
+    assert abs(flipped - B / 2) <= 4 * (B * 0.25) ** 0.5
+    # and the training loop applies it when asked
+    from cact_ops.training import augment
+
+    assert augment(x[:2], "none") is x[:2] or torch.equal(augment(x[:2], "none"), x[:2])

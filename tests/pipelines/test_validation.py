@@ -69,6 +69,8 @@ BAD_FLAGS = [
     (["--milestones", "5", "-1"], "--milestones", "epochs"),
     (["--lambda-init", "1e7"], "lambda_init <= lambda_max", "invalid training settings"),
     (["--eta", "1", "--eta-relative", "0.5"], "--eta and --eta-relative", "one of them"),
+    (["--infer-actors", "0"], "--infer-actors", ">= 1"),
+    (["--scores", "lac,bogus"], "--scores", "known: "),
 ]
 
 
@@ -86,6 +88,8 @@ def test_a_bad_flag_is_refused_before_anything_starts(pipeline, tmp_path, argv, 
     (["--quantile-operator", "bogus"],
      "argument --quantile-operator: invalid choice: 'bogus' (choose from l2, kl, sigmoid)"),
     (["--set", "rho_init=1"], "unrecognized arguments: --set"),
+    (["--plugins", "no_such_plugin_module"], "--plugins: plugin 'no_such_plugin_module' could not be imported"),
+    (["--augment", "bogus"], "invalid choice: 'bogus'"),
 ])
 def test_a_malformed_flag_is_refused_by_the_parser(pipeline, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
