@@ -1,13 +1,13 @@
 """Placement groups left by a Ray Train controller that died without removing them (Tune kills a finished
 trial's actor, and with it the trial's controller, first), and who frees them.
 
-Ray's own means first: Ray Train starts a ``PlacementGroupCleaner`` per controller that removes the group once
-the controller is dead. It asks Ray's state API with ``address=None``, which finds *this* cluster only when the
-cluster's processes know its address (``RAY_ADDRESS``) or it is the only Ray instance on the machine: with
-several, Ray resolves the latest one started or none, and the group stays, its CPUs reserved, so on a small
-cluster the next trials wait forever. :func:`orphans_released_unless_ray_can` checks that from inside the
-cluster and only then removes such groups itself, reading Ray's GCS table through a private accessor (Ray
-2.60): where that accessor differs it warns and removes nothing.
+Ray Train starts a ``PlacementGroupCleaner`` per controller that removes the group once the controller is dead;
+it asks Ray's state API with ``address=None``. Alone it freed every group of the 4-trial sweep test on this
+machine, but in one CI run of the whole suite it left one (0.5 CPU, held for the rest of the job: the next test
+found a CPU missing), and with several Ray instances on a machine ``address=None`` resolves another cluster or
+none. So during a sweep :func:`orphans_released` removes such groups too: only this job's, only those whose
+creator actor died, read from Ray's GCS table through a private accessor (Ray 2.60; where it differs it warns
+and removes nothing).
 """
 from __future__ import annotations
 
@@ -72,35 +72,11 @@ def release_orphaned_placement_groups() -> int:
     return removed
 
 
-@ray.remote(num_cpus=0)
-def _state_api_sees_this_node() -> bool:
-    """Run inside the cluster, as Ray Train's cleaner runs: does the state API with address=None reach the
-    cluster this task runs on?"""
-    from ray.util.state import list_nodes
-
-    try:
-        here = ray.get_runtime_context().get_node_id()
-        return any(n.node_id == here for n in list_nodes(limit=10_000, raise_on_missing_output=False))
-    except Exception:  # noqa: BLE001 - no answer, or another cluster's
-        return False
-
-
-def ray_frees_orphans() -> bool:
-    """Whether Ray Train's own PlacementGroupCleaner can work on this cluster (see the module's docstring)."""
-    return bool(ray.get(_state_api_sees_this_node.remote(), timeout=60))
-
-
 @contextlib.contextmanager
-def orphans_released_unless_ray_can(every_s: float = 2.0, settle_s: float = 10.0):
-    """Within the block (a Tune sweep), Ray Train's cleaner frees a dead controller's placement group; where it
-    cannot, a driver thread removes this job's groups whose creator actor died every ``every_s`` seconds, and
-    for up to ``settle_s`` after the block (a killed actor is marked dead a moment later)."""
-    if ray_frees_orphans():
-        yield
-        return
-    warnings.warn("Ray's state API, called from inside this cluster, reaches another Ray instance or none (several "
-                  "Ray instances on this machine and RAY_ADDRESS unset for the cluster): Ray Train cannot free the "
-                  "CPUs of finished Tune trials, so this sweep removes their placement groups itself", stacklevel=3)
+def orphans_released(every_s: float = 2.0, settle_s: float = 10.0):
+    """Within the block (a Tune sweep), remove this job's placement groups whose creator actor died every
+    ``every_s`` seconds from a driver thread, and for up to ``settle_s`` after the block (a killed actor is
+    marked dead a moment later): the backup of Ray Train's own cleaner (see the module's docstring)."""
     stop = threading.Event()
 
     def reap():

@@ -155,8 +155,8 @@ def run(splits, config: SweepConfig) -> SweepResult:
                                   callbacks=_callbacks(config, out)),
     )
     # Tune kills each finished trial's actor, and with it the trial's Ray Train controller, before the controller
-    # removes its workers' placement group; Ray Train's PlacementGroupCleaner then frees it, where it can.
-    with ray_cleanup.orphans_released_unless_ray_can():
+    # removes its workers' placement group: Ray Train's own cleaner frees it, and ours where that one fails.
+    with ray_cleanup.orphans_released():
         grid = tuner.fit()
     rows = []
     for r in grid:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import types
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -169,13 +167,7 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
     assert not (tmp_path / "c" / "train").exists()
 
 
-def test_ray_train_frees_a_dead_controllers_placement_group_on_the_test_cluster(ray_cluster):
-    """The one Ray instance here, with its dashboard: Ray Train's own cleaner reaches the state API, so the
-    sweeps leave it the job (tests/pipelines/test_sweep_pipeline.py checks that no group is left)."""
-    assert ray_cleanup.ray_frees_orphans()
-
-
-def test_where_ray_cannot_the_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster, monkeypatch):
+def test_a_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster):
     """A group whose creator actor died (a killed Ray Train controller) is removed; the driver's own groups and
     those of live actors are not."""
     import ray
@@ -188,14 +180,12 @@ def test_where_ray_cannot_the_sweep_removes_orphaned_placement_groups_and_keeps_
             ray.get(pg.ready(), timeout=60)
             return pg.id.hex()
 
-    monkeypatch.setattr(ray_cleanup, "ray_frees_orphans", lambda: False)  # as with two Ray instances here
     dead, alive = Creator.remote(), Creator.remote()
     dead_pg, alive_pg = ray.get(dead.make.remote()), ray.get(alive.make.remote())
     own = placement_group([{"CPU": 0.01}])
     ray.get(own.ready(), timeout=60)
-    with pytest.warns(UserWarning, match="removes their placement groups itself"):
-        with ray_cleanup.orphans_released_unless_ray_can(every_s=0.2, settle_s=5):
-            ray.kill(dead)  # a trial's controller, killed while the sweep runs
+    with ray_cleanup.orphans_released(every_s=0.2, settle_s=5):
+        ray.kill(dead)  # a trial's controller, killed while the sweep runs
     table = placement_group_table()
     assert table[dead_pg]["state"] == "REMOVED"
     assert table[alive_pg]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
