@@ -174,8 +174,13 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
     return p
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated flag's names (--methods, --scores)."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
 def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    methods = _names(text)
     known = method_registry.names()
     bad = [m for m in methods if m not in known]
     if bad or not methods:
@@ -262,9 +267,8 @@ def _configs(args: argparse.Namespace, d: Preset, source: dict, out: Path, metho
         dataclasses.replace(loop, epochs=args.finetune_epochs)  # the fine-tunes' TrainConfig checks too
     except (TypeError, ValueError) as e:
         raise SystemExit(f"invalid training settings: {e}")
-    scores = tuple(x.strip() for x in getattr(args, "scores", ",".join(DEFAULT_SCORES)).split(",") if x.strip())
     ev = evaluate.EvalConfig(run_dir=out, methods=tuple(methods), alphas=tuple(args.alpha), n_splits=args.n_splits,
-                             seed=args.seed, scores=scores)
+                             seed=args.seed, scores=tuple(_names(args.scores)))
     try:
         ev.validate()
     except ValueError as e:
@@ -309,7 +313,7 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     except FileExistsError as e:
         raise SystemExit(f"--out: {e}")
     clock = _Clock()
-    if getattr(args, "plugins", None):
+    if args.plugins:
         print(plugins.describe(args.plugins), flush=True)
         for module in args.plugins:  # its functions travel by value: workers need not import the module
             ray.cloudpickle.register_pickle_by_value(sys.modules[module])
@@ -373,7 +377,7 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
                   f"fine-tuning here")
     clock.stage("training")
 
-    actors = getattr(args, "infer_actors", None) or \
+    actors = args.infer_actors or \
         (max(1, int(ray.cluster_resources().get("GPU", 0))) if args.use_gpu else 1)
     infer.run(infer.InferConfig(run_dir=out, methods=tuple(results), use_gpu=args.use_gpu, splits_root=eval_splits,
                                 concurrency=actors))
