@@ -132,12 +132,12 @@ def resized_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None,
     True
     """
     B, _, H, W = x.shape
+    x = x if x.is_floating_point() else x.float()
     u = torch.rand(B, 4, generator=generator, dtype=torch.float64)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    aspect = torch.exp(log_r) * W / H  # w/h of the box in pixels over the image's own aspect
-    # box width and height as fractions of the image's: w * h = area, (w W) / (h H) = exp(log_r)
-    w = torch.sqrt(area * aspect * H / W).clamp(max=1.0)
+    # box width and height as fractions of the image's: w * h = area, (w W) / (h H) = exp(log_r) (pixels)
+    w = torch.sqrt(area * torch.exp(log_r) * H / W).clamp(max=1.0)
     h = (area / w).clamp(max=1.0)
     cx = (1 - w) * (2 * u[:, 2] - 1)  # box centre in [-1, 1] coordinates, the box inside the image
     cy = (1 - h) * (2 * u[:, 3] - 1)
@@ -146,10 +146,8 @@ def resized_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None,
         sign = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0).double()
     theta = torch.zeros(B, 2, 3, dtype=torch.float64)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
-    grid = torch.nn.functional.affine_grid(theta.to(x.device, x.dtype if x.is_floating_point() else torch.float32),
-                                           [B, x.shape[1], H, W], align_corners=False)
-    return torch.nn.functional.grid_sample(x.float() if not x.is_floating_point() else x, grid, mode="bilinear",
-                                           padding_mode="border", align_corners=False)
+    grid = torch.nn.functional.affine_grid(theta.to(x.device, x.dtype), [B, x.shape[1], H, W], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def smooth_dual_threshold(cal_scores: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None = None) -> float:

@@ -365,6 +365,14 @@ def test_resized_crop_flip_draws_boxes_of_the_asked_area_and_flips_half():
     assert 0.3 < float(area.mean()) < 0.7  # uniform area in (0.08, 1): 0.54, less where a box is clamped
     flipped = int((out[:, 0, 0, -1] < out[:, 0, 0, 0]).sum())
     assert abs(flipped - B / 2) <= 4 * (B * 0.25) ** 0.5
+    # on a wide image the box's aspect is measured in pixels, as torchvision's ratio is: within (3/4, 4/3)
+    H, W = 32, 128
+    wide = torch.stack([torch.linspace(0, 1, W).expand(H, W), torch.linspace(0, 1, H)[:, None].expand(H, W)])
+    out = resized_crop_flip(wide[None].expand(B, 2, H, W).contiguous(), torch.Generator().manual_seed(1), flip=False)
+    w, h = out[:, 0, 0, -1] - out[:, 0, 0, 0], out[:, 1, -1, 0] - out[:, 1, 0, 0]
+    inside = (w < 0.95) & (h < 0.95)  # boxes not clamped to the image
+    aspect = (w * W / (h * H))[inside]
+    assert inside.sum() > B / 20 and aspect.min() > 3 / 4 - 0.05 and aspect.max() < 4 / 3 + 0.05
     # and the training loop applies it when asked
     from cact_ops.training import augment
 
