@@ -148,9 +148,8 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> Spli
     if config.model is not None and not config.model.is_file():
         raise FileNotFoundError(2, f"FeatureConfig.model: model file not found: {config.model}", str(config.model))
     splits = load_splits(config.splits_root)
-    # the build's own checksums; a hand-made split folder without them is hashed here
-    checks = (splits.manifest.get("checksums") or {}).get("splits") or {
-        splits.path(s).name: _io.sha256_file(splits.path(s)) for s in SPLITS}
+    # the build's own checksums (a hand-made split folder without them is hashed here)
+    checks = {s: splits.digest(s) for s in SPLITS}
     source = {"splits_root": str(splits.root), "splits": dict(checks),
               **_model_digest(config, model), "image_size": config.image_size}
     out = config.out
@@ -167,7 +166,7 @@ def extract(config: FeatureConfig, model: torch.nn.Module | None = None) -> Spli
         raise FileExistsError(f"FeatureConfig.out={out} holds features of another model or splits; refusing to "
                               "overwrite it: choose another folder or delete it")
     found = _run_model(config, splits, model)
-    manifest = {k: v for k, v in splits.manifest.items() if k not in ("payload", "files", "checksums")}
+    manifest = {k: v for k, v in splits.manifest.items() if k not in ("payload", "files", "shards", "checksums")}
     with _io.atomic_path(out) as tmp:
         tmp.mkdir()
         written = {}

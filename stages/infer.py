@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from cact_ops.methods import order_key
@@ -155,7 +156,7 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
     Ray Data ``map_batches`` pass over all their files (the actors start once), sized to the CPUs free now
     (:func:`fit_to_free`; in this process too when too few are free). Returns, per split, each output
     column concatenated over its batches (the ``path`` column the routing adds is dropped)."""
-    files = {str(splits.path(s).resolve()): s for s in names}
+    files = {str(f.resolve()): s for s in names for f in splits.files(s)}
     parts: dict[str, list[np.ndarray]] = {}
     sizing = None
     if use_gpu or sum(map(_io.parquet_bytes, files)) > local_max_bytes:
@@ -175,7 +176,7 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
     if sizing is None:
         predictor = predictor_cls(**predictor_kwargs)
         for path, split in files.items():
-            table = splits.read_table(split, columns=columns)
+            table = pq.read_table(path, columns=columns)
             for start in range(0, table.num_rows, batch_size):
                 batch = table.slice(start, batch_size)
                 out = predictor(batch.append_column("path", pa.array([path] * batch.num_rows)))
@@ -236,7 +237,7 @@ def run(config: InferConfig) -> InferResult:
     for m in methods:
         _io.write_json({"model": str(model_paths[m]), "model_sha256": _io.sha256_file(model_paths[m]),
                         "splits_root": str(splits.root),
-                        "split_files": {s: {"file": str(splits.path(s)), "sha256": _io.sha256_file(splits.path(s)),
+                        "split_files": {s: {"file": str(splits.path(s)), "sha256": splits.digest(s),
                                             "rows": result.rows[s]} for s in config.splits}},
                        run.logits(m) / "manifest.json")
     return result

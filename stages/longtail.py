@@ -20,7 +20,7 @@ on CIFAR-10; 5923 on MNIST, whose class 0 has 5923 images). Digits has no offici
 Split folder contract (other stages rely on it)::
 
     <out>/manifest.json
-    <out>/train.parquet  <out>/val.parquet  <out>/pool.parquet
+    <out>/train/part-00000.parquet ...   (one folder of shards per split: train/, val/, pool/)
     <out>/vocab.json                     (tokens payload only)
 
 Columns: ``sample_id`` int64 (unique across the source, stable), ``label`` int64, then the payload:
@@ -34,15 +34,17 @@ Columns: ``sample_id`` int64 (unique across the source, stable), ``label`` int64
 Each Parquet file's schema metadata holds JSON under ``b"cact"``: dataset, classes, split and the payload
 encoding. ``manifest.json`` holds: ``dataset``, ``classes``, ``num_classes``, ``profile``,
 ``imbalance_factor``, ``n_max``, ``selection``, ``seed``, ``val_fraction``, ``counts`` (per split, per class),
-``available`` (per class in the official source splits), ``payload``, ``files``, ``sources``,
+``available`` (per class in the official source splits), ``payload``, ``files`` (each split's folder),
+``shards`` (each split's files in row order), ``sources``,
 ``source_options``, ``checksums`` (``sources``: sha256 of source files; ``splits``: sha256 of the written
 files), ``selection_digest`` (sha256 of each split's sample ids), ``skipped`` (corrupt images skipped),
 ``code_version``, ``model_family`` ("small_cnn", "cifar_resnet", "imagenet_resnet" or "text").
 
-Build properties: selections are made on labels-only tables (numpy), then only the chosen payload rows are
-read and streamed into the files (memory bounded by one row group). The same inputs and seed give
-byte-identical files and manifest. A build writes into a hidden temporary sibling folder and renames it
-into place only when complete. Rebuilding into an existing folder reuses it when its manifest describes the
+Build properties: selections are made on labels-only tables (numpy) on the driver; the chosen rows are then
+read, verified and written shard by shard by Ray Data tasks across the cluster (or this process for small
+builds; :mod:`stages.shards`), memory bounded by one row group per task. The same inputs and seed give
+byte-identical files and manifest, whatever the parallelism. A build writes into hidden sibling folders,
+resumes there after a crash with the missing shards only, and renames the folder into place when complete. Rebuilding into an existing folder reuses it when its manifest describes the
 same build (same plan, files intact) and refuses otherwise; it never appends.
 
 >>> from stages.longtail import exponential_counts
@@ -58,6 +60,8 @@ import json
 import logging
 import math
 import numbers
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +69,10 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from stages import ingest
-from stages._io import atomic_path, sha256_file, write_json
-from stages.ingest import SourceError, SourceSpec
+from stages import ingest, shards
+from stages._io import sha256_file, write_json, write_text
+from stages.ingest import SourceSpec
 # The reader of a split folder, which every stage uses, lives in stages.splits; these names stay here too.
 from stages.splits import SPLITS, ManifestError, Splits, load  # noqa: F401
 
@@ -79,7 +81,7 @@ log = logging.getLogger(__name__)
 PROFILES = ("exponential", "step", "lists")
 SELECTIONS = ("first", "random")
 ON_CORRUPT = ("fail", "skip")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each split is a folder of shards
 # Keys that define a build: an existing folder is reused only when all of them match.
 PLAN_KEYS = ("format_version", "dataset", "classes", "profile", "imbalance_factor", "n_max", "selection",
              "seed", "val_fraction", "step_minority_fraction", "planned_counts", "selection_digest",
@@ -108,6 +110,10 @@ class LongTailConfig(SourceSpec):
         verify_images: fully decode every written image to detect corruption (True); False only parses headers.
         vocab_size, vocab_min_count: tokens payload: vocabulary cap (20000) and minimum train count (2).
         row_group_rows: rows per Parquet row group; default by payload (512 images, 8192 otherwise).
+        shard_rows: rows per shard file (one task each); default by payload (2048 images, 65536 otherwise).
+        executor: who writes the shards: "ray" (Ray Data tasks across the cluster), "local" (this process) or
+            "auto" (default: Ray Data when some split has more than one shard). Never changes the files.
+        max_cpus: at most this many shard tasks at once with Ray Data (default None: as many as fit).
 
     >>> LongTailConfig(out="runs/digits-lt", imbalance_factor=10).profile
     'exponential'
@@ -126,6 +132,9 @@ class LongTailConfig(SourceSpec):
     vocab_size: int = 20000
     vocab_min_count: int = 2
     row_group_rows: int | None = None
+    shard_rows: int | None = None
+    executor: str = "auto"
+    max_cpus: int | None = None
 
     def source_spec(self) -> SourceSpec:
         names = {f.name for f in dataclasses.fields(SourceSpec)}
@@ -157,8 +166,12 @@ class LongTailConfig(SourceSpec):
             raise ValueError(f"seed={self.seed!r}; accepted: an integer")
         if self.vocab_size < 1 or self.vocab_min_count < 1:
             raise ValueError("vocab_size and vocab_min_count must be >= 1")
-        if self.row_group_rows is not None and self.row_group_rows < 1:
-            raise ValueError(f"row_group_rows={self.row_group_rows!r}; accepted: None or >= 1")
+        for name in ("row_group_rows", "shard_rows", "max_cpus"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name}={v!r}; accepted: None or an integer >= 1")
+        if self.executor not in shards.EXECUTORS:
+            raise ValueError(f"executor={self.executor!r}; accepted: {', '.join(shards.EXECUTORS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,93 +411,29 @@ def plan(config: LongTailConfig) -> Plan:
         "sources": src.sources(),
         "source_options": source_options,
         "build_options": {"on_corrupt": config.on_corrupt, "verify_images": config.verify_images,
+                          **dict(zip(("shard_rows", "row_group_rows"), _layout(config, src.payload["kind"]))),
                           **({"vocab_size": config.vocab_size, "vocab_min_count": config.vocab_min_count}
                              if src.payload["kind"] == "text" else {})},
         "checksums": {"sources": src.checksums()},
-        "files": {s: f"{s}.parquet" for s in SPLITS},
+        "files": {s: s for s in SPLITS},  # a folder of shards each; the list goes in "shards"
     }
     return Plan(source=src, ids={s: np.sort(v) for s, v in ids.items()}, origin=origin, manifest=manifest)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writing
+# Writing: the row work runs in stages.shards (Ray Data tasks, or this process for small builds)
 
 
-class _SplitWriter:
-    """Streams one split into a Parquet file in fixed-size row groups (output independent of read chunking)."""
-
-    def __init__(self, path: Path, schema: pa.Schema, num_classes: int, row_group_rows: int):
-        self.path, self.schema, self.rows = path, schema, row_group_rows
-        self.writer = pq.ParquetWriter(path, schema, compression="snappy", use_dictionary=False)
-        self.buf: list[pa.Table] = []
-        self.nbuf = 0
-        self.counts = np.zeros(num_classes, dtype=np.int64)
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        table = table.select(self.schema.names).cast(self.schema)
-        self.counts += np.bincount(table.column("label").to_numpy(), minlength=len(self.counts))
-        self.buf.append(table)
-        self.nbuf += table.num_rows
-        if self.nbuf >= self.rows:
-            t = pa.concat_tables(self.buf)
-            full = (t.num_rows // self.rows) * self.rows
-            for s in range(0, full, self.rows):
-                self.writer.write_table(t.slice(s, self.rows), row_group_size=self.rows)
-            rest = t.slice(full)
-            self.buf, self.nbuf = ([rest] if rest.num_rows else []), rest.num_rows
-
-    def close(self) -> None:
-        if self.buf:
-            t = pa.concat_tables(self.buf)
-            self.writer.write_table(t, row_group_size=max(1, t.num_rows))
-        self.buf = []
-        self.writer.close()
+def _layout(config: LongTailConfig, kind: str) -> tuple[int, int]:
+    """(shard_rows, row_group_rows) of a build: they fix the files' bytes, so they are part of the plan."""
+    rows = config.row_group_rows or (512 if kind == "image" else 8192)
+    return config.shard_rows or shards.SHARD_ROWS.get(kind, shards.DEFAULT_SHARD_ROWS), rows
 
 
-class _ImageStats:
-    def __init__(self):
-        self.sizes: set[tuple[int, int]] = set()
-        self.channels: set[int] = set()
-        self.formats: set[str] = set()
-
-    def add(self, info: ingest.ImageInfo) -> None:
-        if len(self.sizes) <= 1:  # only "one size or many" matters: keep the set tiny
-            self.sizes.add(info.shape[:2])
-        self.channels.add(info.shape[2])
-        self.formats.add(info.format or "unknown")
-
-    def payload(self) -> dict:
-        c = 3 if 3 in self.channels or not self.channels else 1
-        shape = [*next(iter(self.sizes)), c] if len(self.sizes) == 1 else None
-        fmt = next(iter(self.formats)) if len(self.formats) == 1 else ("mixed" if self.formats else None)
-        return {"kind": "image", "column": "image", "shape": shape, "channels": c, "format": fmt,
-                "mode": "L" if c == 1 else "RGB"}
-
-
-def _check_images(p: Plan, split: str, origin: str, table: pa.Table, config: LongTailConfig,
-                  stats: _ImageStats, skipped: list[dict]) -> pa.Table:
-    infos = ingest.inspect_images(table.column("image").to_pylist(), full_decode=config.verify_images)
-    keep = np.ones(table.num_rows, dtype=bool)
-    sids = table.column("sample_id").to_numpy()
-    for i, info in enumerate(infos):
-        if info.error is None:
-            stats.add(info)
-            continue
-        where = p.source.describe(origin, int(sids[i]))
-        if config.on_corrupt == "fail":
-            raise SourceError(f"corrupt image {where} (sample_id {int(sids[i])}): {info.error}; "
-                              "set on_corrupt='skip' to skip corrupt images instead of failing")
-        keep[i] = False
-        skipped.append({"split": split, "sample_id": int(sids[i]), "where": where, "error": info.error})
-    return table if keep.all() else table.filter(pa.array(keep))
-
-
-def _write_all(p: Plan, config: LongTailConfig, tmp: Path) -> dict:
-    """Write every split into ``tmp``; returns the manifest updates (counts, payload, checksums, skipped)."""
+def _write_all(p: Plan, config: LongTailConfig, folder: Path, records: Path) -> dict:
+    """Write every split's shards into ``folder`` (resuming from ``records``); returns the manifest updates
+    (counts, payload, shard lists, checksums, skipped)."""
     src, man = p.source, p.manifest
-    K = src.num_classes
     kind = src.payload["kind"]
     payload = dict(src.payload)
     vocab_index = None
@@ -495,58 +444,38 @@ def _write_all(p: Plan, config: LongTailConfig, tmp: Path) -> dict:
                  for t in batch.column("text").to_pylist())
         vocab = codec.fit_vocab(texts, max_size=config.vocab_size, min_count=config.vocab_min_count)
         vocab_index = {tok: i + 2 for i, tok in enumerate(vocab)}
-        write_json(codec.vocab_document(vocab, config.vocab_size, config.vocab_min_count), tmp / "vocab.json")
+        write_json(codec.vocab_document(vocab, config.vocab_size, config.vocab_min_count), folder / "vocab.json")
         payload = {"kind": "tokens", "column": "tokens", "text_column": "text", "shape": None,
                    "vocab": "vocab.json", "vocab_size": len(vocab) + 2, "pad_id": codec.PAD_ID,
                    "unk_id": codec.UNK_ID, "max_tokens": codec.DEFAULT_MAX_TOKENS}
-    rows = config.row_group_rows or (512 if kind == "image" else 8192)
-    writers: dict[str, _SplitWriter] = {}
-    stats, skipped = _ImageStats(), []
-    try:
-        for origin in dict.fromkeys(p.origin.values()):  # each official split is read once
-            targets = [s for s in SPLITS if p.origin[s] == origin]
-            base = src.read_rows(origin, 0, 1).schema
-            fields = list(base)
-            if kind == "text":
-                i = base.get_field_index("text") + 1
-                fields.insert(i, pa.field("tokens", pa.list_(pa.int32())))
-            encoding = {k: v for k, v in payload.items() if k != "shape" or kind == "pixels"}
-            for s in targets:
-                meta = {"dataset": src.dataset, "classes": src.classes, "split": s, "payload": encoding}
-                schema = pa.schema(fields, metadata={b"cact": json.dumps(meta, sort_keys=True).encode()})
-                writers[s] = _SplitWriter(tmp / f"{s}.parquet", schema, K, rows)
-            wanted = np.unique(np.concatenate([p.ids[s] for s in targets]))
-            id_sets = {s: pa.array(p.ids[s]) for s in targets}
-            for batch in src.iter_batches(origin, wanted):
-                if kind == "text":
-                    from stages import payload as codec
-
-                    toks = codec.encode_texts(batch.column("text").to_pylist(), vocab_index)
-                    batch = batch.append_column("tokens", pa.array(toks, type=pa.list_(pa.int32())))
-                for s in targets:
-                    part = batch if len(targets) == 1 else batch.filter(
-                        pc.is_in(batch.column("sample_id"), value_set=id_sets[s]))
-                    if kind == "image":
-                        part = _check_images(p, s, origin, part, config, stats, skipped)
-                    writers[s].write(part)
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        for w in writers.values():
-            try:
-                w.writer.close()
-            except Exception:  # noqa: BLE001 - already failing; the temporary folder is removed anyway
-                pass
-        raise
+    schemas = {}
+    encoding = {k: v for k, v in payload.items() if k != "shape" or kind == "pixels"}
+    for origin in dict.fromkeys(p.origin.values()):
+        fields = list(src.read_rows(origin, 0, 1).schema)
+        if kind == "text":
+            i = [f.name for f in fields].index("text") + 1
+            fields.insert(i, pa.field("tokens", pa.list_(pa.int32())))
+        for s in (s for s in SPLITS if p.origin[s] == origin):
+            meta = {"dataset": src.dataset, "classes": src.classes, "split": s, "payload": encoding}
+            schemas[s] = pa.schema(fields, metadata={b"cact": json.dumps(meta, sort_keys=True).encode()})
+    shard_rows, row_group_rows = _layout(config, kind)
+    writer = shards.ShardWriter(src, p.ids, p.origin, schemas, folder, records, shard_rows, row_group_rows,
+                                config.on_corrupt, config.verify_images, vocab_index)
+    done = shards.run(writer, config.executor, config.max_cpus)
+    skipped = [row for r in done for row in r["skipped"]]
     if kind == "image":
+        stats = shards.ImageStats()
+        for r in done:
+            stats.merge(r)
         payload = stats.payload()
     if skipped:
         log.warning("skipped %d corrupt image(s) (on_corrupt='skip'); first: %s", len(skipped), skipped[0]["where"])
-    counts = {s: writers[s].counts.tolist() for s in SPLITS}
-    checks = {f"{s}.parquet": sha256_file(tmp / f"{s}.parquet") for s in SPLITS}
+    counts = {s: np.sum([r["counts"] for r in done if r["split"] == s], axis=0).tolist() for s in SPLITS}
+    checks = {r["file"]: r["sha256"] for r in done}
     if kind == "text":
-        checks["vocab.json"] = sha256_file(tmp / "vocab.json")
+        checks["vocab.json"] = sha256_file(folder / "vocab.json")
     return {"counts": counts, "payload": payload, "skipped": skipped,
+            "shards": {s: [r["file"] for r in done if r["split"] == s] for s in SPLITS},
             "checksums": {"sources": man["checksums"]["sources"], "splits": checks}}
 
 
@@ -585,8 +514,30 @@ def _existing(out: Path, manifest: dict) -> "Splits | None":
     return load(out)
 
 
+def _partial(out: Path, manifest: dict) -> tuple[Path, Path]:
+    """The hidden sibling folders a build writes into: ``(folder, records)``, resumed when their plan is this
+    build's, started afresh (with a warning) when it is another's; refused when they are not a build's."""
+    folder, records = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.records")
+    marker = records / "plan.json"
+    plan_text = _canonical(manifest)
+    if marker.is_file():
+        if marker.read_text() == plan_text:
+            return folder, records
+        log.warning("%s holds an interrupted build of another plan; starting this one afresh", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(records)
+    elif folder.exists() or records.exists():
+        raise FileExistsError(f"{folder if folder.exists() else records} exists but holds no build plan "
+                              f"({marker} is missing); it was not written by this project or was modified: "
+                              "delete it or choose another out folder")
+    records.mkdir(parents=True)
+    write_text(plan_text, marker)  # compared as text on resume
+    folder.mkdir(exist_ok=True)
+    return folder, records
+
+
 def build(config: LongTailConfig) -> "Splits":
-    """Build (or reuse) a long-tailed split folder and return its handle.
+    """Build (or reuse, or resume) a long-tailed split folder and return its handle.
 
     >>> import tempfile, os
     >>> tmp = tempfile.TemporaryDirectory()
@@ -596,20 +547,21 @@ def build(config: LongTailConfig) -> "Splits":
     >>> tmp.cleanup()
     """
     p = plan(config)
-    out = Path(config.out)
+    out = Path(config.out).absolute()
     reused = _existing(out, p.manifest)
     if reused is not None:
         log.info("reusing %s: its manifest describes the same build", out)
         return reused
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        written = _write_all(p, config, tmp)
-        manifest = dict(p.manifest)
-        manifest.update(written)
-        manifest["payload"] = written["payload"]
-        manifest["model_family"] = model_family(p.source.dataset, written["payload"])
-        manifest["code_version"] = code_version()
-        manifest["totals"] = {s: int(sum(c)) for s, c in written["counts"].items()}
-        write_json(manifest, tmp / "manifest.json")
+    folder, records = _partial(out, p.manifest)
+    written = _write_all(p, config, folder, records)
+    manifest = dict(p.manifest)
+    manifest.update(written)
+    manifest["model_family"] = model_family(p.source.dataset, written["payload"])
+    manifest["code_version"] = code_version()
+    manifest["totals"] = {s: int(sum(c)) for s, c in written["counts"].items()}
+    write_json(manifest, folder / "manifest.json")
+    # Committed by one rename (onto an absent or empty out); the records go only after it.
+    os.replace(folder, out)
+    shutil.rmtree(records)
     log.info("wrote %s: %s", out, manifest["totals"])
     return load(out)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from stages._io import sha256_file
 
 SPLITS = ("train", "val", "pool")
 
@@ -32,10 +35,27 @@ class Splits:
     manifest: dict = field(repr=False)
 
     def path(self, split: str) -> Path:
-        """Parquet file of ``split`` (accepted by ``pyarrow.parquet.read_table`` and ``ray.data.read_parquet``)."""
+        """Where ``split`` lives: its folder of shards (or, in single-file folders such as features, its
+        Parquet file). Both are accepted by ``pyarrow.parquet.read_table`` and ``ray.data.read_parquet``."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; accepted: {', '.join(SPLITS)}")
         return self.root / self.manifest.get("files", {}).get(split, f"{split}.parquet")
+
+    def files(self, split: str) -> list[Path]:
+        """The Parquet files of ``split`` in row order, as the manifest lists them (no folder listing)."""
+        listed = (self.manifest.get("shards") or {}).get(split)
+        return [self.root / f for f in listed] if listed is not None else [self.path(split)]
+
+    def digest(self, split: str) -> str:
+        """sha256 identifying ``split``'s bytes: the build's own checksums when recorded, else the files'."""
+        recorded = (self.manifest.get("checksums") or {}).get("splits") or {}
+        parts = []
+        for f in self.files(split):
+            name = f.relative_to(self.root).as_posix()
+            parts.append(f"{name}:{recorded.get(name) or sha256_file(f)}")
+        if len(parts) == 1:
+            return parts[0].split(":", 1)[1]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     @property
     def classes(self) -> list[str]:
@@ -63,7 +83,9 @@ class Splits:
 
     def read_table(self, split: str, columns: Sequence[str] | None = None) -> pa.Table:
         """The whole split as an Arrow table (rows in official order)."""
-        return pq.read_table(self.path(split), columns=list(columns) if columns else None)
+        cols = list(columns) if columns else None
+        tables = [pq.read_table(f, columns=cols) for f in self.files(split)]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 _REQUIRED = ("dataset", "classes", "num_classes", "profile", "counts", "payload", "checksums", "files")
@@ -92,9 +114,9 @@ def load(root: str | Path) -> Splits:
             raise ManifestError(f"{mpath}: counts[{s!r}] missing or not {manifest['num_classes']} classes long")
     splits = Splits(root=root, manifest=manifest)
     for s in SPLITS:
-        if not splits.path(s).exists():
-            raise FileNotFoundError(2, f"split file not found: {splits.path(s)} (listed in {mpath})",
-                                    str(splits.path(s)))
+        for f in splits.files(s):
+            if not f.is_file():
+                raise FileNotFoundError(2, f"split file not found: {f} (listed in {mpath})", str(f))
     name = manifest["payload"].get("vocab")
     if name and not (root / name).is_file():
         raise FileNotFoundError(2, f"vocabulary not found: {root / name} (listed in {mpath})", str(root / name))

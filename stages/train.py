@@ -264,7 +264,7 @@ def train_dataset(splits, materialize_bytes: int = 2 << 30):
         # give, without starting one (a read task's start-up took 6 s on 2 CPUs for the digits split).
         return ray.data.from_arrow(splits.read_table("train"))
     # Fractional CPUs per read task: reads must run beside workers (or other trials) holding the CPUs.
-    ds = ray.data.read_parquet(str(path), num_cpus=0.25)
+    ds = ray.data.read_parquet([str(f) for f in splits.files("train")], num_cpus=0.25)
     return ds.materialize() if size <= materialize_bytes else ds
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -78,7 +79,8 @@ def test_digits_build_counts_splits_and_contract(tmp_path):
         assert key in m, key
     assert (m["dataset"], m["model_family"], m["payload"]["shape"]) == ("digits", "small_cnn", [8, 8, 1])
     for k in longtail.SPLITS:
-        assert m["checksums"]["splits"][f"{k}.parquet"] == longtail.sha256_file(s.path(k))
+        assert [f.relative_to(s.root).as_posix() for f in s.files(k)] == [f"{k}/part-00000.parquet"]
+        assert m["checksums"]["splits"][f"{k}/part-00000.parquet"] == longtail.sha256_file(s.files(k)[0])
     assert set(os.listdir(tmp_path)) == {"d"}  # no temporary leftovers beside the folder
 
 
@@ -108,8 +110,9 @@ def test_rebuild_reuses_or_refuses(tmp_path):
                                               r"imbalance_factor.*planned_counts"):
         build(LongTailConfig(out=str(out), imbalance_factor=20))
     assert tree(out) == before
-    pq.write_table(pq.read_table(out / "val.parquet").slice(0, 3), out / "val.parquet")
-    with pytest.raises(FileExistsError, match="val.parquet: sha256 differs"):
+    shard = out / "val" / "part-00000.parquet"
+    pq.write_table(pq.read_table(shard).slice(0, 3), shard)
+    with pytest.raises(FileExistsError, match="val/part-00000.parquet: sha256 differs"):
         build(cfg)
     other = tmp_path / "other"
     other.mkdir()
@@ -119,14 +122,75 @@ def test_rebuild_reuses_or_refuses(tmp_path):
     assert os.listdir(other) == ["notes.txt"]
 
 
-def test_crash_leaves_no_folder(tmp_path, monkeypatch):
-    def boom(self, table):
-        raise RuntimeError("simulated crash mid-write")
+def _crash_after(monkeypatch, shards_written):
+    """Make the build fail on its next shard once ``shards_written`` shards are written; returns the calls."""
+    real, calls = longtail.shards.ShardWriter.write, []
 
-    monkeypatch.setattr(longtail._SplitWriter, "write", boom)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        build(LongTailConfig(out=str(tmp_path / "d"), imbalance_factor=10))
-    assert os.listdir(tmp_path) == []
+    def write(self, split, index):
+        calls.append((split, index))
+        if len(calls) > shards_written:
+            raise RuntimeError("simulated crash mid-build")
+        return real(self, split, index)
+
+    monkeypatch.setattr(longtail.shards.ShardWriter, "write", write)
+    return calls
+
+
+def test_interrupted_build_resumes_with_the_missing_shards_only(tmp_path, monkeypatch):
+    cfg = dict(imbalance_factor=10, shard_rows=64, executor="local")  # 6 + 3 + 12 shards
+    fresh = build(LongTailConfig(out=str(tmp_path / "fresh"), **cfg))
+    assert [len(fresh.files(s)) for s in longtail.SPLITS] == [6, 3, 12]
+    assert fresh.read_table("pool").num_rows == 717
+
+    with monkeypatch.context() as m:
+        _crash_after(m, 5)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            build(LongTailConfig(out=str(tmp_path / "d"), **cfg))
+    assert not (tmp_path / "d").exists()  # nothing is committed before the last shard
+    partial = tmp_path / ".d.partial"
+    kept = {p.relative_to(partial): p.stat().st_mtime_ns for p in partial.rglob("*.parquet")}
+    assert len(kept) == 5
+    with monkeypatch.context() as m:
+        calls = _crash_after(m, 10**6)
+        s = build(LongTailConfig(out=str(tmp_path / "d"), **cfg))
+    assert len(calls) == 21 - 5  # the finished shards were not written again
+    assert {p: (s.root / p).stat().st_mtime_ns for p in kept} == kept  # moved into place, not rewritten
+    assert tree(s.root) == tree(fresh.root)  # byte-identical to the uninterrupted build
+    assert sorted(os.listdir(tmp_path)) == ["d", "fresh"]  # the partial folders are gone
+
+    # A finished shard changed between the crash and the rerun: an error naming it, nothing overwritten.
+    with monkeypatch.context() as m:
+        _crash_after(m, 2)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            build(LongTailConfig(out=str(tmp_path / "e"), **cfg))
+    shard = tmp_path / ".e.partial" / "train" / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    damaged = shard.read_bytes()
+    with pytest.raises(FileExistsError, match=r"\.e\.partial/train/part-00001\.parquet: shard changed since it "
+                                              r"was written .* refusing to overwrite it"):
+        build(LongTailConfig(out=str(tmp_path / "e"), **cfg))
+    assert shard.read_bytes() == damaged and not (tmp_path / "e").exists()
+
+    # An interrupted build of another plan is ours to replace; a folder that is not a build's is refused.
+    s = build(LongTailConfig(out=str(tmp_path / "e"), **{**cfg, "seed": 1, "selection": "random"}))
+    assert s.manifest["seed"] == 1 and not (tmp_path / ".e.partial").exists()
+    (tmp_path / ".f.partial").mkdir()
+    with pytest.raises(FileExistsError, match=r"\.f\.partial exists but holds no build plan"):
+        build(LongTailConfig(out=str(tmp_path / "f"), **cfg))
+
+
+def test_ray_data_build_is_byte_identical_at_any_parallelism(tmp_path, ray_cluster, capfd):
+    """The shards are written by Ray Data tasks, one or two at a time: the same bytes as this process writes."""
+    cfg = dict(imbalance_factor=10, shard_rows=64)
+    local = build(LongTailConfig(out=str(tmp_path / "local"), executor="local", **cfg))
+    one = build(LongTailConfig(out=str(tmp_path / "one"), executor="ray", max_cpus=1, **cfg))
+    capfd.readouterr()
+    two = build(LongTailConfig(out=str(tmp_path / "two"), executor="auto", max_cpus=2, **cfg))  # 21 shards: Ray
+    err = capfd.readouterr().err
+    assert re.search(r"split build: pool: 717 rows in 12 shard\(s\), .* MiB \(0 resumed, 12 written by ray\)", err)
+    assert "concurrency" not in err  # no deprecation warning from Ray Data
+    assert tree(one.root) == tree(local.root) == tree(two.root)
+    assert len(two.manifest["checksums"]["splits"]) == 21
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -170,8 +234,8 @@ def test_a_split_without_some_class_is_refused_before_anything_is_written(tmp_pa
 
 def test_load_errors_name_the_file(tmp_path):
     s = build(LongTailConfig(out=str(tmp_path / "d"), imbalance_factor=10))
-    os.remove(s.path("pool"))
-    with pytest.raises(FileNotFoundError, match=r"split file not found: .*pool.parquet"):
+    os.remove(s.files("pool")[0])
+    with pytest.raises(FileNotFoundError, match=r"split file not found: .*pool/part-00000.parquet"):
         load(s.root)
     (s.root / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match=r"manifest.json: unreadable manifest"):
@@ -260,7 +324,7 @@ def test_parquet_table_build(tmp_path):
                              imbalance_factor=5, row_group_rows=4))
     assert s.train_counts == [10, 4, 2] and s.classes == ["a", "b", "c"]
     assert s.payload["format"] == "png" and s.read_table("train").column_names == ["sample_id", "label", "image"]
-    assert pq.ParquetFile(s.path("train")).metadata.num_row_groups == 4  # 16 rows in row groups of 4
+    assert pq.ParquetFile(s.files("train")[0]).metadata.num_row_groups == 4  # 16 rows in row groups of 4
     src_tab = pq.read_table(tmp_path / "src" / "train.parquet")
     t = s.read_table("train")
     assert t["image"].to_pylist() == [src_tab["image_jpeg"][i].as_py() for i in t["sample_id"].to_pylist()]
