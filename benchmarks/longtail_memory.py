@@ -3,9 +3,11 @@
 Writes a synthetic Parquet image table (default 1000 classes x 1200 train rows = 1.2M rows, 50 test rows per
 class; every payload a real 8x8 JPEG of ~0.3 KB, so the build's corrupt-image check decodes each written
 image; labels interleaved at random so every row group holds selected rows), then builds an exponential
-IF=256 split from it (ImageNet-LT's n_max/n_min = 1280/5) in a fresh child process and reports the child's
-peak RSS (``VmHWM``), wall time and rows per second. A second build into the same folder shows the
-reuse path (plan + checksum check, no writes). The alternative, in a third child: load both tables whole with
+IF=256 split from it (ImageNet-LT's n_max/n_min = 1280/5) in a fresh child process, in that process
+(``executor="local"``), and reports the child's peak RSS (``VmHWM``), wall time and rows per second. A second
+build into the same folder shows the reuse path (plan + checksum check, no writes). Then the same build with
+Ray Data tasks writing the shards, on a local Ray cluster of 1 and of 2 CPUs (``--ray-cpus``): wall time,
+the driver's peak RSS, and whether the files are byte-identical to the in-process build. The alternative, in a third child: load both tables whole with
 pyarrow, select the same rows with NumPy, write the splits (what a short script would do).
 
     .venv/bin/python benchmarks/longtail_memory.py                       # full size (about 2 minutes)
@@ -86,18 +88,28 @@ def write_source(root: Path, classes: int, train_per_class: int, test_per_class:
 
 
 def child(config: dict) -> None:
-    """Run one build and print its measurements as JSON (runs in a fresh interpreter)."""
+    """Run one build and print its measurements as JSON (runs in a fresh interpreter). ``ray_cpus`` in the
+    config: start a local Ray cluster of that many CPUs first (timed apart) and write the shards with Ray Data."""
     sys.path.insert(0, str(ROOT))
     rss0 = peak_rss_bytes()
     from stages.longtail import LongTailConfig, build
 
+    ray_cpus, init_s = config.pop("ray_cpus", None), 0.0
+    if ray_cpus:
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
+        init_s = time.perf_counter() - t0
+        config["executor"] = "ray"
     t0 = time.perf_counter()
     s = build(LongTailConfig(**config))
     wall = time.perf_counter() - t0
-    out_bytes = sum(p.stat().st_size for p in Path(config["out"]).iterdir())
-    print(json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss_bytes(), "interpreter_rss_bytes": rss0,
-                      "totals": s.manifest["totals"], "n_max": s.manifest["n_max"],
-                      "min_count": min(s.train_counts), "out_bytes": out_bytes}))
+    out_bytes = sum(p.stat().st_size for p in Path(config["out"]).rglob("*") if p.is_file())
+    print(json.dumps({"wall_s": wall, "ray_init_s": init_s, "peak_rss_bytes": peak_rss_bytes(),
+                      "interpreter_rss_bytes": rss0, "totals": s.manifest["totals"], "n_max": s.manifest["n_max"],
+                      "min_count": min(s.train_counts), "out_bytes": out_bytes,
+                      "checksums": s.manifest["checksums"]["splits"]}))
 
 
 def naive_child(config: dict) -> None:
@@ -173,6 +185,8 @@ def main() -> None:
     ap.add_argument("--real-data", type=Path, default=None,
                     help="folder like ../shared/data: also time builds of the real datasets found there")
     ap.add_argument("--skip-naive", action="store_true", help="do not run the in-memory pyarrow alternative")
+    ap.add_argument("--ray-cpus", type=int, nargs="*", default=[1, 2],
+                    help="also build with Ray Data on a local cluster of each of these CPU counts")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--naive-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,15 +205,23 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         cfg = dict(dataset="parquet", data_root=str(work / "source"), out=str(out),
                    imbalance_factor=args.imbalance_factor)
-        first = run_child(**cfg)
-        reuse = run_child(**cfg)
+        first = run_child(**cfg, executor="local")
+        reuse = run_child(**cfg, executor="local")
+        # The same build with Ray Data writing the shards, on a local cluster of 1 and of 2 CPUs.
+        parallel = {}
+        for n in args.ray_cpus:
+            shutil.rmtree(work / f"splits-ray{n}", ignore_errors=True)
+            r = run_child(**{**cfg, "out": str(work / f"splits-ray{n}")}, ray_cpus=n)
+            r["identical_to_in_process"] = r["checksums"] == first["checksums"]
+            parallel[str(n)] = r
         src_rows = sizes["train"]["rows"] + sizes["test"]["rows"]
         written = sum(first["totals"].values())
         result = {"machine": f"{os.cpu_count()} CPUs", "source": sizes, "generate_s": round(gen_s, 1),
                   "imbalance_factor": args.imbalance_factor, "build": first, "reuse": reuse,
                   "source_rows_per_s": round(src_rows / first["wall_s"]),
                   "written_rows_per_s": round(written / first["wall_s"]),
-                  "under_2_gib": first["peak_rss_bytes"] < LIMIT_BYTES and reuse["peak_rss_bytes"] < LIMIT_BYTES}
+                  "ray": parallel,
+                  "under_2_gib": all(r["peak_rss_bytes"] < LIMIT_BYTES for r in (first, reuse, *parallel.values()))}
         mib = 1024**2
         print(f"source: {src_rows:,} rows ({sum(v['bytes'] for v in sizes.values()) / mib:.0f} MiB), "
               f"generated in {gen_s:.1f} s")
@@ -208,6 +230,10 @@ def main() -> None:
               f"({first['out_bytes'] / mib:.0f} MiB), n_max {first['n_max']}, min class {first['min_count']}")
         print(f"        {result['source_rows_per_s']:,} source rows/s, {result['written_rows_per_s']:,} written rows/s")
         print(f"reuse:  {reuse['wall_s']:.1f} s, peak RSS {reuse['peak_rss_bytes'] / mib:.0f} MiB")
+        for n, r in parallel.items():
+            print(f"Ray Data, {n} CPU(s): {r['wall_s']:.1f} s (+ {r['ray_init_s']:.1f} s to start Ray), "
+                  f"{written / r['wall_s']:,.0f} written rows/s, driver peak RSS {r['peak_rss_bytes'] / mib:.0f} MiB, "
+                  f"files identical to the in-process build: {r['identical_to_in_process']}")
         print(f"peak RSS under 2 GiB: {result['under_2_gib']}")
         if not args.skip_naive:
             shutil.rmtree(work / "naive", ignore_errors=True)

@@ -136,8 +136,13 @@ class ParquetSource(Source):
         for g in range(md.num_row_groups):
             n = md.row_group(g).num_rows
             if row <= lo < row + n:
-                col = pf.read_row_group(g, columns=[self._col]).column(0)
-                col = col.take(pa.array(rows - row)).combine_chunks()
+                # The last row group read stays cached (one per process): consecutive shards of a split build
+                # usually take rows from the same row group, which would otherwise be read once per shard.
+                cache = self.__dict__.setdefault("_cache", {})
+                if (split, g) not in cache:
+                    cache.clear()
+                    cache[(split, g)] = pf.read_row_group(g, columns=[self._col]).column(0)
+                col = cache[(split, g)].take(pa.array(rows - row)).combine_chunks()
                 if pa.types.is_large_binary(col.type):
                     col = col.cast(pa.binary())
                 return {self.payload["column"]: col}
