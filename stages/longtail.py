@@ -112,7 +112,8 @@ class LongTailConfig(SourceSpec):
         row_group_rows: rows per Parquet row group; default by payload (512 images, 8192 otherwise).
         shard_rows: rows per shard file (one task each); default by payload (2048 images, 65536 otherwise).
         executor: who writes the shards: "ray" (Ray Data tasks across the cluster), "local" (this process) or
-            "auto" (default: Ray Data when some split has more than one shard). Never changes the files.
+            "auto" (default: Ray Data when Ray is running and some split has more than one shard). Never
+            changes the files.
         max_cpus: at most this many shard tasks at once with Ray Data (default None: as many as fit).
 
     >>> LongTailConfig(out="runs/digits-lt", imbalance_factor=10).profile

@@ -194,7 +194,10 @@ class ShardWriter:
 def _write_shards(writer: ShardWriter):
     def write_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data task: (split, index) rows in, their records (JSON) out."""
-        records = [writer.write(str(s), int(i)) for s, i in zip(batch["split"], batch["index"])]
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        records = [{**writer.write(str(s), int(i)), "node": node} for s, i in zip(batch["split"], batch["index"])]
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
     return write_shards
 
@@ -203,8 +206,9 @@ def run(writer: ShardWriter, executor: str = "auto", max_cpus: int | None = None
     """Write every shard without an intact record; return all shards' records in (split, index) order.
 
     ``executor``: ``"ray"`` (Ray Data tasks of one CPU, at most ``max_cpus`` at a time; all the cluster's CPUs
-    when None), ``"local"`` (this process), ``"auto"``: Ray Data when some split has more than one shard to
-    write (below that, a Ray Data pass costs more than the work).
+    when None), ``"local"`` (this process), ``"auto"``: Ray Data when Ray is already running here (a pipeline,
+    a cluster job) and some split has more than one shard to write; this process otherwise (a single shard per
+    split costs less than a Ray Data pass, and a library call does not start a cluster just for a build).
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r}; accepted: {', '.join(EXECUTORS)}")
@@ -219,7 +223,9 @@ def run(writer: ShardWriter, executor: str = "auto", max_cpus: int | None = None
                 done[(split, i)] = record
     resumed = {s: sum(1 for (t, _) in done if t == s) for s in SPLITS}
     if executor == "auto":
-        executor = "ray" if len(todo) > len(SPLITS) else "local"
+        ray = sys.modules.get("ray")
+        running = ray is not None and ray.is_initialized()
+        executor = "ray" if running and len(todo) > len(SPLITS) else "local"
     if todo and executor == "ray":
         import ray
 
@@ -238,7 +244,9 @@ def run(writer: ShardWriter, executor: str = "auto", max_cpus: int | None = None
     for split in SPLITS:
         mine = [r for r in records if r["split"] == split]
         size = sum(r["bytes"] for r in mine) / 2**20
+        nodes = len({r["node"] for r in mine if "node" in r})
+        where = f" on {nodes} node(s)" if nodes else ""
         print(f"split build: {split}: {sum(r['rows'] for r in mine):,} rows in {len(mine)} shard(s), "
-              f"{size:.1f} MiB ({resumed[split]} resumed, {len(mine) - resumed[split]} written by {executor})",
+              f"{size:.1f} MiB ({resumed[split]} resumed, {len(mine) - resumed[split]} written by {executor}{where})",
               file=sys.stderr, flush=True)
     return records

@@ -78,6 +78,12 @@ def _check_resources(config: TrainStageConfig, cpus_per_worker: float) -> None:
             f"num_workers={config.num_workers} x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, but the Ray cluster "
             f"has {res.get('CPU', 0):g}: lower num_workers or cpus_per_worker, or add nodes"
         )
+    if config.placement_strategy == "STRICT_SPREAD":
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if config.num_workers > nodes:
+            raise ValueError(f"num_workers={config.num_workers} with placement_strategy='STRICT_SPREAD' needs one "
+                             f"node per worker, but the Ray cluster has {nodes}: lower num_workers, add nodes, or "
+                             "use placement_strategy='PACK' or 'SPREAD'")
     if config.use_gpu and config.num_workers > res.get("GPU", 0):
         raise ValueError(
             f"num_workers={config.num_workers} GPU workers requested, but the Ray cluster has {res.get('GPU', 0):g} "
@@ -97,8 +103,8 @@ def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset
 
 
 # Settings of the one TorchTrainer a group runs in: its jobs must agree on them.
-_GROUP_SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures", "storage_path", "materialize_bytes",
-                 "check_resources", "verbose")
+_GROUP_SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "placement_strategy", "max_failures", "storage_path",
+                 "materialize_bytes", "check_resources", "verbose")
 
 
 def _check_dual_data(splits, configs: list[TrainStageConfig]) -> None:
@@ -213,7 +219,8 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
                            # the registry entries travel with the jobs: a plugin's method trains on any worker
                            "methods": [method_registry.get(configs[i].method) for i in todo]},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+                                     resources_per_worker={"CPU": cpus},
+                                     placement_strategy=first.placement_strategy),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=first.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,

@@ -27,6 +27,7 @@ from . import _io
 from .splits import load as load_splits
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DIVERGED_FILE = "diverged.json"  # written by a worker whose training went NaN: a deterministic error, not retried
 
 
@@ -44,6 +45,9 @@ class TrainStageConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data (>= 0.5)
+    # Where the workers go (Ray's placement strategies): PACK (default: as few nodes as fit), SPREAD, or
+    # STRICT_SPREAD (one worker per node; the two-node test uses it). Results do not depend on it.
+    placement_strategy: str = "PACK"
     # shard: each worker streams its own Ray Data shard of the train split (scales to any size); global: every
     # worker reads the split and takes its contiguous slice of one seeded global batch order, so a run gives the
     # same batches, and up to float rounding the same model and multipliers, with any number of workers (not
@@ -76,6 +80,9 @@ class TrainStageConfig:
             raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy={self.placement_strategy!r}; accepted: "
+                             f"{', '.join(PLACEMENT_STRATEGIES)}")
 
     @property
     def method(self) -> str:

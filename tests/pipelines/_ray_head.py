@@ -28,6 +28,9 @@ VENV_BIN = Path(sys.executable).parent  # the job's `python` must be the interpr
 RAY_CLI = str(VENV_BIN / "ray")
 MARKER_VAR = "CACT_TEST_RAY_HEAD"
 
+# The ports a node that joins the head needs of its own (two nodes on one machine must not share them).
+NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
               "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
               "--runtime-env-agent-port", "--metrics-export-port")
@@ -125,6 +128,7 @@ class RayHead:
         self.env = env
         self.cli_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # the CLI gets --address
         self.proc: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []  # nodes that joined this head (add_node)
         self._log = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -143,6 +147,22 @@ class RayHead:
             self.stop()
             raise
         return self
+
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> subprocess.Popen:
+        """A second node on this machine that joins the head (``ray start --address --block``), with ports of its
+        own and ``resources`` (a label the test can schedule on). :meth:`stop` stops it before the head. Its
+        processes carry the head's marker. Callers wait for it to register (``ray.nodes()``)."""
+        lo, hi = _worker_port_window()
+        cmd = [RAY_CLI, "start", f"--address={self.gcs_address}", "--block", f"--num-cpus={num_cpus}",
+               "--num-gpus=0", "--disable-usage-stats", f"--min-worker-port={lo}", f"--max-worker-port={hi}",
+               *(f"{flag}={port}" for flag, port in zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS)))),
+               *([f"--resources={json.dumps(resources)}"] if resources else [])]
+        log = open(Path(self.temp_dir) / f"ray-node-{len(self.nodes) + 1}.log", "wb")
+        proc = subprocess.Popen(cmd, env=self.cli_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()  # the child holds its own copy
+        self.nodes.append(proc)
+        return proc
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -169,6 +189,15 @@ class RayHead:
         with the drain switched off). Signalling the whole group at once is much slower (measured 20-60 s):
         GCS dies first and the handler then waits for it to come back."""
         killed: list[str] = []
+        for node in self.nodes:  # joined nodes first: their raylets would otherwise wait for the lost head
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                killed.append(f"{node.pid} ray start --address (joined node)")
         proc = self.proc
         if proc is not None and proc.poll() is None:
             try:

@@ -187,7 +187,8 @@ def test_ray_data_build_is_byte_identical_at_any_parallelism(tmp_path, ray_clust
     capfd.readouterr()
     two = build(LongTailConfig(out=str(tmp_path / "two"), executor="auto", max_cpus=2, **cfg))  # 21 shards: Ray
     err = capfd.readouterr().err
-    assert re.search(r"split build: pool: 717 rows in 12 shard\(s\), .* MiB \(0 resumed, 12 written by ray\)", err)
+    assert re.search(r"split build: pool: 717 rows in 12 shard\(s\), .* MiB \(0 resumed, 12 written by ray on "
+                     r"1 node\(s\)\)", err)
     assert "concurrency" not in err  # no deprecation warning from Ray Data
     assert tree(one.root) == tree(local.root) == tree(two.root)
     assert len(two.manifest["checksums"]["splits"]) == 21

@@ -56,20 +56,23 @@ def _one_process_global_order(splits, stage: train.TrainStageConfig):
     return loop
 
 
-def test_two_workers_train_the_model_and_multipliers_of_one(ray_cluster, digits_splits, tmp_path):
+# Two workers on two nodes (STRICT_SPREAD) train the model of one process: tests/pipelines/test_two_nodes.py.
+TWO_WORKER_LOOP = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=50.0, seed=3,
+                              dual_every_steps=2)
+
+
+def assert_two_workers_equal_one_process(result, splits, stage: train.TrainStageConfig) -> None:
     """lr > 0: with one seeded global batch order (data_order="global") two Ray Train workers, each holding half
     of every batch, compute the loss of the whole batch (one calibration batch, global means), so the model, eta
     and the multiplier trajectory equal those of one worker. Not bit for bit: the ranks' float32 sums are added
     in another order (DDP's gradient average, the gathered calibration scores), an error of ~1e-7 relative per
     step that training carries along; over 3 epochs and 7 dual steps it stays below 1e-4 (multipliers: relative;
     constraint values: absolute, measured up to 8e-6) and 1e-3 on the weights. A model
-    without BatchNorm: batch statistics over half a batch would differ by design."""
-    cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=50.0, seed=3, dual_every_steps=2)
-    stage = train.TrainStageConfig(out=str(tmp_path / "two"), loop=cfg, num_workers=2, model_family="linear",
-                                   data_order="global", verbose=False)
-    r = train.fit(digits_splits, stage)
-    local = _one_process_global_order(digits_splits, stage)
-    ray_hist = _dual_history(r)
+    without BatchNorm: batch statistics over half a batch would differ by design. ``result``: a TrainResult, or
+    anything with its ``method_dir``, ``model_path``, ``history_path`` and ``final_metrics``."""
+    cfg = stage.loop
+    local = _one_process_global_order(splits, stage)
+    ray_hist = _dual_history(result)
     # a dual step every 2 optimizer steps (5 full batches per epoch): several per epoch, and rho acts
     assert len(ray_hist) == len(local.dual.history) > cfg.epochs
     assert any(h["rho_checked"] for h in ray_hist)
@@ -81,12 +84,12 @@ def test_two_workers_train_the_model_and_multipliers_of_one(ray_cluster, digits_
                                    atol=1e-4)
         assert a["counts"] == b["counts"]  # every validation row counted exactly once across the two workers
         assert a["rho"] == b["rho"] and a["rho_checked"] == b["rho_checked"]
-    assert r.final_metrics["eta"] == pytest.approx(local.eta, rel=1e-5)
-    model, blob = train.load_model(r.model_path)
+    assert result.final_metrics["eta"] == pytest.approx(local.eta, rel=1e-5)
+    model, blob = train.load_model(result.model_path)
     torch.testing.assert_close(model.fc.weight, local.model.fc.weight, rtol=1e-3, atol=1e-4)
     # outputs: one history row per epoch x class, the training soft size beside the validation one
-    hist = pl.read_parquet(r.history_path)
-    assert hist.height == cfg.epochs * digits_splits.num_classes
+    hist = pl.read_parquet(result.history_path)
+    assert hist.height == cfg.epochs * splits.num_classes
     assert set(hist.columns) >= {"method", "epoch", "class", "lambda", "rho", "constraint", "val_coverage",
                                  "val_size", "val_soft_size", "train_soft_size", "dual_steps"}
     assert hist["train_soft_size"].is_not_nan().all() and blob["model_spec"]["family"] == "linear"
