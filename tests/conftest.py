@@ -3,6 +3,7 @@ asks for the ``ray_cluster`` fixture instead of calling ``ray.init`` itself."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Importing the example plugin registers its score, metric and method: only the tests that load it (the
 # toy_plugin fixture) may, not --doctest-modules' collection, or every other test would see them.
 collect_ignore = ["toy_plugin.py"]
+# Source listings are cached in the user's cache folder (stages.sources.listing): tests keep theirs apart.
+os.environ["CACT_CACHE_DIR"] = tempfile.mkdtemp(prefix="cact-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -14,16 +14,17 @@ import numpy as np
 import pyarrow as pa
 
 from stages._io import sha256_file
+from stages.sources import listing
 from stages.sources.base import Source, SourceError, SourceSpec, _missing, _require_dir
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
-def _tree_digest(root: Path, rel_paths: Sequence[str]) -> str:
+def _tree_digest(rel_paths: Sequence[str], sizes: Sequence[int]) -> str:
     """sha256 over ``relative path, size`` of every file (content identity lives in the written splits)."""
     h = hashlib.sha256()
-    for rel in rel_paths:
-        h.update(f"{rel}\t{(root / rel).stat().st_size}\n".encode())
+    for rel, size in zip(rel_paths, sizes):
+        h.update(f"{rel}\t{size}\n".encode())
     return h.hexdigest()
 
 
@@ -56,6 +57,7 @@ class ImageFolderSource(Source):
             raise SourceError(f"{train_dir}: no class subfolders")
         self.payload = {"kind": "image", "column": "image", "shape": None}
         self._paths: dict[str, list[str]] = {}
+        self._sizes: dict[str, np.ndarray] = {}  # file sizes per split (listing.file_sizes: parallel, cached)
 
     def _classes_from_list(self, path: Path) -> list[str]:
         # Without a train folder to list, class k is named after the folder of its images in the list.
@@ -100,7 +102,8 @@ class ImageFolderSource(Source):
                 i = int(np.argmax(bad))
                 raise SourceError(f"{lp}:{lines[i]}: label {labs[i]} is outside the class list "
                                   f"(accepted: 0..{len(self.classes) - 1}, {len(self.classes)} classes)")
-            missing = [r for r in rels if not (self.root / r).is_file()]
+            self._sizes[split] = listing.file_sizes(self.root, rels)
+            missing = [rels[i] for i in np.flatnonzero(self._sizes[split] < 0)]
             if missing:
                 raise FileNotFoundError(
                     2, f"{lp}: {len(missing)} listed file(s) missing under {self.root}, e.g. "
@@ -139,6 +142,11 @@ class ImageFolderSource(Source):
             data = list(pool.map(load, paths))
         return {"image": pa.array(data, type=pa.binary()), "path": pa.array(paths, type=pa.string())}
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_sizes"] = {}  # only the driver's checksums need them: shard tasks do not carry them
+        return state
+
     def describe(self, split, sample_id):
         self._load_labels(split)
         row = int(np.searchsorted(self._ids[split], sample_id))
@@ -153,5 +161,7 @@ class ImageFolderSource(Source):
         for split in self.splits:
             self._load_labels(split)
             key = f"{self.root.resolve()} [{split}: listing of relative path + size]"
-            out[key] = _tree_digest(self.root, self._paths[split])
+            if split not in self._sizes:
+                self._sizes[split] = listing.file_sizes(self.root, self._paths[split])
+            out[key] = _tree_digest(self._paths[split], self._sizes[split])
         return out

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -368,3 +369,43 @@ def test_real_cifar10_lt_and_mnist_counts(shared_data, tmp_path):
                              imbalance_factor=100))
     assert s.train_counts == longtail.exponential_counts(5923, 10, 100)
     assert s.read_table("train").num_rows == sum(s.train_counts)
+
+
+def test_image_folder_listing_is_stat_once_and_cached_per_folder(tmp_path, monkeypatch):
+    """Each image is stat'ed once per plan (not twice), and not at all on a rerun whose folders did not change:
+    only the folders are (their modification time keys the cache). A file added to one class folder re-lists
+    that folder alone and changes the source's digest."""
+    from stages.sources import listing
+
+    monkeypatch.setenv("CACT_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_imagefolder(tmp_path / "src")  # 9 train + 6 val images in 6 class folders
+    calls = []
+    real = listing._stat
+    monkeypatch.setattr(listing, "_stat", lambda p: calls.append(Path(p)) or real(p))
+    cfg = LongTailConfig(dataset="imagefolder", data_root=str(root), out=str(tmp_path / "o"), imbalance_factor=2,
+                         val_fraction=0.5)
+    first = plan(cfg).manifest["checksums"]["sources"]
+    images = [p for p in calls if p.suffix == ".JPEG"]
+    assert len(images) == len(set(images)) == 15
+    calls.clear()
+    assert plan(cfg).manifest["checksums"]["sources"] == first
+    assert sorted(p.relative_to(root).as_posix() for p in calls) == [
+        f"{s}/{c}" for s in ("train", "val") for c in ("n01", "n02", "n03")]  # folders only
+    calls.clear()
+    (root / "val" / "n02" / "n02_0009.JPEG").write_bytes(jpeg_bytes(99))
+    assert plan(cfg).manifest["checksums"]["sources"] != first
+    assert sum(p.suffix == ".JPEG" for p in calls) == 3  # val/n02 only: its 2 images and the new one
+
+
+def test_a_list_naming_missing_images_is_refused_naming_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("CACT_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_imagefolder(tmp_path / "src")
+    lists = write_lt_lists(root)
+    cfg = LongTailConfig(dataset="imagefolder", data_root=str(root), out=str(tmp_path / "o"), profile="lists",
+                         train_list=str(lists["train"]), val_list=str(lists["val"]), test_list=str(lists["test"]))
+    plan(cfg)  # fills the cache
+    (root / "train" / "n02" / "n02_0003.JPEG").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ImageNet_LT_train.txt: 1 listed file\(s\) missing under .*src, "
+                                                r"e.g. train/n02/n02_0003.JPEG"):
+        plan(cfg)
+    assert not (tmp_path / "o").exists()
