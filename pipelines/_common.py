@@ -235,6 +235,14 @@ def check_flags(args: argparse.Namespace) -> None:
 
         if args.model not in MODEL_FAMILIES:
             problems.append(f"--model must be one of {', '.join(sorted(MODEL_FAMILIES))}, got {args.model!r}")
+    from stages import _io
+
+    for flag, attr in (("--out", "out"), ("--data-root", "data_root"), ("--train-list", "train_list"),
+                       ("--val-list", "val_list"), ("--test-list", "test_list")):
+        try:
+            _io.refuse_uri(getattr(args, attr, None), flag)
+        except ValueError as e:
+            problems.append(str(e))
     if getattr(args, "frozen_features", False) and args.sweep:
         problems.append("--frozen-features with --sweep: not supported yet (sweep the heads with "
                         "benchmarks/results/evidence.py, or drop one of the two flags)")

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,6 +18,26 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_uri(value, field: str) -> None:
+    """Raise ``ValueError`` naming ``field`` when ``value`` is a URI (``s3://...``): split and run folders are
+    read and written on a POSIX filesystem (on a cluster, a mount every node sees). ``pathlib`` would otherwise
+    turn ``s3://bucket/run`` into a local folder named ``s3:``.
+
+    >>> refuse_uri("/mnt/shared/runs", "out")
+    >>> refuse_uri("s3://bucket/run", "out")
+    Traceback (most recent call last):
+    ...
+    ValueError: out='s3://bucket/run' is a URI: split and run folders live on a POSIX filesystem (on a cluster, a path every node mounts, e.g. /mnt/shared/...); URIs are accepted only by storage_path (--storage-path, Ray Train's checkpoints)
+    """
+    if value is not None and _URI.match(str(value)):
+        raise ValueError(f"{field}={str(value)!r} is a URI: split and run folders live on a POSIX filesystem (on "
+                         "a cluster, a path every node mounts, e.g. /mnt/shared/...); URIs are accepted only by "
+                         "storage_path (--storage-path, Ray Train's checkpoints)")
 
 
 @contextlib.contextmanager

@@ -109,6 +109,7 @@ class EvalConfig:
     report: bool = True  # also write report.md and plots/ (stages.report)
 
     def __post_init__(self):
+        _io.refuse_uri(self.run_dir, "EvalConfig.run_dir")
         self.scores = tuple(self.scores)
         self.predictors = tuple(self.predictors)
         self.alphas = tuple(float(a) for a in self.alphas)

@@ -68,6 +68,8 @@ class FeatureConfig:
     image_size: int | None = None  # None: the image_size stored in model.pt (or the split's own size)
 
     def __post_init__(self):
+        for name in ("splits_root", "out", "model"):
+            _io.refuse_uri(getattr(self, name), f"FeatureConfig.{name}")
         self.splits_root, self.out = Path(self.splits_root).resolve(), Path(self.out).resolve()
         if self.model is not None:
             self.model = Path(self.model).resolve()

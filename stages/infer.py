@@ -58,6 +58,8 @@ class InferConfig:
     image_size: int | None = None  # None: the image_size stored in each model.pt
 
     def __post_init__(self):
+        for name in ("run_dir", "splits_root"):
+            _io.refuse_uri(getattr(self, name), f"InferConfig.{name}")
         self.splits = tuple(self.splits)
         if self.methods is not None:
             self.methods = tuple(self.methods)

@@ -71,7 +71,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages import ingest, shards
-from stages._io import sha256_file, write_json, write_text
+from stages._io import refuse_uri, sha256_file, write_json, write_text
 from stages.ingest import SourceSpec
 # The reader of a split folder, which every stage uses, lives in stages.splits; these names stay here too.
 from stages.splits import SPLITS, ManifestError, Splits, load  # noqa: F401
@@ -145,6 +145,8 @@ class LongTailConfig(SourceSpec):
         """Raise ``ValueError`` naming the field and its accepted values."""
         if not self.out:
             raise ValueError("out: the split folder to write is required")
+        for name in ("out", "data_root", "train_list", "val_list", "test_list"):
+            refuse_uri(getattr(self, name), name)
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r}; accepted: {', '.join(PROFILES)}")
         if self.selection not in SELECTIONS:

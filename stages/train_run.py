@@ -69,6 +69,8 @@ class TrainStageConfig:
     def __post_init__(self):
         if isinstance(self.loop, dict):
             self.loop = TrainConfig(**self.loop)
+        for name in ("out", "init_from"):
+            _io.refuse_uri(getattr(self, name), f"TrainStageConfig.{name}")
         # Workers run in other folders (and on other nodes): every path they read must be absolute.
         self.out = str(Path(self.out).resolve())
         if self.init_from:

@@ -71,6 +71,7 @@ BAD_FLAGS = [
     (["--eta", "1", "--eta-relative", "0.5"], "--eta and --eta-relative", "one of them"),
     (["--infer-actors", "0"], "--infer-actors", ">= 1"),
     (["--scores", "lac,bogus"], "--scores", "known: "),
+    (["--out", "s3://bucket/run"], "--out='s3://bucket/run' is a URI", "every node mounts"),
 ]
 
 

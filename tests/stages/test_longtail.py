@@ -409,3 +409,18 @@ def test_a_list_naming_missing_images_is_refused_naming_them(tmp_path, monkeypat
                                                 r"e.g. train/n02/n02_0003.JPEG"):
         plan(cfg)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field", ["out", "data_root", "train_list"])
+def test_a_uri_is_refused_naming_the_field_and_nothing_is_written(tmp_path, monkeypatch, field):
+    """pathlib would turn s3://bucket/x into a local folder named "s3:": refused up front instead."""
+    monkeypatch.chdir(tmp_path)
+    cfg = {"out": str(tmp_path / "o"), "dataset": "imagefolder", "data_root": str(tmp_path)}
+    cfg[field] = "s3://bucket/x"
+    with pytest.raises(ValueError, match=rf"^{field}='s3://bucket/x' is a URI: .* a path every node mounts"):
+        build(LongTailConfig(**cfg))
+    assert os.listdir(tmp_path) == []
+    from stages.train import TrainStageConfig
+
+    with pytest.raises(ValueError, match=r"TrainStageConfig.out='gs://b/run' is a URI"):
+        TrainStageConfig(out="gs://b/run")
