@@ -264,3 +264,36 @@ def read_split_tensors(splits, split: str, image_size: int | None = None,
     payload = splits.payload
     table = splits.read_table(split, columns=["label", payload["column"]])
     return decode(table, payload, image_size=image_size, max_tokens=max_tokens), decode_labels(table)
+
+
+# Kinds whose decoding (JPEG/PNG, resizing) a streamed train split runs in Ray Data tasks, not on the workers.
+PREDECODED_KINDS = ("image", "pixels")
+
+
+def decode_to_uint8(batch: pa.Table, payload: Mapping[str, Any], image_size: int | None = None) -> dict:
+    """Ray Data ``map_batches`` step of a streamed train split: rows -> ``{"x": uint8 [B, C, H, W], "label":
+    int64 [B]}``. :func:`decode`, then quantised back to bytes (exact at the stored size; within 0.5/255 after
+    a resize), so a row costs as much memory in the worker's shuffle buffer as a raw image, not four times that.
+    The worker turns it into :func:`decode`'s floats with :func:`predecoded_batch`.
+
+    >>> t = pa.table({"pixels": pa.array([bytes([0, 255, 7, 9])], pa.binary()), "label": [2]})
+    >>> p = {"kind": "pixels", "column": "pixels", "shape": [2, 2, 1]}
+    >>> b = decode_to_uint8(t, p)
+    >>> b["x"].tolist(), b["label"].tolist()
+    ([[[[0, 255], [7, 9]]]], [2])
+    >>> bool((predecoded_batch(b)[0] == decode(t, p)).all())
+    True
+    """
+    import torch
+
+    x = decode(batch, payload, image_size).mul_(255.0).round_().to(torch.uint8).contiguous()
+    return {"x": x.numpy(), "label": decode_labels(batch).numpy()}
+
+
+def predecoded_batch(batch: Mapping[str, np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """A batch of :func:`decode_to_uint8` rows as the (x, y) tensors :func:`decode` and :func:`decode_labels`
+    give (x float32 in [0, 1])."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch["x"])).float().div_(255.0)
+    return x, torch.from_numpy(np.array(batch["label"], dtype=np.int64))

@@ -47,6 +47,7 @@ from cact_ops.training import TrainConfig
 
 from . import _io
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
+from .payload import PREDECODED_KINDS, decode_to_uint8
 # The run's config, identity and outputs (no Ray); TrainStageConfig, TrainResult and load_model are public here too.
 from .train_run import (DIVERGED_FILE, TrainResult, TrainStageConfig, as_splits, jsonable, load_model,  # noqa: F401
                         model_spec, ray_run_name, result_from_disk, reusable, same_run)
@@ -208,6 +209,10 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     streamed = any(configs[i].data_order == "shard" for i in todo)
     train_ds = (dataset if dataset is not None else train_dataset(splits, first.materialize_bytes)) \
         if streamed else None
+    if predecoded(splits, [configs[i] for i in todo]):
+        train_ds = train_ds.map_batches(decode_to_uint8, fn_kwargs={"payload": splits.payload,
+                                                                    "image_size": configs[todo[0]].image_size},
+                                        batch_format="pyarrow", batch_size=256, num_cpus=0.25)
     from .train_worker import train_loop_per_worker
 
     # Ray Train's own INFO lines follow the job's Ray log level (WARNING in a pipeline without --verbose)
@@ -216,6 +221,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         train_loop_per_worker,
         train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()), "log_level": log_level,
                            "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name,
+                           "predecoded": predecoded(splits, [configs[i] for i in todo]),
                            # the registry entries travel with the jobs: a plugin's method trains on any worker
                            "methods": [method_registry.get(configs[i].method) for i in todo]},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
@@ -257,6 +263,14 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
 
 
 DRIVER_READ_BYTES = 256 << 20  # train splits up to this size are read by the driver, not by Ray Data tasks
+
+
+def predecoded(splits, configs: list[TrainStageConfig]) -> bool:
+    """Whether a streamed train split reaches the workers decoded by Ray Data tasks (images and pixels, when the
+    jobs agree on the image size): the CPUs beside the workers decode (on a GPU node, while the GPUs compute)
+    and the workers only train."""
+    return (any(c.data_order == "shard" for c in configs) and splits.payload["kind"] in PREDECODED_KINDS
+            and len({c.image_size for c in configs}) == 1)
 
 
 def train_dataset(splits, materialize_bytes: int = 2 << 30):

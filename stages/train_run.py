@@ -58,7 +58,7 @@ class TrainStageConfig:
     storage_path: str | None = None  # Ray Train storage (shared storage on a cluster); None: <out>/ray_storage
     run_name: str | None = None  # None: method + a hash of the config, so a rerun resumes the same run
     val_batch_size: int = 512
-    shuffle_buffer: int = 4096  # rows in the local shuffle buffer of each worker (seeded per epoch)
+    shuffle_buffer: int = 4096  # rows in the local shuffle buffer of each worker (seeded per epoch); 0: none
     materialize_bytes: int = 2 << 30  # train splits up to this size on disk are cached in the object store
     overwrite: bool = False  # retrain even when <out>/train/<method>/model.pt exists for the same config
     verbose: bool = True  # one progress line per epoch
@@ -82,6 +82,8 @@ class TrainStageConfig:
             raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer={self.shuffle_buffer}; accepted: 0 (no shuffle) or more rows")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement_strategy={self.placement_strategy!r}; accepted: "
                              f"{', '.join(PLACEMENT_STRATEGIES)}")

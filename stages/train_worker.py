@@ -148,7 +148,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
         try:
             final = _train_job(job, stage, state if i == current else None, splits, device, comm, shard, rank,
-                               world, Path(cfg["marker_dir"]) / job["name"], coordinator)
+                               world, Path(cfg["marker_dir"]) / job["name"], coordinator,
+                               cfg.get("predecoded", False))
         except TrainingDiverged as e:
             # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver
             # raises this message. Every rank sees the same global loss, so every rank stops here.
@@ -161,12 +162,12 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, device, comm, shard, rank: int,
-               world: int, marker_dir: Path, coordinator) -> dict:
+               world: int, marker_dir: Path, coordinator, predecoded: bool = False) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
     import ray.train
     import ray.train.torch
 
-    from .payload import decode, decode_labels
+    from .payload import decode, decode_labels, predecoded_batch
 
     loop_cfg = stage.loop
     torch.manual_seed(loop_cfg.seed)
@@ -204,12 +205,12 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, d
         if train_table is not None:
             batches = _global_order_batches(train_table, payload, stage.image_size, loop_cfg, epoch, rank, world)
         else:
-            batches = (
-                (decode(b, payload, stage.image_size), decode_labels(b))
-                for b in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
-                                            local_shuffle_buffer_size=stage.shuffle_buffer,
-                                            local_shuffle_seed=loop_cfg.seed * 100003 + epoch)
-            )
+            rows = shard.iter_batches(batch_size=local_batch, batch_format="numpy",
+                                      local_shuffle_buffer_size=stage.shuffle_buffer or None,
+                                      local_shuffle_seed=loop_cfg.seed * 100003 + epoch)
+            # Decoded by Ray Data tasks (stages.train) when the split holds images; else decoded here.
+            batches = (predecoded_batch(b) for b in rows) if predecoded else \
+                ((decode(b, payload, stage.image_size), decode_labels(b)) for b in rows)
         train_metrics = loop.train_epoch(batches, validate)
         metrics = loop.end_epoch(train_metrics, validate())
         if stage.fail_at_epoch == epoch and rank == 0:

@@ -56,6 +56,52 @@ def _one_process_global_order(splits, stage: train.TrainStageConfig):
     return loop
 
 
+def _one_process_in_file_order(splits, stage: train.TrainStageConfig):
+    """What one worker computes for ``stage`` with ``data_order="shard"`` and no shuffle buffer: batches of the
+    train rows in file order, decoded here, through the worker's own EpochLoop and dual-step batches."""
+    from cact_ops.training import EpochLoop, val_cal_mask
+    from stages.payload import decode, decode_labels
+
+    cfg = stage.loop
+    torch.manual_seed(cfg.seed)
+    spec = train.model_spec(stage, splits)
+    loop = EpochLoop(train_worker.build_stage_model(spec, stage.init_from, stage.finetune), cfg, spec["num_classes"],
+                     train_counts=splits.train_counts)
+    val, table = splits.read_table("val"), splits.read_table("train")
+    is_cal = val_cal_mask(decode_labels(val), cfg.val_cal_fraction, cfg.seed)
+
+    def val_batches():
+        return train_worker._val_batches(val, splits.payload, None, is_cal, 0, 1, stage.val_batch_size)
+
+    loop.resolve_eta(val_batches())
+    for _ in range(cfg.epochs):
+        parts = (table.slice(s, cfg.batch_size) for s in range(0, table.num_rows, cfg.batch_size))
+        batches = ((decode(t, splits.payload), decode_labels(t)) for t in parts)
+        loop.end_epoch(loop.train_epoch(batches, lambda: loop.validation_statistics(val_batches())),
+                       loop.validation_statistics(val_batches()))
+    return loop
+
+
+def test_a_streamed_split_is_decoded_by_ray_data_and_trains_what_one_process_does(ray_cluster, digits_splits,
+                                                                                   tmp_path):
+    """data_order="shard" (what a split too large for the driver gets): the train split streams through Ray Data,
+    whose tasks decode the images into uint8 tensors, and the worker only trains. Without a shuffle buffer the
+    batches are the rows in file order, so the run is what one process computes decoding those batches itself.
+    Not bit for bit: the worker's torch runs on one thread, this process on two (other summation orders)."""
+    cfg = TrainConfig(method="cact", epochs=2, batch_size=64, lr=0.05, lambda_max=50.0, seed=5, dual_every_steps=3)
+    stage = train.TrainStageConfig(out=str(tmp_path / "run"), loop=cfg, model_family="linear", data_order="shard",
+                                   shuffle_buffer=0, verbose=False)
+    assert train.predecoded(digits_splits, [stage])
+    r = train.fit(digits_splits, stage)
+    local = _one_process_in_file_order(digits_splits, stage)
+    hist = _dual_history(r)
+    assert len(hist) == len(local.dual.history) > cfg.epochs
+    torch.testing.assert_close(torch.tensor([h["lam"] for h in hist]),
+                               torch.tensor([h["lam"] for h in local.dual.history]), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(train.load_model(r.model_path)[0].state_dict(), local.model.state_dict(),
+                               rtol=1e-3, atol=1e-4)
+
+
 # Two workers on two nodes (STRICT_SPREAD) train the model of one process: tests/pipelines/test_two_nodes.py.
 TWO_WORKER_LOOP = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=50.0, seed=3,
                               dual_every_steps=2)
