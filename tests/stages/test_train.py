@@ -82,26 +82,6 @@ def _one_process_in_file_order(splits, stage: train.TrainStageConfig):
     return loop
 
 
-def test_a_streamed_split_is_decoded_by_ray_data_and_trains_what_one_process_does(ray_cluster, digits_splits,
-                                                                                   tmp_path):
-    """data_order="shard" (what a split too large for the driver gets): the train split streams through Ray Data,
-    whose tasks decode the images into uint8 tensors, and the worker only trains. Without a shuffle buffer the
-    batches are the rows in file order, so the run is what one process computes decoding those batches itself.
-    Not bit for bit: the worker's torch runs on one thread, this process on two (other summation orders)."""
-    cfg = TrainConfig(method="cact", epochs=2, batch_size=64, lr=0.05, lambda_max=50.0, seed=5, dual_every_steps=3)
-    stage = train.TrainStageConfig(out=str(tmp_path / "run"), loop=cfg, model_family="linear", data_order="shard",
-                                   shuffle_buffer=0, verbose=False)
-    assert train.predecoded(digits_splits, [stage])
-    r = train.fit(digits_splits, stage)
-    local = _one_process_in_file_order(digits_splits, stage)
-    hist = _dual_history(r)
-    assert len(hist) == len(local.dual.history) > cfg.epochs
-    torch.testing.assert_close(torch.tensor([h["lam"] for h in hist]),
-                               torch.tensor([h["lam"] for h in local.dual.history]), rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(train.load_model(r.model_path)[0].state_dict(), local.model.state_dict(),
-                               rtol=1e-3, atol=1e-4)
-
-
 # Two workers on two nodes (STRICT_SPREAD) train the model of one process: tests/pipelines/test_two_nodes.py.
 TWO_WORKER_LOOP = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=50.0, seed=3,
                               dual_every_steps=2)
@@ -326,14 +306,34 @@ def test_a_diverging_run_fails_once_with_a_clear_error_in_process(digits_splits)
 
 
 @pytest.mark.ray
-def test_a_diverging_ray_run_is_not_retried(ray_cluster, digits_splits, tmp_path):
-    """NaN is a property of the configuration: the worker reports it instead of raising, so Ray Train does not
-    retry it max_failures times; the driver raises the worker's message, naming the method and the lr."""
-    cfg = train.TrainStageConfig(out=str(tmp_path), loop=TrainConfig(method="ce", epochs=1, lr=1e12, grad_clip=0.0),
-                                 verbose=False, max_failures=3)
+def test_a_streamed_split_is_decoded_by_ray_data_and_a_diverging_job_is_not_retried(ray_cluster, digits_splits,
+                                                                                      tmp_path):
+    """One worker group (one start-up) for two things. First job, data_order="shard" (what a split too large for
+    the driver gets): the train split streams through Ray Data, whose tasks decode the images into uint8
+    tensors, and the worker only trains; without a shuffle buffer the batches are the rows in file order, so the
+    run is what one process computes decoding those batches itself (not bit for bit: the worker's torch runs on
+    one thread, this process on two). Second job: NaN is a property of the configuration, so the worker reports
+    it instead of raising, Ray Train does not retry it max_failures times, and the driver raises the worker's
+    message, naming the method and the lr."""
+    cfg = TrainConfig(method="cact", epochs=2, batch_size=64, lr=0.05, lambda_max=50.0, seed=5, dual_every_steps=3)
+    streamed = train.TrainStageConfig(out=str(tmp_path), loop=cfg, model_family="linear", data_order="shard",
+                                      shuffle_buffer=0, verbose=False, max_failures=3)
+    diverging = train.TrainStageConfig(out=str(tmp_path), loop=TrainConfig(method="ce", epochs=1, lr=1e12,
+                                                                            grad_clip=0.0),
+                                       verbose=False, max_failures=3)
+    assert train.predecoded(digits_splits, [streamed, diverging])
     with pytest.raises(ValueError, match=r"ce: the (loss|model's logits|model's validation logits) became NaN or "
                                          r"inf .*lower the learning rate"):
-        train.fit(digits_splits, cfg)
+        train.fit_group(digits_splits, [streamed, diverging])
     # the worker ended its training function normally after reporting: no worker failure, so nothing to retry
     assert not (tmp_path / "train" / "ce" / "model.pt").exists()
     assert (tmp_path / "train" / "ce" / train.DIVERGED_FILE).is_file()
+
+    r = train_run.result_from_disk(streamed, reused=True, verified=True)  # the first job finished and was written
+    local = _one_process_in_file_order(digits_splits, streamed)
+    hist = _dual_history(r)
+    assert len(hist) == len(local.dual.history) > cfg.epochs
+    torch.testing.assert_close(torch.tensor([h["lam"] for h in hist]),
+                               torch.tensor([h["lam"] for h in local.dual.history]), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(train.load_model(r.model_path)[0].state_dict(), local.model.state_dict(),
+                               rtol=1e-3, atol=1e-4)
