@@ -132,7 +132,7 @@ class RayHead:
         self._log = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def start(self, timeout: float = 90.0) -> "RayHead":
+    def start(self, timeout: float = 90.0, jobs_api: bool = True) -> "RayHead":
         cmd = [RAY_CLI, "start", "--head", "--block",
                f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
@@ -142,7 +142,7 @@ class RayHead:
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            self._wait_ready(timeout)
+            self._wait_ready(timeout, jobs_api)
         except BaseException:
             self.stop()
             raise
@@ -164,7 +164,7 @@ class RayHead:
         self.nodes.append(proc)
         return proc
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, jobs_api: bool = True) -> None:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -173,6 +173,8 @@ class RayHead:
             # `ray start` prints this once the node is registered (the dashboard may answer earlier), and
             # /api/jobs/ answers once the dashboard's job module is up, which is what the jobs CLI needs.
             if b"Ray runtime started" in self.log_path.read_bytes():
+                if not jobs_api:  # a driver connecting to GCS needs no dashboard
+                    return
                 try:
                     self.http_json("/api/jobs/", timeout=2)
                     return

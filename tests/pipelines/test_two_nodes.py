@@ -31,7 +31,7 @@ def test_two_nodes_build_and_train_what_one_machine_does(tmp_path):
     t0 = time.monotonic()
     head = RayHead(num_cpus=1, extra_env={"PYTHONPATH": str(REPO)}, log_path=tmp_path / "ray-start.log")
     try:
-        head.start(timeout=120)
+        head.start(timeout=120, jobs_api=False)
         t_up = time.monotonic() - t0
         head.add_node(num_cpus=1, resources={"second_node": 1})
         run = subprocess.run([sys.executable, str(DRIVER), str(tmp_path), json.dumps(TWO_WORKER_LOOP.to_dict())],
