@@ -31,17 +31,17 @@ def _dual_history(result: train.TrainResult) -> list:
     return json.loads((result.method_dir / "dual.json").read_text())["history"]
 
 
-def _one_process_global_order(splits, stage: train.TrainStageConfig):
-    """What one worker computes for ``stage`` with ``data_order="global"``: the worker's own code path
-    (EpochLoop, the global batch order, the dual-step batches), run in this process without Ray."""
+def _one_process(splits, stage: train.TrainStageConfig, epoch_batches):
+    """What one worker computes for ``stage``: the worker's own code path (EpochLoop, the dual-step batches) run
+    in this process without Ray, on ``epoch_batches(table, epoch)`` (the train batches of each epoch)."""
     from cact_ops.training import EpochLoop, val_cal_mask
     from stages.payload import decode_labels
 
     cfg = stage.loop
     torch.manual_seed(cfg.seed)
     spec = train.model_spec(stage, splits)
-    model = train_worker.build_stage_model(spec, None, "all")
-    loop = EpochLoop(model, cfg, spec["num_classes"], train_counts=splits.manifest["counts"]["train"])
+    model = train_worker.build_stage_model(spec, stage.init_from, stage.finetune)
+    loop = EpochLoop(model, cfg, spec["num_classes"], train_counts=splits.train_counts)
     val, table = splits.read_table("val"), splits.read_table("train")
     is_cal = val_cal_mask(decode_labels(val), cfg.val_cal_fraction, cfg.seed)
 
@@ -50,36 +50,27 @@ def _one_process_global_order(splits, stage: train.TrainStageConfig):
 
     loop.resolve_eta(val_batches())
     for epoch in range(cfg.epochs):
-        batches = train_worker._global_order_batches(table, splits.payload, None, cfg, epoch, 0, 1)
-        tm = loop.train_epoch(batches, lambda: loop.validation_statistics(val_batches()))
+        tm = loop.train_epoch(epoch_batches(table, epoch), lambda: loop.validation_statistics(val_batches()))
         loop.end_epoch(tm, loop.validation_statistics(val_batches()))
     return loop
 
 
+def _one_process_global_order(splits, stage: train.TrainStageConfig):
+    """``data_order="global"``: the seeded global batch order the workers share."""
+    return _one_process(splits, stage, lambda table, epoch: train_worker._global_order_batches(
+        table, splits.payload, None, stage.loop, epoch, 0, 1))
+
+
 def _one_process_in_file_order(splits, stage: train.TrainStageConfig):
-    """What one worker computes for ``stage`` with ``data_order="shard"`` and no shuffle buffer: batches of the
-    train rows in file order, decoded here, through the worker's own EpochLoop and dual-step batches."""
-    from cact_ops.training import EpochLoop, val_cal_mask
+    """``data_order="shard"`` without a shuffle buffer: batches of the train rows in file order, decoded here."""
     from stages.payload import decode, decode_labels
 
-    cfg = stage.loop
-    torch.manual_seed(cfg.seed)
-    spec = train.model_spec(stage, splits)
-    loop = EpochLoop(train_worker.build_stage_model(spec, stage.init_from, stage.finetune), cfg, spec["num_classes"],
-                     train_counts=splits.train_counts)
-    val, table = splits.read_table("val"), splits.read_table("train")
-    is_cal = val_cal_mask(decode_labels(val), cfg.val_cal_fraction, cfg.seed)
+    def batches(table, epoch):
+        b = stage.loop.batch_size
+        parts = (table.slice(s, b) for s in range(0, table.num_rows, b))
+        return ((decode(t, splits.payload), decode_labels(t)) for t in parts)
 
-    def val_batches():
-        return train_worker._val_batches(val, splits.payload, None, is_cal, 0, 1, stage.val_batch_size)
-
-    loop.resolve_eta(val_batches())
-    for _ in range(cfg.epochs):
-        parts = (table.slice(s, cfg.batch_size) for s in range(0, table.num_rows, cfg.batch_size))
-        batches = ((decode(t, splits.payload), decode_labels(t)) for t in parts)
-        loop.end_epoch(loop.train_epoch(batches, lambda: loop.validation_statistics(val_batches())),
-                       loop.validation_statistics(val_batches()))
-    return loop
+    return _one_process(splits, stage, batches)
 
 
 # Two workers on two nodes (STRICT_SPREAD) train the model of one process: tests/pipelines/test_two_nodes.py.
