@@ -77,16 +77,19 @@ class ImageStats:
         self.channels: set[int] = set()
         self.formats: set[str] = set()
 
-    def add(self, shape, fmt: str | None) -> None:
+    def _add_size(self, h: int, w: int) -> None:
         if len(self.sizes) <= 1:  # only "one size or many" matters: keep the set tiny
-            self.sizes.add((int(shape[0]), int(shape[1])))
+            self.sizes.add((int(h), int(w)))
+
+    def add(self, shape, fmt: str | None) -> None:
+        self._add_size(shape[0], shape[1])
         self.channels.add(int(shape[2]))
         self.formats.add(fmt or "unknown")
 
     def merge(self, record: dict) -> None:
+        """Add another shard's :meth:`record`."""
         for h, w in record["sizes"]:
-            if len(self.sizes) <= 1:
-                self.sizes.add((h, w))
+            self._add_size(h, w)
         self.channels.update(record["channels"])
         self.formats.update(record["formats"])
 

@@ -209,7 +209,8 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     streamed = any(configs[i].data_order == "shard" for i in todo)
     train_ds = (dataset if dataset is not None else train_dataset(splits, first.materialize_bytes)) \
         if streamed else None
-    if predecoded(splits, [configs[i] for i in todo]):
+    decoded_by_ray_data = predecoded(splits, [configs[i] for i in todo])
+    if decoded_by_ray_data:
         train_ds = train_ds.map_batches(decode_to_uint8, fn_kwargs={"payload": splits.payload,
                                                                     "image_size": configs[todo[0]].image_size},
                                         batch_format="pyarrow", batch_size=256, num_cpus=0.25)
@@ -221,7 +222,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         train_loop_per_worker,
         train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()), "log_level": log_level,
                            "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name,
-                           "predecoded": predecoded(splits, [configs[i] for i in todo]),
+                           "predecoded": decoded_by_ray_data,
                            # the registry entries travel with the jobs: a plugin's method trains on any worker
                            "methods": [method_registry.get(configs[i].method) for i in todo]},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
