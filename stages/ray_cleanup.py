@@ -6,8 +6,13 @@ it asks Ray's state API with ``address=None``. Alone it freed every group of the
 machine, but in one CI run of the whole suite it left one (0.5 CPU, held for the rest of the job: the next test
 found a CPU missing), and with several Ray instances on a machine ``address=None`` resolves another cluster or
 none. So during a sweep :func:`orphans_released` removes such groups too: only this job's, only those whose
-creator actor died, read from Ray's GCS table through a private accessor (Ray 2.60; where it differs it warns
+creator actor died, read from Ray's GCS tables through a private accessor (Ray 2.60; where it differs it warns
 and removes nothing).
+
+A creator's death is read from the actor table, not only from the group's ``creator_actor_dead`` flag: GCS sets
+that flag on the groups registered when it processes the actor's death, so a group whose registration reaches
+GCS after the death (a controller killed while creating its workers' group, before it could hand the group to
+its cleaner) keeps the flag unset and is never freed by either cleaner. That is the leak CI hit.
 """
 from __future__ import annotations
 
@@ -37,6 +42,16 @@ def _job_actor_placement_groups() -> list:
     return out
 
 
+def _actor_dead(actor_id: bytes) -> bool:
+    """Whether GCS's actor table records this actor as dead (an actor it does not know is not taken as dead)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    info = state._connect_and_get_accessor().get_actor_info(ray.ActorID(actor_id))
+    return info is not None and \
+        gcs_pb2.ActorTableData.FromString(info).state == gcs_pb2.ActorTableData.DEAD
+
+
 def actor_placement_groups() -> int:
     """How many of this job's placement groups an actor created and nobody removed yet (0 if unreadable)."""
     try:
@@ -58,7 +73,8 @@ def release_orphaned_placement_groups() -> int:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     try:
-        orphans = [pg for pg in _job_actor_placement_groups() if pg.creator_actor_dead]
+        orphans = [pg for pg in _job_actor_placement_groups()
+                   if pg.creator_actor_dead or _actor_dead(pg.creator_actor_id)]
     except Exception as e:  # noqa: BLE001 - a clean-up must never fail a run
         warnings.warn(f"could not look for orphaned placement groups ({type(e).__name__}: {e})", stacklevel=2)
         return 0

@@ -3,6 +3,7 @@ asks for the ``ray_cluster`` fixture instead of calling ``ray.init`` itself."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 collect_ignore = ["toy_plugin.py"]
 # Source listings are cached in the user's cache folder (stages.sources.listing): tests keep theirs apart.
 os.environ["CACT_CACHE_DIR"] = tempfile.mkdtemp(prefix="cact-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["CACT_CACHE_DIR"], ignore_errors=True)  # made above, so ours to remove
 
 
 @pytest.fixture(scope="session")

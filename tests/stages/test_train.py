@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import types
 
 import polars as pl
@@ -198,10 +199,11 @@ def test_a_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster)
         def make(self):
             pg = placement_group([{"CPU": 0.01}])
             ray.get(pg.ready(), timeout=60)
-            return pg.id.hex()
+            return pg
 
     dead, alive = Creator.remote(), Creator.remote()
-    dead_pg, alive_pg = ray.get(dead.make.remote()), ray.get(alive.make.remote())
+    groups = [ray.get(a.make.remote()) for a in (dead, alive)]
+    dead_pg, alive_pg = (pg.id.hex() for pg in groups)
     own = placement_group([{"CPU": 0.01}])
     ray.get(own.ready(), timeout=60)
     with ray_cleanup.orphans_released(every_s=0.2, settle_s=5):
@@ -210,6 +212,44 @@ def test_a_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster)
     assert table[dead_pg]["state"] == "REMOVED"
     assert table[alive_pg]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
     remove_placement_group(own)
+    remove_placement_group(groups[1])
+    ray.kill(alive)
+
+
+def test_an_orphan_whose_group_gcs_never_flagged_is_removed_too(ray_cluster, monkeypatch):
+    """GCS flags a group's creator as dead only for groups registered when it handles the death; a group whose
+    registration arrived later (a controller killed while creating it) is unflagged forever. The reaper reads
+    the creator's death from the actor table, so it removes that group as well; a live creator's stays."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self):
+            pg = placement_group([{"CPU": 0.01}])
+            ray.get(pg.ready(), timeout=60)
+            return pg
+
+    dead, alive = Creator.remote(), Creator.remote()
+    groups = [ray.get(a.make.remote()) for a in (dead, alive)]
+    dead_pg, alive_pg = (pg.id.hex() for pg in groups)
+    ray.kill(dead)
+    real = ray_cleanup._job_actor_placement_groups
+
+    def unflagged():  # the group table as GCS leaves it after the race
+        groups = real()
+        for pg in groups:
+            pg.creator_actor_dead = False
+        return groups
+
+    monkeypatch.setattr(ray_cleanup, "_job_actor_placement_groups", unflagged)
+    deadline = time.time() + 30
+    while placement_group_table()[dead_pg]["state"] != "REMOVED" and time.time() < deadline:
+        ray_cleanup.release_orphaned_placement_groups()  # the kill reaches the actor table a moment later
+        time.sleep(0.2)
+    table = placement_group_table()
+    assert table[dead_pg]["state"] == "REMOVED" and table[alive_pg]["state"] == "CREATED"
+    remove_placement_group(groups[1])
     ray.kill(alive)
 
 
