@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -19,30 +18,33 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+from .storage import UriPath, as_path, is_uri
 
 
 def refuse_uri(value, field: str) -> None:
-    """Raise ``ValueError`` naming ``field`` when ``value`` is a URI (``s3://...``): split and run folders are
-    read and written on a POSIX filesystem (on a cluster, a mount every node sees). ``pathlib`` would otherwise
-    turn ``s3://bucket/run`` into a local folder named ``s3:``.
+    """Raise ``ValueError`` naming ``field`` when ``value`` is a URI (``s3://...``) where only a local path is
+    read: a dataset's official files and list files (split and run folders may be URIs, see
+    :mod:`stages.storage`). ``pathlib`` would otherwise turn ``s3://bucket/x`` into a local folder named ``s3:``.
 
-    >>> refuse_uri("/mnt/shared/runs", "out")
-    >>> refuse_uri("s3://bucket/run", "out")
+    >>> refuse_uri("/mnt/shared/data", "data_root")
+    >>> refuse_uri("s3://bucket/data", "data_root")
     Traceback (most recent call last):
     ...
-    ValueError: out='s3://bucket/run' is a URI: split and run folders live on a POSIX filesystem (on a cluster, a path every node mounts, e.g. /mnt/shared/...); URIs are accepted only by storage_path (--storage-path, Ray Train's checkpoints)
+    ValueError: data_root='s3://bucket/data' is a URI: a dataset's files are read from a local or mounted path (on a cluster, a path every node mounts, e.g. /mnt/shared/...); URIs are accepted for split and run folders
     """
-    if value is not None and _URI.match(str(value)):
-        raise ValueError(f"{field}={str(value)!r} is a URI: split and run folders live on a POSIX filesystem (on "
-                         "a cluster, a path every node mounts, e.g. /mnt/shared/...); URIs are accepted only by "
-                         "storage_path (--storage-path, Ray Train's checkpoints)")
+    if value is not None and is_uri(value):
+        raise ValueError(f"{field}={str(value)!r} is a URI: a dataset's files are read from a local or mounted "
+                         "path (on a cluster, a path every node mounts, e.g. /mnt/shared/...); URIs are accepted "
+                         "for split and run folders")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it onto ``path`` (file or folder).
+def atomic_path(path: str | os.PathLike | UriPath) -> Iterator[Path]:
+    """Yield a temporary local path; on success move it onto ``path`` (file or folder) in one step.
+
+    Locally that is a rename of a sibling. On an object store (``path`` a URI) the file is uploaded as one object
+    (visible whole or not at all); a folder's files are uploaded after its old ``manifest.json`` and files are
+    removed, and its new ``manifest.json`` goes last: readers of a folder require that commit marker.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -51,6 +53,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     >>> (d / "x.txt").read_text()
     'hi'
     """
+    if isinstance(path, UriPath) or is_uri(path):
+        with tempfile.TemporaryDirectory(prefix="cact-upload-") as staging:
+            tmp = Path(staging) / as_path(path).name
+            yield tmp
+            _upload(tmp, as_path(path))
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
@@ -71,37 +79,103 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike) -> Path:
+COMMIT_MARKER = "manifest.json"  # written last into a folder on an object store, removed first on replacement
+
+
+def _upload(local: Path, dest: UriPath) -> None:
+    if local.is_file():
+        with open(local, "rb") as src, dest.open("wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+        return
+    if not local.is_dir():
+        return  # nothing was written: like the local branch, leave the destination as it is
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    (dest / COMMIT_MARKER).unlink(missing_ok=True)
+    dest.rmtree()
+    for f in sorted(files, key=lambda p: p.name == COMMIT_MARKER):
+        _upload(f, dest / f.relative_to(local).as_posix())
+
+
+def move_folder(src: Path | UriPath, dest: Path | UriPath) -> None:
+    """Commit a finished folder onto an absent or empty ``dest``: one rename locally; on an object store a
+    server-side copy of each object, ``manifest.json`` last, then ``src`` is removed."""
+    if not isinstance(src, UriPath):
+        os.replace(src, dest)
+        return
+    files = sorted(src.rglob("*"), key=lambda p: p.name == COMMIT_MARKER)
+    for f in files:
+        src.fs.copy_file(f.fs_path, (dest / f.relative_to(src).as_posix()).fs_path)
+    src.rmtree()
+
+
+def remove_tree(folder: Path | UriPath) -> None:
+    """Remove a folder this project wrote (a build's partial folders), wherever it lives."""
+    if isinstance(folder, UriPath):
+        folder.rmtree()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> Path | UriPath:
     """Write ``table`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return Path(path)
+    return as_path(path, absolute=False)
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
+def write_json(obj: Any, path: str | os.PathLike) -> Path | UriPath:
     """Write ``obj`` as indented, key-sorted JSON atomically (byte-identical for equal objects)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    return Path(path)
+    return as_path(path, absolute=False)
 
 
-def write_text(text: str, path: str | os.PathLike) -> Path:
+def write_text(text: str, path: str | os.PathLike) -> Path | UriPath:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-    return Path(path)
+    return as_path(path, absolute=False)
+
+
+def read_parquet(path: str | os.PathLike, columns=None) -> pa.Table:
+    """A Parquet file (or folder of them) as an Arrow table, local or at a URI."""
+    path = as_path(path, absolute=False)
+    if isinstance(path, UriPath):
+        return pq.read_table(path.fs_path, columns=columns, filesystem=path.fs)
+    return pq.read_table(path, columns=columns)
+
+
+def read_frame(path: str | os.PathLike):
+    """A Parquet file as a polars DataFrame, local or at a URI (polars' own object-store client would not read
+    the pyarrow URI options, such as an endpoint override)."""
+    import polars as pl
+
+    path = as_path(path, absolute=False)
+    return pl.from_arrow(read_parquet(path)) if isinstance(path, UriPath) else pl.read_parquet(path)
+
+
+def load_torch(path: str | os.PathLike, **kwargs):
+    """``torch.load(path, weights_only=True, **kwargs)``, local or at a URI."""
+    import io
+
+    import torch
+
+    path = as_path(path, absolute=False)
+    source = io.BytesIO(path.read_bytes()) if isinstance(path, UriPath) else path
+    return torch.load(source, weights_only=True, **kwargs)
 
 
 def parquet_bytes(path: str | os.PathLike) -> int:
     """Size on disk of a Parquet split: one file, or a folder of ``*.parquet`` files."""
-    path = Path(path)
+    path = as_path(path, absolute=False)
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.parquet"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (bounded memory)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    path = as_path(path, absolute=False)
+    with (path.open("rb") if isinstance(path, UriPath) else open(path, "rb")) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -121,7 +195,7 @@ class RunFolder:
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = as_path(root, absolute=False)
 
     splits = property(lambda self: self.root / "splits", doc="the long-tailed splits (stages.longtail)")
     train = property(lambda self: self.root / "train", doc="one folder per trained method")
@@ -169,13 +243,13 @@ def _is_legacy_run(folder: Path) -> bool:
 def is_run_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is a run folder of this project: it holds the marker :data:`RUN_MARKER` naming it."""
     try:
-        marker = json.loads((Path(folder) / RUN_MARKER).read_text())
+        marker = json.loads((as_path(folder, absolute=False) / RUN_MARKER).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(marker, dict) and marker.get("project") == PROJECT
 
 
-def claim_run_folder(folder: str | os.PathLike) -> Path:
+def claim_run_folder(folder: str | os.PathLike) -> Path | UriPath:
     """Make ``folder`` a run folder of this project before anything else is written into it, and return it.
 
     A new or empty folder is created and marked (``<folder>/.cact-run.json``: the project and the creation time,
@@ -189,7 +263,17 @@ def claim_run_folder(folder: str | os.PathLike) -> Path:
     >>> claim_run_folder(d / "run") == d / "run", is_run_folder(d / "run")
     (True, True)
     """
-    folder = Path(folder)
+    folder = as_path(folder, absolute=False)
+    try:
+        return _claim(folder)
+    except FileExistsError:
+        raise
+    except (OSError, ValueError) as e:  # unreachable, a missing bucket, no write permission, a bad URI option
+        raise OSError(f"run folder {folder}: cannot be read or written ({e}); check the path or URI, the "
+                      "credentials and the write permission") from e
+
+
+def _claim(folder: Path | UriPath) -> Path | UriPath:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder: a run folder cannot go there; choose "
                               "another path")

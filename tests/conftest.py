@@ -17,6 +17,13 @@ collect_ignore = ["toy_plugin.py"]
 os.environ["CACT_CACHE_DIR"] = tempfile.mkdtemp(prefix="cact-test-cache-")
 
 
+# Object-store tests talk to an in-process S3 server (the s3_uri fixture); pyarrow's S3 client, in this process
+# and in the Ray workers (they inherit this environment), needs credentials of some kind and no EC2 metadata probe.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "cact-test"), ("AWS_SECRET_ACCESS_KEY", "cact-test"),
+                     ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_key, _value)
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(os.environ["CACT_CACHE_DIR"], ignore_errors=True)  # made above, so ours to remove
 
@@ -34,6 +41,32 @@ def ray_cluster():
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _s3_server():
+    """An S3-compatible server in this process (moto), with one bucket; skips when moto is not installed."""
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
+    import pyarrow.fs as pafs
+
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir("cact-test")
+    yield options
+    server.stop()
+
+
+@pytest.fixture
+def s3_uri(_s3_server, request) -> str:
+    """A fresh prefix in the test server's bucket, as a URI (``s3://cact-test/<test>?endpoint_override=...``)."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]
+    return f"s3://cact-test/{name}-{uuid.uuid4().hex[:8]}?{_s3_server}"
 
 
 @pytest.fixture(scope="session")
