@@ -237,8 +237,8 @@ def check_flags(args: argparse.Namespace) -> None:
             problems.append(f"--model must be one of {', '.join(sorted(MODEL_FAMILIES))}, got {args.model!r}")
     from stages import _io
 
-    for flag, attr in (("--out", "out"), ("--data-root", "data_root"), ("--train-list", "train_list"),
-                       ("--val-list", "val_list"), ("--test-list", "test_list")):
+    for flag, attr in (("--data-root", "data_root"), ("--train-list", "train_list"),
+                       ("--val-list", "val_list"), ("--test-list", "test_list")):  # --out may be a URI
         try:
             _io.refuse_uri(getattr(args, attr, None), flag)
         except ValueError as e:
@@ -246,6 +246,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "frozen_features", False) and args.sweep:
         problems.append("--frozen-features with --sweep: not supported yet (sweep the heads with "
                         "benchmarks/results/evidence.py, or drop one of the two flags)")
+    if getattr(args, "mlflow_uri", None) is not None and args.out and _io.is_uri(args.out):
+        problems.append("--mlflow-uri with a URI --out: not supported yet (MLflow logs local files); log a local "
+                        "copy of the run folder with python -m stages.tracking")
     if getattr(args, "mlflow_uri", None) is not None:
         from stages.tracking import missing_mlflow
 
@@ -286,9 +289,9 @@ def _configs(args: argparse.Namespace, d: Preset, source: dict, out: Path, metho
 
 def _penalty_never_acted(result) -> bool:
     """Whether a conformal method's penalty (train_penalty in metrics.parquet) was 0 in every epoch."""
-    import polars as pl
+    from stages import _io
 
-    metrics = pl.read_parquet(result.metrics_path)
+    metrics = _io.read_frame(result.metrics_path)
     return "train_penalty" in metrics.columns and metrics.height > 0 and bool((metrics["train_penalty"] == 0).all())
 
 
@@ -310,11 +313,12 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
     import ray.data
 
     from stages import _io, evaluate, infer, longtail, sweep, train
+    from stages.storage import as_path
 
     # Everything that can be refused is refused here, before Ray starts and before anything is written.
     methods = _methods(args.methods)
     check_flags(args)
-    out = Path(args.out or f"runs/{d.dataset}-lt-if{args.imbalance_factor:g}-seed{args.seed}")
+    out = as_path(args.out or f"runs/{d.dataset}-lt-if{args.imbalance_factor:g}-seed{args.seed}", absolute=False)
     split_cfg, loop, eval_cfg = _configs(args, d, source, out, methods)
     try:
         _io.claim_run_folder(out)  # never write into a folder this project did not create

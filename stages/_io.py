@@ -96,6 +96,16 @@ def _upload(local: Path, dest: UriPath) -> None:
         _upload(f, dest / f.relative_to(local).as_posix())
 
 
+def move_file(local: Path, dest: Path | UriPath) -> None:
+    """Move a finished local file onto ``dest``: a rename (same filesystem), or one upload to a URI."""
+    if isinstance(dest, UriPath):
+        _upload(local, dest)
+        local.unlink()
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, dest)
+
+
 def move_folder(src: Path | UriPath, dest: Path | UriPath) -> None:
     """Commit a finished folder onto an absent or empty ``dest``: one rename locally; on an object store a
     server-side copy of each object, ``manifest.json`` last, then ``src`` is removed."""

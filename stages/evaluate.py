@@ -45,7 +45,6 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from cact_ops import engine
@@ -56,6 +55,7 @@ from cact_ops.methods import order_key
 from cact_ops.metrics import paired_metrics
 
 from . import _io
+from .storage import as_path
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,6 @@ class EvalConfig:
     report: bool = True  # also write report.md and plots/ (stages.report)
 
     def __post_init__(self):
-        _io.refuse_uri(self.run_dir, "EvalConfig.run_dir")
         self.scores = tuple(self.scores)
         self.predictors = tuple(self.predictors)
         self.alphas = tuple(float(a) for a in self.alphas)
@@ -186,10 +185,10 @@ def read_logits(path: str | Path) -> PoolLogits:
     >>> read_logits(p).logits.tolist(), read_logits(p).sample_id.tolist()
     ([[1.0, 0.0], [0.0, 2.0]], [3, 7])
     """
-    path = Path(path)
+    path = as_path(path, absolute=False)
     if not path.is_file():
         raise FileNotFoundError(2, f"logits file not found: {path} (run stages.infer first)", str(path))
-    table = pq.read_table(path)
+    table = _io.read_parquet(path)
     names = table.schema.names
     for col in ("sample_id", "label"):
         if col not in names:
@@ -234,7 +233,7 @@ def read_logits(path: str | Path) -> PoolLogits:
 
 def read_manifest(splits_root: str | Path) -> dict:
     """The split manifest (``manifest.json``), with the keys evaluation needs checked."""
-    path = Path(splits_root) / "manifest.json"
+    path = as_path(splits_root, absolute=False) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(2, f"split manifest not found: {path}", str(path))
     m = json.loads(path.read_text())
@@ -312,9 +311,9 @@ def run(config: EvalConfig) -> EvalResult:
     >>> res.summary.select("method", "score", "predictor", "coverage_mean", "size_mean")  # doctest: +SKIP
     """
     config.validate()
-    run_dir = Path(config.run_dir)
+    run_dir = as_path(config.run_dir, absolute=False)
     run = _io.RunFolder(run_dir)
-    splits_root = Path(config.splits_root) if config.splits_root else run.splits
+    splits_root = as_path(config.splits_root, absolute=False) if config.splits_root else run.splits
     manifest = read_manifest(splits_root)
     methods = tuple(sorted(config.methods, key=order_key)) if config.methods else discover_methods(run_dir)
     if not methods:

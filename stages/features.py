@@ -36,6 +36,7 @@ from cact_ops.models import penultimate_features
 
 from . import _io
 from .splits import SPLITS, Splits, load as load_splits
+from .storage import as_path
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,9 @@ class FeatureConfig:
     image_size: int | None = None  # None: the image_size stored in model.pt (or the split's own size)
 
     def __post_init__(self):
-        for name in ("splits_root", "out", "model"):
-            _io.refuse_uri(getattr(self, name), f"FeatureConfig.{name}")
-        self.splits_root, self.out = Path(self.splits_root).resolve(), Path(self.out).resolve()
+        self.splits_root, self.out = as_path(self.splits_root).resolve(), as_path(self.out).resolve()
         if self.model is not None:
-            self.model = Path(self.model).resolve()
+            self.model = as_path(self.model).resolve()
         if self.batch_size < 1 or self.concurrency < 1:
             raise ValueError(f"FeatureConfig: batch_size and concurrency must be >= 1, got {self.batch_size}, "
                              f"{self.concurrency}")

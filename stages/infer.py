@@ -25,12 +25,12 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from cact_ops.methods import order_key
 
 from . import _io
+from .storage import UriPath, as_path
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ class InferConfig:
     image_size: int | None = None  # None: the image_size stored in each model.pt
 
     def __post_init__(self):
-        for name in ("run_dir", "splits_root"):
-            _io.refuse_uri(getattr(self, name), f"InferConfig.{name}")
         self.splits = tuple(self.splits)
         if self.methods is not None:
             self.methods = tuple(self.methods)
@@ -158,7 +156,9 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
     Ray Data ``map_batches`` pass over all their files (the actors start once), sized to the CPUs free now
     (:func:`fit_to_free`; in this process too when too few are free). Returns, per split, each output
     column concatenated over its batches (the ``path`` column the routing adds is dropped)."""
-    files = {str(f.resolve()): s for s in names for f in splits.files(s)}
+    files = {str(f.resolve()): s for s in names for f in splits.files(s)}  # what to read -> its split
+    # Ray Data's path column names a file by its path in its filesystem (bucket/key on an object store)
+    route = {(f.fs_path if isinstance(f, UriPath) else str(f.resolve())): s for s in names for f in splits.files(s)}
     parts: dict[str, list[np.ndarray]] = {}
     sizing = None
     if use_gpu or sum(map(_io.parquet_bytes, files)) > local_max_bytes:
@@ -177,11 +177,11 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
             log.info("inference: %d model actor(s) x %.2g CPUs (%.2g CPUs free)", *sizing, free.get("CPU", 0.0))
     if sizing is None:
         predictor = predictor_cls(**predictor_kwargs)
-        for path, split in files.items():
-            table = pq.read_table(path, columns=columns)
+        for (path, split), key in zip(files.items(), route):
+            table = _io.read_parquet(path, columns=columns)
             for start in range(0, table.num_rows, batch_size):
                 batch = table.slice(start, batch_size)
-                out = predictor(batch.append_column("path", pa.array([path] * batch.num_rows)))
+                out = predictor(batch.append_column("path", pa.array([key] * batch.num_rows)))
                 for name, values in out.items():
                     parts.setdefault(name, []).append(np.asarray(values))
     else:
@@ -196,7 +196,7 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
             for name, values in batch.items():
                 parts.setdefault(name, []).append(np.asarray(values))
     cols = {name: np.concatenate(v) for name, v in parts.items()}
-    origin = np.array([files.get(str(Path(p).resolve()), "") for p in cols.pop("path", [])])
+    origin = np.array([route.get(p) or route.get(str(Path(p).resolve()), "") for p in cols.pop("path", [])])
     return {split: {name: values[origin == split] for name, values in cols.items()} for split in names}
 
 
@@ -205,7 +205,7 @@ def run(config: InferConfig) -> InferResult:
     the same predictor in this process for splits up to ``local_max_bytes``)."""
     from .splits import load as load_splits
 
-    run_dir = Path(config.run_dir)
+    run_dir = as_path(config.run_dir, absolute=False)
     run = _io.RunFolder(run_dir)
     splits = load_splits(config.splits_root or run.splits)
     methods = tuple(config.methods) if config.methods else discover_models(run_dir)

@@ -60,8 +60,6 @@ import json
 import logging
 import math
 import numbers
-import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +69,9 @@ import numpy as np
 import pyarrow as pa
 
 from stages import ingest, shards
-from stages._io import refuse_uri, sha256_file, write_json, write_text
+from stages._io import move_folder, refuse_uri, remove_tree, sha256_file, write_json, write_text
 from stages.ingest import SourceSpec
+from stages.storage import as_path
 # The reader of a split folder, which every stage uses, lives in stages.splits; these names stay here too.
 from stages.splits import SPLITS, ManifestError, Splits, load  # noqa: F401
 
@@ -145,7 +144,7 @@ class LongTailConfig(SourceSpec):
         """Raise ``ValueError`` naming the field and its accepted values."""
         if not self.out:
             raise ValueError("out: the split folder to write is required")
-        for name in ("out", "data_root", "train_list", "val_list", "test_list"):
+        for name in ("data_root", "train_list", "val_list", "test_list"):  # out may be a URI (stages.storage)
             refuse_uri(getattr(self, name), name)
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r}; accepted: {', '.join(PROFILES)}")
@@ -527,8 +526,8 @@ def _partial(out: Path, manifest: dict) -> tuple[Path, Path]:
         if marker.read_text() == plan_text:
             return folder, records
         log.warning("%s holds an interrupted build of another plan; starting this one afresh", folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(records)
+        remove_tree(folder)
+        remove_tree(records)
     elif folder.exists() or records.exists():
         raise FileExistsError(f"{folder if folder.exists() else records} exists but holds no build plan "
                               f"({marker} is missing); it was not written by this project or was modified: "
@@ -550,7 +549,7 @@ def build(config: LongTailConfig) -> "Splits":
     >>> tmp.cleanup()
     """
     p = plan(config)
-    out = Path(config.out).absolute()
+    out = as_path(config.out)
     reused = _existing(out, p.manifest)
     if reused is not None:
         log.info("reusing %s: its manifest describes the same build", out)
@@ -563,8 +562,9 @@ def build(config: LongTailConfig) -> "Splits":
     manifest["code_version"] = code_version()
     manifest["totals"] = {s: int(sum(c)) for s, c in written["counts"].items()}
     write_json(manifest, folder / "manifest.json")
-    # Committed by one rename (onto an absent or empty out); the records go only after it.
-    os.replace(folder, out)
-    shutil.rmtree(records)
+    # Committed by one rename (onto an absent or empty out; on an object store, copies with the manifest last);
+    # the records go only after it.
+    move_folder(folder, out)
+    remove_tree(records)
     log.info("wrote %s: %s", out, manifest["totals"])
     return load(out)

@@ -31,6 +31,7 @@ from cact_ops.metrics import METRIC_REGISTRY, paired_difference, paired_metrics
 from . import _io, report_data
 # Plot names and functions are also read from here (benchmarks/results/run_quality.py).
 from .report_plots import PLOTS, _colors, plot_class_coverage, plot_class_size, plot_coverage_vs_size, plot_lambda
+from .storage import as_path
 
 # The table columns come from the metric registry (cact_ops.metrics.METRIC_REGISTRY), read at call time: a
 # registered metric is a column here too.
@@ -155,7 +156,7 @@ def _read_histories(run_dir: Path, methods: Sequence[str]) -> dict[str, pl.DataF
     for m in methods:
         p = _io.RunFolder(run_dir).method(m) / "history.parquet"
         if p.is_file():
-            out[m] = pl.read_parquet(p)
+            out[m] = _io.read_frame(p)
     return out
 
 
@@ -186,7 +187,7 @@ def lambda_floor_notes(run_dir: str | Path, histories: dict[str, pl.DataFrame]) 
             continue
         last = int(h["epoch"].max())
         top = float(h.filter(pl.col("epoch") == last)["lambda"].max())
-        floor = max(LAMBDA_FLOOR, 10.0 * _lambda_min(Path(run_dir), m))
+        floor = max(LAMBDA_FLOOR, 10.0 * _lambda_min(as_path(run_dir, absolute=False), m))
         if top <= floor:
             notes.append(f"every multiplier of {m} stayed at its floor: the CE backbone already meets every class's "
                          f"size target on D_val, so {m} reduced to CE fine-tuning here; see eta / --eta-relative "
@@ -361,7 +362,7 @@ def markdown_html(markdown: str, images: dict[str, Path], title: str) -> str:
             out.append(f"<h{n}>{_inline(heading[2])}</h{n}>")
         elif image:
             if image[2] in images:
-                data = base64.b64encode(Path(images[image[2]]).read_bytes()).decode("ascii")
+                data = base64.b64encode(as_path(images[image[2]], absolute=False).read_bytes()).decode("ascii")
                 out.append(f'<figure><img alt="{html.escape(image[1])}" src="data:image/png;base64,{data}"></figure>')
         elif line.startswith("|"):
             out.append(_html_table(block))
@@ -388,14 +389,14 @@ def write_report(run_dir: str | Path, summary: pl.DataFrame | None = None, per_c
     >>> write_report("runs/digits")   # doctest: +SKIP
     PosixPath('runs/digits/report.md')
     """
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir, absolute=False)
     run = _io.RunFolder(run_dir)
     if summary is None:
-        summary = pl.read_parquet(run.eval_file("summary.parquet"))
+        summary = _io.read_frame(run.eval_file("summary.parquet"))
         if per_split is None and run.eval_file("per_split.parquet").is_file():
-            per_split = pl.read_parquet(run.eval_file("per_split.parquet"))
+            per_split = _io.read_frame(run.eval_file("per_split.parquet"))
     per_split = _matching_per_split(summary, per_split)
-    per_class = pl.read_parquet(run.eval_file("per_class.parquet")) if per_class is None else per_class
+    per_class = _io.read_frame(run.eval_file("per_class.parquet")) if per_class is None else per_class
     if eval_config is None and run.eval_file("manifest.json").is_file():
         eval_config = json.loads(run.eval_file("manifest.json").read_text()).get("config")
     methods = _method_order(summary["method"].to_list())

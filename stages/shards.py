@@ -13,13 +13,15 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages._io import sha256_file, write_json
+from stages._io import move_file, sha256_file, write_json
+from stages.storage import as_path
 from stages.sources import SourceError, inspect_images
 from stages.splits import SPLITS
 
@@ -123,7 +125,7 @@ class ShardWriter:
         return max(1, math.ceil(len(self.ids[split]) / self.shard_rows))  # an empty split still gets its file
 
     def _record_path(self, split: str, index: int) -> Path:
-        return Path(self.records) / f"{split}-{index:05d}.json"
+        return as_path(self.records, absolute=False) / f"{split}-{index:05d}.json"
 
     def finished(self, split: str, index: int) -> dict | None:
         """The record of a shard written earlier and still intact; None if it was not finished."""
@@ -135,7 +137,7 @@ class ShardWriter:
         except ValueError as e:
             raise FileExistsError(f"{rpath}: unreadable shard record ({e}); the build folder was modified: "
                                   f"delete {self.records} and {self.folder} to rebuild from scratch") from e
-        path = Path(self.folder) / record["file"]
+        path = as_path(self.folder, absolute=False) / record["file"]
         if not path.is_file() or sha256_file(path) != record["sha256"]:
             what = "is missing" if not path.is_file() else "changed since it was written (sha256 differs)"
             raise FileExistsError(f"{path}: shard {what}, per its record {rpath}; refusing to overwrite it: "
@@ -143,13 +145,30 @@ class ShardWriter:
         return record
 
     def write(self, split: str, index: int) -> dict:
-        """Write shard ``index`` of ``split`` (to a temporary file, then renamed into place) and its record."""
+        """Write shard ``index`` of ``split`` (to a temporary file, then moved into place) and its record."""
+        final = as_path(self.folder, absolute=False) / shard_file(split, index)
+        # written under the records folder (removed on commit), or in a local folder when the split is at a URI
+        staging = Path(self.records) if isinstance(final, Path) else Path(tempfile.mkdtemp(prefix="cact-shard-"))
+        tmp = staging / f"{split}-{index:05d}.{os.getpid()}.parquet.tmp"
+        try:
+            counts, skipped, stats = self._write_rows(split, index, tmp)
+            move_file(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if staging != Path(self.records):
+                staging.rmdir()
+        record = {"split": split, "index": index, "file": shard_file(split, index), "sha256": sha256_file(final),
+                  "bytes": final.stat().st_size, "rows": int(counts.sum()), "counts": counts.tolist(),
+                  "skipped": skipped, **stats.record()}
+        write_json(record, self._record_path(split, index))
+        return record
+
+    def _write_rows(self, split: str, index: int, tmp: Path) -> tuple[np.ndarray, list[dict], ImageStats]:
         origin, schema = self.origin[split], self.schemas[split]
         ids = self.ids[split][index * self.shard_rows:(index + 1) * self.shard_rows]
         counts = np.zeros(len(self.source.classes), dtype=np.int64)
         stats, skipped = ImageStats(), []
         kind = self.source.payload["kind"]
-        tmp = Path(self.records) / f"{split}-{index:05d}.{os.getpid()}.parquet.tmp"
         writer = _RowGroupWriter(tmp, schema, self.row_group_rows)
         try:
             for batch in (self.source.iter_batches(origin, ids) if len(ids) else ()):
@@ -165,16 +184,8 @@ class ShardWriter:
             writer.close()
         except BaseException:
             writer.writer.close()
-            tmp.unlink(missing_ok=True)
             raise
-        final = Path(self.folder) / shard_file(split, index)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-        record = {"split": split, "index": index, "file": shard_file(split, index), "sha256": sha256_file(final),
-                  "bytes": final.stat().st_size, "rows": int(counts.sum()), "counts": counts.tolist(),
-                  "skipped": skipped, **stats.record()}
-        write_json(record, self._record_path(split, index))
-        return record
+        return counts, skipped, stats
 
     def _check_images(self, split: str, origin: str, table: pa.Table, stats: ImageStats,
                       skipped: list[dict]) -> pa.Table:

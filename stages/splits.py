@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from stages._io import sha256_file
+from stages._io import read_parquet, sha256_file
+from stages.storage import UriPath, as_path
 
 SPLITS = ("train", "val", "pool")
 
@@ -31,7 +31,7 @@ class Splits:
     True
     """
 
-    root: Path
+    root: Path | UriPath
     manifest: dict = field(repr=False)
 
     def path(self, split: str) -> Path:
@@ -84,16 +84,17 @@ class Splits:
     def read_table(self, split: str, columns: Sequence[str] | None = None) -> pa.Table:
         """The whole split as an Arrow table (rows in official order)."""
         cols = list(columns) if columns else None
-        tables = [pq.read_table(f, columns=cols) for f in self.files(split)]
+        tables = [read_parquet(f, columns=cols) for f in self.files(split)]
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 _REQUIRED = ("dataset", "classes", "num_classes", "profile", "counts", "payload", "checksums", "files")
 
 
-def load(root: str | Path) -> Splits:
-    """Open a built split folder; raise naming the file when the manifest or a split file is missing/invalid."""
-    root = Path(root)
+def load(root: str | Path | UriPath) -> Splits:
+    """Open a built split folder (a path or a URI); raise naming the file when the manifest or a split file is
+    missing/invalid."""
+    root = as_path(root, absolute=False)
     mpath = root / "manifest.json"
     if not root.is_dir():
         raise FileNotFoundError(2, f"split folder not found: {root}", str(root))

@@ -143,7 +143,10 @@ class UriPath:
         return self._child(str(PurePosixPath(self._key).with_suffix(suffix)))
 
     def relative_to(self, other) -> PurePosixPath:
-        return PurePosixPath(self._key).relative_to(as_path(other)._key)
+        other = as_path(other)
+        if not isinstance(other, UriPath) or (other._scheme, other._query) != (self._scheme, self._query):
+            raise ValueError(f"{self} is not under {other}")
+        return PurePosixPath(self._key).relative_to(other._key)
 
     def is_absolute(self) -> bool:
         return True
@@ -230,6 +233,12 @@ class UriPath:
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
         return self.write_bytes(text.encode(encoding))
+
+    def touch(self, exist_ok: bool = True) -> None:
+        if not self.exists():
+            self.write_bytes(b"")
+        elif not exist_ok:
+            raise FileExistsError(17, f"exists: {self}", str(self))
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         if self.exists():

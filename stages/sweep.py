@@ -27,6 +27,7 @@ from cact_ops import methods as method_registry
 from cact_ops.training import TrainConfig, val_objective  # noqa: F401  (re-exported)
 
 from . import _io, ray_cleanup
+from .storage import as_path
 from .train_run import TrainStageConfig, as_splits
 
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -125,7 +126,7 @@ def run(splits, config: SweepConfig) -> SweepResult:
     per_worker_cpus = base.cpus_per_worker or (0.5 if not base.use_gpu else 1.0)
     concurrency = _concurrency(config, per_worker_cpus)
     base_dict = base.to_dict()
-    splits_root = str(Path(splits.root).resolve())
+    splits_root = str(as_path(splits.root).resolve())
     entry = method_registry.get(method)
 
     def trial(params: dict) -> None:
@@ -193,7 +194,7 @@ def _callbacks(config: SweepConfig, out: Path) -> list | None:
         return None
     from . import tracking
 
-    run_dir = Path(config.base.out)
+    run_dir = as_path(config.base.out)
     tags = {"cact.role": "trial", "cact.method": config.base.method, "cact.sweep_dir": str(out.resolve()),
             tracking.TAG_RUN_ID: tracking.run_identity(run_dir)}
     return [tracking.trial_callback(config.mlflow_uri, config.mlflow_experiment, tags)]

@@ -37,7 +37,6 @@ import json
 import logging
 import uuid
 import warnings
-from pathlib import Path
 
 import ray
 
@@ -48,6 +47,7 @@ from cact_ops.training import TrainConfig
 from . import _io
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
 from .payload import PREDECODED_KINDS, decode_to_uint8
+from .storage import as_path
 # The run's config, identity and outputs (no Ray); TrainStageConfig, TrainResult and load_model are public here too.
 from .train_run import (DIVERGED_FILE, TrainResult, TrainStageConfig, as_splits, jsonable, load_model,  # noqa: F401
                         model_spec, ray_run_name, result_from_disk, reusable, same_run)
@@ -149,7 +149,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         return {}
     splits = as_splits(splits)
     if any(c.data_order == "auto" for c in configs):  # resolved before the run names and the saved configs
-        auto = "global" if _io.parquet_bytes(Path(splits.path("train"))) <= DRIVER_READ_BYTES else "shard"
+        auto = "global" if _io.parquet_bytes(splits.path("train")) <= DRIVER_READ_BYTES else "shard"
         for c in configs:
             if c.data_order == "auto":
                 c.data_order = auto
@@ -195,7 +195,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         # Retrain means start afresh: the same name would resume the last run's latest checkpoint (and skip the
         # jobs before it in the group).
         name = f"{name}-fresh-{uuid.uuid4().hex[:8]}"
-    storage = first.storage_path or str(_io.RunFolder(first.out).ray_storage.resolve())
+    storage = first.storage_path or str(as_path(_io.RunFolder(first.out).ray_storage))
     jobs = [{"stage": jsonable(configs[i].to_dict()), "spec": specs[i], "name": names[i]} for i in todo]
     duals = {names[i]: (specs[i]["num_classes"], dataclasses.asdict(configs[i].loop.dual_config))
              for i in todo if method_registry.get(configs[i].method).uses_dual}
@@ -220,8 +220,8 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     log_level = logging.getLevelName(max(logging.getLogger("ray").getEffectiveLevel(), logging.INFO))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"jobs": jobs, "splits": str(Path(splits.root).resolve()), "log_level": log_level,
-                           "marker_dir": str(Path(storage) / name), "coordinator": coordinator_name,
+        train_loop_config={"jobs": jobs, "splits": str(as_path(splits.root).resolve()), "log_level": log_level,
+                           "marker_dir": str(as_path(storage) / name), "coordinator": coordinator_name,
                            "predecoded": decoded_by_ray_data,
                            # the registry entries travel with the jobs: a plugin's method trains on any worker
                            "methods": [method_registry.get(configs[i].method) for i in todo]},
@@ -279,8 +279,7 @@ def train_dataset(splits, materialize_bytes: int = 2 << 30):
     re-splits blocks already in the object store instead of re-reading Parquet (seconds per epoch saved), and
     no read task has to compete with the training workers for CPUs (which can deadlock a small cluster)."""
     splits = as_splits(splits)
-    path = Path(splits.path("train"))
-    size = _io.parquet_bytes(path)
+    size = _io.parquet_bytes(splits.path("train"))
     if size <= min(materialize_bytes, DRIVER_READ_BYTES):
         # Read here and put in the object store as it is: the same rows in the same order as a read task would
         # give, without starting one (a read task's start-up took 6 s on 2 CPUs for the digits split).

@@ -25,6 +25,7 @@ from cact_ops.training import TrainConfig
 
 from . import _io
 from .splits import load as load_splits
+from .storage import as_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -69,12 +70,10 @@ class TrainStageConfig:
     def __post_init__(self):
         if isinstance(self.loop, dict):
             self.loop = TrainConfig(**self.loop)
-        for name in ("out", "init_from"):
-            _io.refuse_uri(getattr(self, name), f"TrainStageConfig.{name}")
-        # Workers run in other folders (and on other nodes): every path they read must be absolute.
-        self.out = str(Path(self.out).resolve())
+        # Workers run in other folders (and on other nodes): every path they read must be absolute (or a URI).
+        self.out = str(as_path(self.out).resolve())
         if self.init_from:
-            self.init_from = str(Path(self.init_from).resolve())
+            self.init_from = str(as_path(self.init_from).resolve())
         if self.data_order not in ("auto", "shard", "global"):
             raise ValueError(f"TrainStageConfig.data_order must be 'auto', 'shard' or 'global', got "
                              f"{self.data_order!r}")
@@ -116,7 +115,7 @@ class TrainResult:
     reused: bool = False  # True when an identical finished run was found and nothing was trained
 
     def history(self) -> pl.DataFrame:
-        return pl.read_parquet(self.history_path)
+        return _io.read_frame(self.history_path)
 
 
 def as_splits(splits):
@@ -148,10 +147,10 @@ def model_spec(config: TrainStageConfig, splits) -> dict:
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model from a ``model.pt`` written by this stage (``weights_only=True``: no pickle)."""
-    path = Path(path)
+    path = as_path(path, absolute=False)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    blob = _io.load_torch(path, map_location=map_location)
     spec = blob["model_spec"]
     model = build_model(spec["family"], spec["num_classes"], **spec["kwargs"])
     model.load_state_dict(blob["model"])
@@ -187,7 +186,7 @@ def _relative_to_run(d: dict) -> None:
     out = d.pop("out", None)
     if out and d.get("init_from"):
         try:
-            d["init_from"] = Path(d["init_from"]).relative_to(out).as_posix()
+            d["init_from"] = as_path(d["init_from"]).relative_to(as_path(out)).as_posix()
         except ValueError:
             pass  # a backbone outside the run folder: compared as given
 
@@ -213,7 +212,7 @@ def ray_run_name(config: TrainStageConfig, splits, spec: dict) -> str:
         return config.run_name
     # Optional fields left at None are dropped: adding such a field to TrainConfig keeps older runs' names.
     loop = {k: v for k, v in config.loop.to_dict().items() if v is not None}
-    key = json.dumps({"loop": loop, "spec": spec, "splits": str(Path(splits.root).resolve()),
+    key = json.dumps({"loop": loop, "spec": spec, "splits": str(as_path(splits.root).resolve()),
                       "init_from": config.init_from, "finetune": config.finetune, "image_size": config.image_size,
                       "workers": config.num_workers,
                       **({"data_order": config.data_order} if config.data_order != "shard" else {})},
@@ -225,12 +224,12 @@ def damaged_output(method_dir: Path) -> tuple[Path, str] | None:
     """The first output of a finished run in ``method_dir`` that does not load (missing, truncated, not what
     this stage writes), with why; None when ``model.pt``, ``metrics.parquet`` and ``history.parquet`` all load."""
     def model(path):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = _io.load_torch(path, map_location="cpu")
         if not (isinstance(blob, dict) and isinstance(blob.get("model"), dict) and "model_spec" in blob):
             raise ValueError("not a model file of stages.train (no 'model' state dict and 'model_spec')")
 
-    for name, load in (("model.pt", model), ("metrics.parquet", pl.read_parquet),
-                       ("history.parquet", pl.read_parquet)):
+    for name, load in (("model.pt", model), ("metrics.parquet", _io.read_frame),
+                       ("history.parquet", _io.read_frame)):
         try:
             load(method_dir / name)
         except Exception as e:  # noqa: BLE001 - whatever makes it unreadable, the file cannot be used
@@ -311,7 +310,7 @@ def result_from_disk(config: TrainStageConfig, reused: bool = False, resumed_fro
     if damaged is not None:
         raise RuntimeError(f"{damaged[0]} does not load ({damaged[1]}): the {config.method} run in {d} is unusable; "
                            "run the same command again (a damaged output is not reused but trained again)")
-    metrics = pl.read_parquet(d / "metrics.parquet")
+    metrics = _io.read_frame(d / "metrics.parquet")
     try:
         run = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
     except ValueError:  # only informative (wall time, resumed epoch): a damaged one is not worth failing for

@@ -27,6 +27,7 @@ from cact_ops.training import EpochLoop, TrainConfig, TrainingDiverged, format_e
 
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE
 from . import _io
+from .storage import as_path
 from .train_run import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, write_outputs
 
 
@@ -60,7 +61,7 @@ def build_stage_model(spec: dict, init_from: str | None, finetune: str) -> nn.Mo
     """Build the model from its spec, load a backbone when fine-tuning, freeze all but the head if asked."""
     model = build_model(spec["family"], spec["num_classes"], **spec["kwargs"])
     if init_from:
-        blob = torch.load(init_from, map_location="cpu", weights_only=True)
+        blob = _io.load_torch(init_from, map_location="cpu")
         model.load_state_dict(blob["model"])
     if finetune == "head":
         last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -148,7 +149,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
         try:
             final = _train_job(job, stage, state if i == current else None, splits, device, comm, shard, rank,
-                               world, Path(cfg["marker_dir"]) / job["name"], coordinator,
+                               world, as_path(cfg["marker_dir"]) / job["name"], coordinator,
                                cfg.get("predecoded", False))
         except TrainingDiverged as e:
             # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver

@@ -71,7 +71,8 @@ BAD_FLAGS = [
     (["--eta", "1", "--eta-relative", "0.5"], "--eta and --eta-relative", "one of them"),
     (["--infer-actors", "0"], "--infer-actors", ">= 1"),
     (["--scores", "lac,bogus"], "--scores", "known: "),
-    (["--out", "s3://bucket/run"], "--out='s3://bucket/run' is a URI", "every node mounts"),
+    (["--out", "s3://bucket/run", "--mlflow-uri", "file:/tmp/mlruns"], "--mlflow-uri with a URI --out",
+     "not supported yet"),
 ]
 
 

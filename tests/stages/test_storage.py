@@ -98,3 +98,31 @@ def test_a_folder_without_write_permission_is_refused_before_anything_is_written
     with pytest.raises(OSError, match=r"run folder cactro://bucket/run.*cannot be read or written.*Access Denied"):
         _io.claim_run_folder("cactro://bucket/run")
     assert not _ReadOnlyMemory().exists("bucket/run")
+
+
+def _objects(root: UriPath) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")}
+
+
+def test_a_split_build_at_a_uri_resumes_and_equals_the_local_build_byte_for_byte(s3_uri, tmp_path, monkeypatch):
+    from stages import longtail, splits
+    from tests.stages.test_longtail import _crash_after
+
+    cfg = dict(imbalance_factor=10, shard_rows=64, executor="local")  # 6 + 3 + 12 shards
+    local = longtail.build(longtail.LongTailConfig(out=str(tmp_path / "local"), **cfg))
+    out = as_path(s3_uri) / "splits"
+    with monkeypatch.context() as m:
+        _crash_after(m, 5)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            longtail.build(longtail.LongTailConfig(out=str(out), **cfg))
+    assert not out.exists()  # nothing committed before the last shard
+    with monkeypatch.context() as m:
+        calls = _crash_after(m, 10**6)
+        remote = longtail.build(longtail.LongTailConfig(out=str(out), **cfg))
+    assert len(calls) == 21 - 5  # resumed with the missing shards only
+    assert remote.root == out and [p.name for p in out.parent.iterdir()] == ["splits"]  # partial folders gone
+    want = {p.relative_to(local.root).as_posix(): p.read_bytes() for p in local.root.rglob("*") if p.is_file()}
+    assert _objects(out) == want
+    again = splits.load(str(out))
+    assert again.read_table("pool").equals(local.read_table("pool")) and again.digest("train") == local.digest("train")
+    assert longtail.build(longtail.LongTailConfig(out=str(out), **cfg)).manifest == local.manifest  # reused
