@@ -30,7 +30,7 @@ import torch
 from cact_ops.methods import order_key
 
 from . import _io
-from .storage import UriPath, as_path
+from .storage import UriPath, as_path, for_reader
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
         actors, actor_cpus = sizing
         if use_gpu:
             actors = max(1, min(actors, int(free.get("GPU", 0))))
-        ds = ray.data.read_parquet(list(files), columns=columns, include_paths=True)
+        paths, filesystem = for_reader(f for s in names for f in splits.files(s))
+        ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, include_paths=True)
         ds = ds.map_batches(predictor_cls, fn_constructor_kwargs=predictor_kwargs, batch_size=batch_size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus)

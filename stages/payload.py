@@ -5,7 +5,8 @@ row-major HxWxC bytes (``pixels``), token ids (``tokens``) or frozen features (`
 :func:`decode`, which accepts a ``pyarrow.Table``/``RecordBatch`` or the dict of numpy arrays that Ray Data's
 ``map_batches``/``iter_batches(batch_format="numpy")`` hand out::
 
-    ds = ray.data.read_parquet([str(f) for f in splits.files("train")])
+    paths, filesystem = for_reader(splits.files("train"))   # stages.storage: local files or URIs
+    ds = ray.data.read_parquet(paths, filesystem=filesystem)
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         x = decode(batch, splits.payload, image_size=64)      # float32 [B, C, 64, 64] in [0, 1]
         y = torch.as_tensor(batch["label"])

@@ -17,6 +17,7 @@ node.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import io
@@ -53,6 +54,19 @@ def as_path(value: str | os.PathLike, absolute: bool = True) -> "Path | UriPath"
     return Path(text).absolute() if absolute else Path(text)
 
 
+def for_reader(files) -> tuple[list[str], object]:
+    """``(paths, filesystem)`` for ``ray.data.read_parquet(paths, filesystem=filesystem)``: Ray Data resolves a
+    list of URIs from their text and would keep their query (an endpoint override) in the object keys, so files
+    at URIs go as paths inside their filesystem, with it; local files as they are (filesystem None)."""
+    files = list(files)
+    remote = [f for f in files if isinstance(f, UriPath)]
+    if not remote:
+        return [str(f) for f in files], None
+    if len(remote) != len(files) or len({(f._scheme, f._query, f.fs_path.split("/")[0]) for f in remote}) > 1:
+        raise ValueError("files of one read must all be local or all in one bucket")
+    return [f.fs_path for f in remote], remote[0].fs
+
+
 @functools.lru_cache(maxsize=32)
 def _filesystem(scheme: str, bucket: str, query: str):
     """One filesystem per (scheme, bucket, options) and process: creating an S3 client costs a round trip."""
@@ -68,6 +82,17 @@ def _filesystem(scheme: str, bucket: str, query: str):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fsspec.core.url_to_fs(uri)[0]))
+
+
+@contextlib.contextmanager
+def _naming(path: "UriPath"):
+    """Errors of the object store (unreachable, access denied, a bad option) name the URI they concern."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise OSError(f"{path}: {e}") from e
 
 
 class _Stat:
@@ -161,7 +186,8 @@ class UriPath:
 
     # ------------------------------------------------------------------ queries
     def _info(self):
-        return self.fs.get_file_info(self._key)
+        with _naming(self):
+            return self.fs.get_file_info(self._key)
 
     def exists(self) -> bool:
         import pyarrow.fs as pafs
@@ -187,7 +213,8 @@ class UriPath:
     def _listing(self, recursive: bool) -> list:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(pafs.FileSelector(self._key, recursive=recursive, allow_not_found=True))
+        with _naming(self):
+            return self.fs.get_file_info(pafs.FileSelector(self._key, recursive=recursive, allow_not_found=True))
 
     def iterdir(self) -> Iterator["UriPath"]:
         return iter(sorted(self._child(i.path) for i in self._listing(False)))
@@ -218,7 +245,7 @@ class UriPath:
 
     def read_bytes(self) -> bytes:
         try:
-            with self.fs.open_input_file(self._key) as f:
+            with _naming(self), self.fs.open_input_file(self._key) as f:
                 return f.read()
         except FileNotFoundError:
             raise FileNotFoundError(2, f"not found: {self}", str(self)) from None
@@ -227,7 +254,7 @@ class UriPath:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> int:
-        with self.fs.open_output_stream(self._key) as f:
+        with _naming(self), self.fs.open_output_stream(self._key) as f:
             f.write(data)
         return len(data)
 

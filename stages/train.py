@@ -47,7 +47,7 @@ from cact_ops.training import TrainConfig
 from . import _io
 from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
 from .payload import PREDECODED_KINDS, decode_to_uint8
-from .storage import as_path
+from .storage import as_path, for_reader
 # The run's config, identity and outputs (no Ray); TrainStageConfig, TrainResult and load_model are public here too.
 from .train_run import (DIVERGED_FILE, TrainResult, TrainStageConfig, as_splits, jsonable, load_model,  # noqa: F401
                         model_spec, ray_run_name, result_from_disk, reusable, same_run)
@@ -285,7 +285,8 @@ def train_dataset(splits, materialize_bytes: int = 2 << 30):
         # give, without starting one (a read task's start-up took 6 s on 2 CPUs for the digits split).
         return ray.data.from_arrow(splits.read_table("train"))
     # Fractional CPUs per read task: reads must run beside workers (or other trials) holding the CPUs.
-    ds = ray.data.read_parquet([str(f) for f in splits.files("train")], num_cpus=0.25)
+    paths, filesystem = for_reader(splits.files("train"))
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, num_cpus=0.25)
     return ds.materialize() if size <= materialize_bytes else ds
 
 

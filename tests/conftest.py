@@ -47,8 +47,11 @@ def ray_cluster():
 def _s3_server():
     """An S3-compatible server in this process (moto), with one bucket; skips when moto is not installed."""
     server_mod = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
+    import logging
+
     import pyarrow.fs as pafs
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in a failing test's log
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

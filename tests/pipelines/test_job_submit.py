@@ -2,8 +2,9 @@
 
 The test starts its own head node (``ray start --head --block`` on free ports with its own temp dir, see
 ``_ray_head.py``), submits the ImageFolder pipeline on a tiny generated tree through the jobs CLI, waits for
-SUCCEEDED and checks the run folder. It does not use the session ``ray_cluster`` fixture and never calls
-``ray stop``: it stops exactly the processes of the cluster it started.
+SUCCEEDED and checks the run folder, which the job writes to an object store (``--out s3://...``, the test's
+in-process S3 server), as on a cluster without a shared filesystem. It does not use the session
+``ray_cluster`` fixture and never calls ``ray stop``: it stops exactly the processes of the cluster it started.
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ def _write_tree(root: Path, n_train: int = 30, n_val: int = 30, side: int = 16) 
 
 
 @pytest.mark.ray
-def test_job_submit_imagenet_lt(tmp_path):
-    import polars as pl
+def test_job_submit_imagenet_lt(tmp_path, s3_uri):
+    from stages import _io
+    from stages.storage import as_path
 
     data = _write_tree(tmp_path / "data")
-    out = tmp_path / "run"
+    out = as_path(s3_uri)
     sid = f"cact-test-{uuid.uuid4().hex[:12]}"
     t0 = time.monotonic()
     head = RayHead(num_cpus=2, log_path=tmp_path / "ray-start.log")
@@ -77,7 +79,7 @@ def test_job_submit_imagenet_lt(tmp_path):
 
         summary_path = out / "eval" / "summary.parquet"
         assert summary_path.is_file(), head.job_logs(sid)[-4000:]
-        summary = pl.read_parquet(summary_path)
+        summary = _io.read_frame(summary_path)
         assert set(summary["method"].unique()) == {"ce", "cact"}
         assert set(summary["alpha"].unique()) == {0.2}
         assert (out / "report.md").is_file()
