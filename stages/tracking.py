@@ -46,6 +46,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ._io import RUN_MARKER, RunFolder
+from .storage import as_path, is_uri
 
 INSTALL_HINT = "pip install -e '.[tracking]' (the tracking extra: mlflow-skinny and pandas)"
 TAG_RUN_ID, TAG_ROLE, TAG_METHOD, TAG_FINGERPRINT = "cact.run_id", "cact.role", "cact.method", "cact.fingerprint"
@@ -85,7 +86,7 @@ def metric_key(text: str) -> str:
 def run_identity(run_dir: str | os.PathLike) -> str:
     """The ``cact.run_id`` tag of a run folder: its marker (creation time) and its resolved path, hashed. A folder
     written before the marker existed is identified by its path alone."""
-    folder = Path(run_dir).resolve()
+    folder = as_path(run_dir).resolve()
     try:
         marker = json.loads((folder / RUN_MARKER).read_text())
     except (OSError, ValueError):
@@ -138,6 +139,9 @@ class _Record:
 def log_run(run_dir: str | os.PathLike, uri: str, experiment: str | None = None) -> LogResult:
     """Log a run folder to the MLflow tracking store at ``uri`` (experiment default ``cact-<dataset>``): one parent
     run, one nested run per method; a folder logged before is updated, never duplicated (module docstring)."""
+    if is_uri(run_dir):
+        raise ValueError(f"run_dir={str(run_dir)!r} is a URI: MLflow logs local files, so log a local copy of the "
+                         "run folder (e.g. aws s3 sync <uri> runs/<name>)")
     run_dir = Path(run_dir)
     parent, children = _records(run_dir)
     allow_file_store(uri)

@@ -170,3 +170,10 @@ def test_ray_data_tasks_build_and_read_splits_at_a_uri(s3_uri, tmp_path, ray_clu
             np.testing.assert_allclose(np.stack(b.column("logits").to_numpy(zero_copy_only=False)),
                                        np.stack(a.column("logits").to_numpy(zero_copy_only=False)), rtol=1e-5,
                                        atol=1e-6)
+
+
+def test_mlflow_logging_of_a_run_folder_at_a_uri_is_refused_naming_it():
+    from stages import tracking
+
+    with pytest.raises(ValueError, match=r"run_dir='s3://b/run' is a URI: MLflow logs local files"):
+        tracking.log_run("s3://b/run", "file:/tmp/mlruns")
