@@ -114,9 +114,11 @@ def load(root: str | Path | UriPath) -> Splits:
         if s not in counts or len(counts[s]) != manifest["num_classes"]:
             raise ManifestError(f"{mpath}: counts[{s!r}] missing or not {manifest['num_classes']} classes long")
     splits = Splits(root=root, manifest=manifest)
+    # on an object store, one listing instead of a request per shard
+    listed = {p.relative_to(root) for p in root.rglob("*")} if isinstance(root, UriPath) else None
     for s in SPLITS:
         for f in splits.files(s):
-            if not f.is_file():
+            if not (f.relative_to(root) in listed if listed is not None else f.is_file()):
                 raise FileNotFoundError(2, f"split file not found: {f} (listed in {mpath})", str(f))
     name = manifest["payload"].get("vocab")
     if name and not (root / name).is_file():

@@ -131,6 +131,9 @@ def test_a_split_build_at_a_uri_resumes_and_equals_the_local_build_byte_for_byte
     again = splits.load(str(out))
     assert again.read_table("pool").equals(local.read_table("pool")) and again.digest("train") == local.digest("train")
     assert longtail.build(longtail.LongTailConfig(out=str(out), **cfg)).manifest == local.manifest  # reused
+    (out / "val" / "part-00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"split file not found: s3://.*/splits/val/part-00001\.parquet"):
+        splits.load(str(out))
 
 
 def _upload_tree(local, dest: UriPath) -> None:
