@@ -206,9 +206,9 @@ def run(config: InferConfig) -> InferResult:
     the same predictor in this process for splits up to ``local_max_bytes``)."""
     from .splits import load as load_splits
 
-    run_dir = as_path(config.run_dir, absolute=False)
+    run_dir = as_path(config.run_dir)  # absolute: the model actors run elsewhere
     run = _io.RunFolder(run_dir)
-    splits = load_splits(config.splits_root or run.splits)
+    splits = load_splits(as_path(config.splits_root) if config.splits_root else run.splits)
     methods = tuple(config.methods) if config.methods else discover_models(run_dir)
     if not methods:
         raise FileNotFoundError(2, f"no trained model under {run.train} (run stages.train first)",
