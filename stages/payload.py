@@ -17,10 +17,8 @@ ids from 2; 0 = padding, 1 = unknown.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
