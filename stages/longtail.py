@@ -71,7 +71,7 @@ import pyarrow as pa
 from stages import ingest, shards
 from stages._io import move_folder, refuse_uri, remove_tree, sha256_file, write_json, write_text
 from stages.ingest import SourceSpec
-from stages.storage import as_path
+from stages.storage import as_path, file_sizes
 # The reader of a split folder, which every stage uses, lives in stages.splits; these names stay here too.
 from stages.splits import SPLITS, ManifestError, Splits, load  # noqa: F401
 
@@ -474,11 +474,13 @@ def _write_all(p: Plan, config: LongTailConfig, folder: Path, records: Path) -> 
         log.warning("skipped %d corrupt image(s) (on_corrupt='skip'); first: %s", len(skipped), skipped[0]["where"])
     counts = {s: np.sum([r["counts"] for r in done if r["split"] == s], axis=0).tolist() for s in SPLITS}
     checks = {r["file"]: r["sha256"] for r in done}
+    sizes = {r["file"]: r["bytes"] for r in done}
     if kind == "text":
         checks["vocab.json"] = sha256_file(folder / "vocab.json")
+        sizes["vocab.json"] = (folder / "vocab.json").stat().st_size
     return {"counts": counts, "payload": payload, "skipped": skipped,
             "shards": {s: [r["file"] for r in done if r["split"] == s] for s in SPLITS},
-            "checksums": {"sources": man["checksums"]["sources"], "splits": checks}}
+            "checksums": {"sources": man["checksums"]["sources"], "splits": checks, "bytes": sizes}}
 
 
 def _get(d: dict, dotted: str):
@@ -509,10 +511,21 @@ def _existing(out: Path, manifest: dict) -> "Splits | None":
     if diff:
         raise FileExistsError(f"out={out} holds a different split build (manifest differs in: {', '.join(diff)}); "
                               "refusing to overwrite it: choose another out folder or delete it")
-    for name, digest in (old.get("checksums", {}).get("splits") or {}).items():
-        if sha256_file(out / name) != digest:
-            raise FileExistsError(f"{out / name}: sha256 differs from {mpath}; the folder was modified: "
-                                  "delete it to rebuild")
+    recorded = old.get("checksums", {})
+    if recorded.get("bytes"):
+        # Sizes from one listing: a rerun (a pipeline resumed after a crash) does not read the splits again, which
+        # on ImageNet is 140 GB from a shared filesystem or a bucket. A same-size edit goes unnoticed, as in make.
+        found = file_sizes(out)
+        for name, size in recorded["bytes"].items():
+            if found.get(name) != size:
+                what = "is missing" if name not in found else f"has {found[name]} bytes, not {size}"
+                raise FileExistsError(f"{out / name} {what} (per {mpath}); the folder was modified: delete it to "
+                                      "rebuild")
+    else:  # a build from before sizes were recorded: its files are hashed
+        for name, digest in (recorded.get("splits") or {}).items():
+            if sha256_file(out / name) != digest:
+                raise FileExistsError(f"{out / name}: sha256 differs from {mpath}; the folder was modified: "
+                                      "delete it to rebuild")
     return load(out)
 
 

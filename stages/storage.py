@@ -67,6 +67,14 @@ def for_reader(files) -> tuple[list[str], object]:
     return [f.fs_path for f in remote], remote[0].fs
 
 
+def file_sizes(folder) -> dict[str, int]:
+    """``{relative posix path: bytes}`` of every file under ``folder`` (local or URI), from one listing."""
+    folder = as_path(folder)
+    if isinstance(folder, UriPath):
+        return {i.path[len(folder.fs_path) + 1:]: int(i.size) for i in folder._listing(True) if i.type.name == "File"}
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
 @functools.lru_cache(maxsize=32)
 def _filesystem(scheme: str, bucket: str, query: str):
     """One filesystem per (scheme, bucket, options) and process: creating an S3 client costs a round trip."""

@@ -113,6 +113,12 @@ def test_rebuild_reuses_or_refuses(tmp_path):
     assert tree(out) == before
     shard = out / "val" / "part-00000.parquet"
     pq.write_table(pq.read_table(shard).slice(0, 3), shard)
+    with pytest.raises(FileExistsError, match=r"val/part-00000.parquet has \d+ bytes, not \d+ \(per .*manifest"):
+        build(cfg)
+    # a build written before sizes were recorded is checked by its files' hashes
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["checksums"]["bytes"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileExistsError, match="val/part-00000.parquet: sha256 differs"):
         build(cfg)
     other = tmp_path / "other"
