@@ -1,4 +1,5 @@
-"""Atomic file output shared by every stage: write under a temporary name, then rename.
+"""Atomic file output shared by every stage: write under a temporary name, then rename (on an object store:
+upload one whole object; a folder's ``manifest.json`` last).
 
 A crash leaves either the old file or the new one, never half a file; a rerun replaces, never appends. Also the
 ownership of run folders (:func:`claim_run_folder`): a pipeline writes only into a folder it created and marked.
