@@ -90,10 +90,10 @@ def _upload(local: Path, dest: UriPath) -> None:
         return
     if not local.is_dir():
         return  # nothing was written: like the local branch, leave the destination as it is
-    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == COMMIT_MARKER, p))
     (dest / COMMIT_MARKER).unlink(missing_ok=True)
     dest.rmtree()
-    for f in sorted(files, key=lambda p: p.name == COMMIT_MARKER):
+    for f in files:
         _upload(f, dest / f.relative_to(local).as_posix())
 
 

@@ -156,12 +156,14 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
     Ray Data ``map_batches`` pass over all their files (the actors start once), sized to the CPUs free now
     (:func:`fit_to_free`; in this process too when too few are free). Returns, per split, each output
     column concatenated over its batches (the ``path`` column the routing adds is dropped)."""
-    files = {str(f.resolve()): s for s in names for f in splits.files(s)}  # what to read -> its split
-    # Ray Data's path column names a file by its path in its filesystem (bucket/key on an object store)
-    route = {(f.fs_path if isinstance(f, UriPath) else str(f.resolve())): s for s in names for f in splits.files(s)}
+    files = [(f, s) for s in names for f in splits.files(s)]
+    # a file's key is what Ray Data's path column names it by: its path in its filesystem (bucket/key on an
+    # object store)
+    keys = [f.fs_path if isinstance(f, UriPath) else str(f.resolve()) for f, _ in files]
+    route = {key: s for key, (_, s) in zip(keys, files)}
     parts: dict[str, list[np.ndarray]] = {}
     sizing = None
-    if use_gpu or sum(map(_io.parquet_bytes, files)) > local_max_bytes:
+    if use_gpu or sum(_io.parquet_bytes(f) for f, _ in files) > local_max_bytes:
         import ray
 
         free = ray.available_resources()
@@ -177,7 +179,7 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
             log.info("inference: %d model actor(s) x %.2g CPUs (%.2g CPUs free)", *sizing, free.get("CPU", 0.0))
     if sizing is None:
         predictor = predictor_cls(**predictor_kwargs)
-        for (path, split), key in zip(files.items(), route):
+        for (path, _), key in zip(files, keys):
             table = _io.read_parquet(path, columns=columns)
             for start in range(0, table.num_rows, batch_size):
                 batch = table.slice(start, batch_size)
@@ -188,7 +190,7 @@ def map_splits(splits, names, predictor_cls, predictor_kwargs: dict, columns: li
         actors, actor_cpus = sizing
         if use_gpu:
             actors = max(1, min(actors, int(free.get("GPU", 0))))
-        paths, filesystem = for_reader(f for s in names for f in splits.files(s))
+        paths, filesystem = for_reader(f for f, _ in files)
         ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, include_paths=True)
         ds = ds.map_batches(predictor_cls, fn_constructor_kwargs=predictor_kwargs, batch_size=batch_size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),

@@ -505,7 +505,8 @@ def _existing(out: Path, manifest: dict) -> "Splits | None":
     if not mpath.is_file():
         raise FileExistsError(f"out={out} is not empty and has no manifest.json: not a split build; refusing to "
                               "write into it (choose another out folder or delete it)")
-    old = load(out).manifest
+    existing = load(out)
+    old = existing.manifest
     new = json.loads(_canonical(manifest))
     diff = [k for k in PLAN_KEYS if _canonical(_get(old, k)) != _canonical(_get(new, k))]
     if diff:
@@ -526,7 +527,7 @@ def _existing(out: Path, manifest: dict) -> "Splits | None":
             if sha256_file(out / name) != digest:
                 raise FileExistsError(f"{out / name}: sha256 differs from {mpath}; the folder was modified: "
                                       "delete it to rebuild")
-    return load(out)
+    return existing
 
 
 def _partial(out: Path, manifest: dict) -> tuple[Path, Path]:

@@ -152,13 +152,15 @@ class ShardWriter:
         tmp = staging / f"{split}-{index:05d}.{os.getpid()}.parquet.tmp"
         try:
             counts, skipped, stats = self._write_rows(split, index, tmp)
+            # hashed and sized here, not read back from its destination (a download, on an object store)
+            digest, size = sha256_file(tmp), tmp.stat().st_size
             move_file(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
             if staging != Path(self.records):
                 staging.rmdir()
-        record = {"split": split, "index": index, "file": shard_file(split, index), "sha256": sha256_file(final),
-                  "bytes": final.stat().st_size, "rows": int(counts.sum()), "counts": counts.tolist(),
+        record = {"split": split, "index": index, "file": shard_file(split, index), "sha256": digest,
+                  "bytes": size, "rows": int(counts.sum()), "counts": counts.tolist(),
                   "skipped": skipped, **stats.record()}
         write_json(record, self._record_path(split, index))
         return record

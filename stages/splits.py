@@ -13,7 +13,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from stages._io import read_parquet, sha256_file
-from stages.storage import UriPath, as_path
+from stages.storage import UriPath, as_path, file_sizes
 
 SPLITS = ("train", "val", "pool")
 
@@ -115,10 +115,10 @@ def load(root: str | Path | UriPath) -> Splits:
             raise ManifestError(f"{mpath}: counts[{s!r}] missing or not {manifest['num_classes']} classes long")
     splits = Splits(root=root, manifest=manifest)
     # on an object store, one listing instead of a request per shard
-    listed = {p.relative_to(root) for p in root.rglob("*")} if isinstance(root, UriPath) else None
+    listed = file_sizes(root) if isinstance(root, UriPath) else None
     for s in SPLITS:
         for f in splits.files(s):
-            if not (f.relative_to(root) in listed if listed is not None else f.is_file()):
+            if not (f.relative_to(root).as_posix() in listed if listed is not None else f.is_file()):
                 raise FileNotFoundError(2, f"split file not found: {f} (listed in {mpath})", str(f))
     name = manifest["payload"].get("vocab")
     if name and not (root / name).is_file():

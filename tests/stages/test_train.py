@@ -188,11 +188,11 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
     assert not (tmp_path / "c" / "train").exists()
 
 
-def test_a_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster):
-    """A group whose creator actor died (a killed Ray Train controller) is removed; the driver's own groups and
-    those of live actors are not."""
+def _two_actors_with_a_group_each():
+    """Two live actors (a Ray Train controller's stand-ins), each the creator of a small placement group:
+    ``(actor, actor, [group, group])``."""
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.placement_group import placement_group
 
     @ray.remote(num_cpus=0)
     class Creator:
@@ -202,7 +202,16 @@ def test_a_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster)
             return pg
 
     dead, alive = Creator.remote(), Creator.remote()
-    groups = [ray.get(a.make.remote()) for a in (dead, alive)]
+    return dead, alive, [ray.get(a.make.remote()) for a in (dead, alive)]
+
+
+def test_a_sweep_removes_orphaned_placement_groups_and_keeps_others(ray_cluster):
+    """A group whose creator actor died (a killed Ray Train controller) is removed; the driver's own groups and
+    those of live actors are not."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    dead, alive, groups = _two_actors_with_a_group_each()
     dead_pg, alive_pg = (pg.id.hex() for pg in groups)
     own = placement_group([{"CPU": 0.01}])
     ray.get(own.ready(), timeout=60)
@@ -221,26 +230,18 @@ def test_an_orphan_whose_group_gcs_never_flagged_is_removed_too(ray_cluster, mon
     registration arrived later (a controller killed while creating it) is unflagged forever. The reaper reads
     the creator's death from the actor table, so it removes that group as well; a live creator's stays."""
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.placement_group import placement_group_table, remove_placement_group
 
-    @ray.remote(num_cpus=0)
-    class Creator:
-        def make(self):
-            pg = placement_group([{"CPU": 0.01}])
-            ray.get(pg.ready(), timeout=60)
-            return pg
-
-    dead, alive = Creator.remote(), Creator.remote()
-    groups = [ray.get(a.make.remote()) for a in (dead, alive)]
+    dead, alive, groups = _two_actors_with_a_group_each()
     dead_pg, alive_pg = (pg.id.hex() for pg in groups)
     ray.kill(dead)
     real = ray_cleanup._job_actor_placement_groups
 
     def unflagged():  # the group table as GCS leaves it after the race
-        groups = real()
-        for pg in groups:
+        table = real()
+        for pg in table:
             pg.creator_actor_dead = False
-        return groups
+        return table
 
     monkeypatch.setattr(ray_cleanup, "_job_actor_placement_groups", unflagged)
     deadline = time.time() + 30
