@@ -5,7 +5,11 @@ threshold is a lower quantile and C_k(x) = sigmoid((E(x, k) - tau) / T).
 from __future__ import annotations
 
 import torch
-import torchsort
+
+try:
+    import torchsort
+except ImportError:  # a CE-only job (a backbone on a bare GPU machine) needs no soft sort: fail where one is used
+    torchsort = None
 
 
 def _interpolate(sorted_values: torch.Tensor, q: torch.Tensor | float) -> torch.Tensor:
@@ -83,6 +87,9 @@ def soft_quantile(values: torch.Tensor, q: float, regularization_strength: float
     if operator == "sigmoid":
         out = _sigmoid_quantile(rows, float(q), regularization_strength, weights)
         return out if values.dim() == 2 else out[0]
+    if torchsort is None:
+        raise ImportError(f"the smooth quantile's {operator!r} operator needs torchsort, which is not installed: "
+                          "see ../shared/ENVIRONMENT.md (a source build against the installed torch)")
     # torchsort wants 2-D [batch, n]; its "l2" regularisation keeps float32 gradients finite ("kl" can NaN).
     if operator == "kl":
         sorted_rows = torchsort.soft_sort(rows.double(), regularization="kl",

@@ -13,9 +13,9 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn as nn
 
@@ -26,6 +26,9 @@ from cact_ops.training import TrainConfig
 from . import _io
 from .splits import load as load_splits
 from .storage import as_path
+
+if TYPE_CHECKING:
+    import polars as pl
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -285,6 +288,8 @@ def write_outputs(config: TrainStageConfig, spec: dict, state: dict, seconds: fl
     d.mkdir(parents=True, exist_ok=True)
     # The folder is committed as a unit: config.json (the commit marker) goes first and comes back last, so a
     # crash in between leaves an unfinished run that is trained again, never new files under an old config.
+    import polars as pl  # here, not at the top: the model helpers import on a machine without Polars
+
     (d / "config.json").unlink(missing_ok=True)
     with _io.atomic_path(d / "model.pt") as tmp:
         torch.save({"model_spec": spec, "model": state["model"], "image_size": config.image_size,

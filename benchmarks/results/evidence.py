@@ -51,6 +51,16 @@ BACKBONES = {
     # the SmallCNN reached 0.947 in 15 epochs and ~9 min (seed 0, this script at commit 61e05b1)
     "mnist": {"family": "lenet", "loop": {"epochs": 12, "batch_size": 128, "lr": 0.05, "optimizer": "sgd",
                                           "weight_decay": 5e-4, "augment": "crop"}},
+    # ResNet-32 with the LDAM schedule (Cao et al. 2019) cut to 80 epochs at batch 256 and lr 0.2 (milestones at
+    # the same fractions, 0.8 and 0.9): a GPU backbone, all 15 (IF, seed) runs in one short lease
+    # (evidence_backbones_gpu.sh); 100 epochs at batch 128 reached 0.639 on IF 100, seed 0
+    # (benchmarks/results/measured/gpu/cifar10_lt_direct.json)
+    "cifar10": {"family": "cifar_resnet32", "loop": {"epochs": 80, "batch_size": 256, "lr": 0.2, "optimizer": "sgd",
+                                                     "weight_decay": 2e-4, "schedule": "step", "warmup_epochs": 5,
+                                                     "milestones": [64, 72], "augment": "crop_flip",
+                                                     # only the CE loop's logged soft-size diagnostics use it; this
+                                                     # operator needs no torchsort (absent on a bare GPU machine)
+                                                     "quantile_operator": "sigmoid"}},
 }
 # Each method's own size knob (TrainConfig field) and the values swept.
 KNOBS = {
@@ -65,33 +75,59 @@ N_SPLITS, N_VAL_SPLITS = 20, 10
 METRICS = ("accuracy", "coverage", "size", "covgap", "tail_size")
 
 
-def _backbone(dataset: str, splits, seed: int, work: Path):
-    """The CE backbone of one seed, trained once and cached in ``work`` (state dict, ``weights_only`` load)."""
+def _splits(dataset: str, data_root: str, imbalance_factor: float, val_fraction: float, seed: int, work: Path):
+    """The long-tailed splits of one seed (CIFAR-10 from the official pickles or the cifar10-jpeg Parquet copy)."""
+    from stages import longtail
+
+    source = "parquet" if dataset == "cifar10" and (Path(data_root) / "train.parquet").is_file() else dataset
+    return longtail.build(longtail.LongTailConfig(dataset=source, data_root=data_root, out=str(work / f"splits-s{seed}"),
+                                                  imbalance_factor=imbalance_factor, val_fraction=val_fraction,
+                                                  seed=seed))
+
+
+def _backbone(dataset: str, splits, seed: int, work: Path, device: str = "cpu", epochs: int | None = None):
+    """The CE backbone of one seed, trained once and cached in ``work`` (state dict, ``weights_only`` load) with
+    its facts (seconds, device, loop, the training split's digest). A cached backbone trained on another split
+    or with another loop (a smoke run's ``epochs``) is refused, so a measurement never uses it."""
     import torch
 
     from cact_ops.models import build_model
     from cact_ops.training import TrainConfig, fit_in_process
     from stages import payload
-    from stages.train import TrainStageConfig, model_spec
+    from stages.train_run import TrainStageConfig, model_spec  # no Ray or Polars: also runs on a bare GPU machine
 
     spec = BACKBONES[dataset]
+    loop = {**spec["loop"], **({"epochs": epochs} if epochs else {})}
     # the train stage's constructor arguments for this family and split folder (idf, input channels)
     built = model_spec(TrainStageConfig(out=str(work), model_family=spec["family"]), splits)
     torch.manual_seed(seed)
     model = build_model(built["family"], built["num_classes"], **built["kwargs"])
     path = work / f"backbone-s{seed}.pt"
-    t0 = time.time()
+    digest = splits.manifest["selection_digest"]["train"]
     if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        seconds = json.loads(path.with_suffix(".json").read_text())["seconds"]
-    else:
-        cfg = TrainConfig(method="ce", seed=seed, **spec["loop"])
-        fit_in_process(model, cfg, payload.read_split_tensors(splits, "train"),
-                       payload.read_split_tensors(splits, "val"))
-        seconds = time.time() - t0
-        torch.save(model.state_dict(), path)
-        path.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
-    return model.eval(), seconds
+        facts = json.loads(path.with_suffix(".json").read_text())
+        for key, want in (("train_digest", digest), ("loop", json.loads(json.dumps(loop)))):
+            if facts.get(key, want) != want:
+                raise ValueError(f"{path}: cached backbone has {key} {facts[key]!r}, this run needs {want!r}; "
+                                 "remove it or use another --work")
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        return model.eval(), facts
+    dev = torch.device(device)
+    # the whole split on the device once: a GPU step of these small models is bound by launches, not data
+    train, val = (tuple(t.to(dev) for t in payload.read_split_tensors(splits, s)) for s in ("train", "val"))
+    t0 = time.time()
+    fit_in_process(model, TrainConfig(method="ce", seed=seed, **loop), train, val, device=device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    facts = {"seconds": round(time.time() - t0, 1), "loop": loop, "train_digest": digest,
+             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{os.cpu_count()} CPU cores",
+             "torch": torch.__version__}
+    model = model.cpu()
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    path.with_suffix(".json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # the weights last: a backbone without its facts is never read
+    return model.eval(), facts
 
 
 def _features(model, x, batch: int = 512):
@@ -135,7 +171,7 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
 
     from cact_ops.models import Head, last_linear
     from cact_ops.training import TrainConfig, fit_in_process
-    from stages import longtail, payload
+    from stages import payload
     from stages.features import REFERENCE_HEAD
     from stages.train import finetune_config
 
@@ -148,10 +184,9 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
         return
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    splits = longtail.build(longtail.LongTailConfig(dataset=dataset, data_root=data_root, out=str(work / f"splits-s{seed}"),
-                                                    imbalance_factor=imbalance_factor, val_fraction=val_fraction,
-                                                    seed=seed))
-    backbone, backbone_seconds = _backbone(dataset, splits, seed, work)
+    splits = _splits(dataset, data_root, imbalance_factor, val_fraction, seed, work)
+    backbone, backbone_facts = _backbone(dataset, splits, seed, work)
+    backbone_seconds = backbone_facts["seconds"]
     data = {s: payload.read_split_tensors(splits, s) for s in ("train", "val", "pool")}
     feats = {s: _features(backbone, data[s][0]) for s in data}
     backbone_acc = float((feats["pool"][1].argmax(1) == data["pool"][1]).float().mean())
@@ -202,7 +237,8 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     facts = {"dataset": dataset, "imbalance_factor": imbalance_factor, "seed": seed, "val_fraction": val_fraction,
              "backbone": BACKBONES[dataset], "backbone_pool_accuracy": backbone_acc,
              "backbone_pool_accuracy_logit_adjusted": backbone_acc_la,
-             "backbone_seconds": round(backbone_seconds, 1), "feature_dim": int(train[0].shape[1]),
+             "backbone_seconds": round(backbone_seconds, 1),
+             "backbone_device": backbone_facts.get("device", f"{os.cpu_count()} CPU cores"), "feature_dim": int(train[0].shape[1]),
              "train_counts": counts, "head": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in REFERENCE_HEAD.items()},
              "head_finetune_epochs": head_finetune_epochs, "overrides": overrides or {}, "seconds": round(time.time() - t_start, 1)}
@@ -291,10 +327,11 @@ def report(out: Path) -> str:
         acc = np.array([f["backbone_pool_accuracy"] for f in facts])
         acc_la = np.array([f["backbone_pool_accuracy_logit_adjusted"] for f in facts])
         secs = np.array([f["backbone_seconds"] for f in facts])
+        where = facts[0].get("backbone_device", "2 CPU cores")
         lines += [f"### {folder.name}: {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
                   f"Backbone ({facts[0]['backbone']['family']}) accuracy on the balanced pool {acc.mean():.3f} "
                   f"(seeds {acc.min():.3f}-{acc.max():.3f}; with post-hoc logit adjustment {acc_la.mean():.3f}), "
-                  f"trained in {secs.mean():.0f} s per seed on 2 CPU cores; "
+                  f"trained in {secs.mean():.0f} s per seed on {where}; "
                   f"training counts per class {facts[0]['train_counts']}.", ""]
         sel = _selected(frame)
         for score in SCORES:
@@ -494,6 +531,17 @@ def main(argv=None) -> int:
     r.add_argument("--tag", default="", help="suffix of the output folder of such a variant")
     r.add_argument("--out", type=Path, required=True, help="where the measured rows go (committed)")
     r.add_argument("--work", type=Path, required=True, help="scratch folder: splits and backbones (not committed)")
+    b = sub.add_parser("backbones", help="only build the splits and train (cache) the backbones of the given seeds "
+                                         "in --work, e.g. on a GPU machine; `run` with the same --work reuses them")
+    b.add_argument("--dataset", choices=sorted(BACKBONES), required=True)
+    b.add_argument("--data-root", required=True, help="the dataset in its official format")
+    b.add_argument("--imbalance-factor", type=float, required=True)
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    b.add_argument("--val-fraction", type=float, default=0.2)
+    b.add_argument("--work", type=Path, required=True, help="scratch folder: splits and backbones")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--epochs", type=int, default=None, help="smoke only: shorten the backbone's loop (such a "
+                   "backbone is refused by `run`)")
     q = sub.add_parser("report", help="print the verdicts and fronts of every measured (dataset, IF)")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--summary", action="store_true", help="only the one-row-per-(dataset, IF) verdict table")
@@ -511,10 +559,29 @@ def main(argv=None) -> int:
         if overrides and not a.tag:
             p.error("--set needs --tag (the variant's folder name)")
 
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
         for seed in a.seeds:
             run_seed(a.dataset, a.data_root, a.imbalance_factor, seed, a.out, a.work, a.val_fraction,
                      a.head_finetune_epochs, tuple(a.methods or ()), overrides, a.tag)
+    elif a.cmd == "backbones":
+        import torch
+
+        from stages import payload
+
+        for seed in a.seeds:
+            name = f"{a.dataset}-if{a.imbalance_factor:g}" + (f"-vf{a.val_fraction:g}" if a.val_fraction != 0.2 else "")
+            work = a.work / name  # run_seed's layout
+            work.mkdir(parents=True, exist_ok=True)
+            splits = _splits(a.dataset, a.data_root, a.imbalance_factor, a.val_fraction, seed, work)
+            model, facts = _backbone(a.dataset, splits, seed, work, a.device, a.epochs)
+            x, y = (t.to(a.device) for t in payload.read_split_tensors(splits, "pool"))
+            model = model.to(a.device)
+            with torch.no_grad():
+                logits = torch.cat([model(x[i:i + 1000]) for i in range(0, len(y), 1000)])
+            print(json.dumps({"backbone": str(work / f"backbone-s{seed}.pt"), "seconds": facts["seconds"],
+                              "device": facts["device"], "pool_accuracy": round(float((logits.argmax(1) == y)
+                                                                                    .float().mean()), 4)}),
+                  flush=True)
     else:
         print(checks_table(a.out) if a.checks else verdict_summary(a.out) if a.summary else report(a.out), end="")
     return 0
