@@ -64,3 +64,12 @@ def test_the_cifar10_ce_backbone_trains_without_torchsort(evidence, monkeypatch)
     x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
     result = fit_in_process(model, TrainConfig(method="ce", seed=0, **loop), (x, y), (x, y))
     assert len(result.metrics) == 1  # one epoch ran, its soft-size diagnostics by the sigmoid operator
+
+
+def test_the_gpu_backbone_script_parses_and_refuses_a_missing_argument():
+    import subprocess
+
+    script = ROOT / "benchmarks" / "results" / "evidence_backbones_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr

@@ -156,7 +156,10 @@ def _cp_rows(logits, labels, train_counts, n_splits: int, seed: int) -> list[dic
         for r in range(n_splits):
             rows.append({"score": res.score, "predictor": res.predictor, "split": r, "accuracy": float(acc[r]),
                          "coverage": float(res.metrics["coverage"][r, 0]), "size": float(res.metrics["size"][r, 0]),
-                         "covgap": float(res.metrics["covgap"][r, 0]), "tail_size": float(tail_size[r])})
+                         "covgap": float(res.metrics["covgap"][r, 0]), "tail_size": float(tail_size[r]),
+                         # per class, in class order: what the set size and coverage vs training count come from
+                         "class_size": res.metrics["class_size"][r, 0].tolist(),
+                         "class_coverage": res.metrics["class_coverage"][r, 0].tolist()})
     return rows
 
 
@@ -364,8 +367,104 @@ def report(out: Path) -> str:
                     lines.append(f"| {method} | {predictor} | {knob_text} | " + " | ".join(cells) + " |")
             lines.append("")
         lines += _verdicts(frame, sel, seeds)
+        for predictor in ("standard", "classwise"):
+            lines += per_class(frame, sel, facts[0]["train_counts"], predictor)
         lines += _fronts(frame)
     return "\n".join(lines) + "\n"
+
+
+PER_CLASS_METHODS = ("ce_finetune", "ce_finetune_la", "conftr", "cact")
+
+
+def _per_class_stats(frame, sel, predictor: str, score: str = "aps", methods=PER_CLASS_METHODS) -> dict:
+    """method -> (set size [seeds, K], coverage [seeds, K]): per seed the mean over the R pool splits, each
+    method at its D_val-selected knob; empty for measurements made before the per-class columns were kept."""
+    import polars as pl
+
+    if "class_size" not in frame.columns:
+        return {}
+    chosen = (frame.filter((pl.col("where") == "pool") & (pl.col("score") == score)
+                           & (pl.col("predictor") == predictor) & pl.col("class_size").is_not_null())
+              .join(sel, on=["seed", "method", "value"], how="inner"))
+    stats = {}
+    for method in methods:
+        rows = chosen.filter(pl.col("method") == method).sort("seed", "split")
+        seeds = rows["seed"].unique(maintain_order=True).to_list()
+        if not seeds:
+            return {}
+        stats[method] = tuple(np.stack([np.array(rows.filter(pl.col("seed") == sd)[c].to_list()).mean(0)
+                                        for sd in seeds]) for c in ("class_size", "class_coverage"))
+    return stats
+
+
+def per_class(frame, sel, train_counts, predictor: str, score: str = "aps",
+              methods: tuple[str, ...] = PER_CLASS_METHODS) -> list[str]:
+    """Set size and coverage per class against its training count, each method at its D_val-selected knob:
+    the mean over seeds of each seed's R-split mean; CaCT's paired differences with a 95% t-interval over
+    seeds."""
+    stats = _per_class_stats(frame, sel, predictor, score, methods)
+    if not stats:
+        return []
+    n = len(next(iter(stats.values()))[0])
+
+    def delta(m: int, base: str, scale: float, k: int) -> str:
+        mean, lo, hi = _interval(scale * (stats["cact"][m] - stats[base][m])[:, k])
+        mark = "**" if lo > 0 or hi < 0 else ""
+        return f"{mark}{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
+
+    lines = [f"**Per class, {score.upper()} with {predictor} CP, alpha = {ALPHA}** (each method at its D_val-selected "
+             f"knob; mean over {n} seeds of the R = {N_SPLITS}-split means; Δ: CaCT minus the baseline, 95% "
+             "t-interval over seeds, bold where it excludes zero; coverage in %):", "",
+             "| class (train count) | " + " | ".join(f"size {m}" for m in methods)
+             + " | Δ size vs ce_finetune | Δ size vs ce_finetune_la | "
+             + " | ".join(f"coverage {m}" for m in methods) + " | Δ coverage vs ce_finetune |",
+             "|---|" + "---|" * (2 * len(methods) + 3)]
+    for k in np.argsort(-np.asarray(train_counts), kind="stable"):
+        cells = [f"{stats[m][0][:, k].mean():.2f}" for m in methods]
+        cells += [delta(0, "ce_finetune", 1.0, k), delta(0, "ce_finetune_la", 1.0, k)]
+        cells += [f"{100 * stats[m][1][:, k].mean():.1f}" for m in methods]
+        cells.append(delta(1, "ce_finetune", 100.0, k))
+        lines.append(f"| {k} ({train_counts[k]}) | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot_per_class(folder: Path, png: Path) -> None:
+    """Two panels for one measured (dataset, IF): APS set size per class under class-wise CP, and coverage per
+    class under standard CP, against the class's training count, each method at its D_val-selected knob, mean
+    over seeds with its 95% t-interval."""
+    import polars as pl
+    from matplotlib.figure import Figure
+
+    files = sorted(folder.glob("seed*.parquet"))
+    frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    counts = np.asarray(json.loads(files[0].with_suffix(".json").read_text())["train_counts"])
+    sel = _selected(frame)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    panels = ((fig.add_subplot(1, 2, 1), "classwise", 0, "set size (APS, class-wise CP)"),
+              (fig.add_subplot(1, 2, 2), "standard", 1, "coverage (APS, standard CP)"))
+    for ax, predictor, m, label in panels:
+        stats = _per_class_stats(frame, sel, predictor)
+        if not stats:
+            raise SystemExit(f"{folder}: no per-class columns (measured before they were kept)")
+        for i, (method, values) in enumerate(stats.items()):
+            v = values[m]
+            mean = v.mean(0)
+            half = _t95(len(v)) * v.std(0, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else np.zeros_like(mean)
+            x = counts * 1.04 ** (i - 1.5)  # a small offset per method so the intervals do not hide each other
+            ax.errorbar(x, mean, yerr=half, marker="o", ms=4, capsize=2, lw=1, label=method)
+        if m == 1:
+            ax.axhline(1 - ALPHA, color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the class (log)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    panels[0][0].legend(fontsize=8)
+    fig.suptitle(f"{folder.name}: per class, {len(files)} seeds, mean and 95% interval over seeds "
+                 f"(each seed: the mean of R = {N_SPLITS} cal/test splits)", fontsize=10)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
 
 
 def _verdict(d: np.ndarray, scale: float = 1.0) -> str:
@@ -417,7 +516,7 @@ def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise")
     import polars as pl
 
     baselines = ("ce_finetune", "ce_finetune_la", "conftr", "conftr_class", "cact_uniform")
-    lines = [f"| dataset, IF (seeds) | backbone acc. (LA) | CaCT: size, tail size, CovGap | "
+    lines = ["| dataset, IF (seeds) | backbone acc. (LA) | CaCT: size, tail size, CovGap | "
              + " | ".join(f"vs {b}: Δ size / Δ tail / Δ CovGap" for b in baselines) + " |",
              "|---|---|---|" + "---|" * len(baselines)]
     word = {"better": "**−**", "worse": "**+**", "no detectable difference": "0"}
@@ -546,6 +645,9 @@ def main(argv=None) -> int:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--summary", action="store_true", help="only the one-row-per-(dataset, IF) verdict table")
     q.add_argument("--checks", action="store_true", help="only the table of the seed's checks (variants)")
+    g = sub.add_parser("plot", help="per-class set size and coverage vs training count of one measured folder")
+    g.add_argument("folder", type=Path, help="a measured (dataset, IF) folder, e.g. MEASURED/cifar10-if100")
+    g.add_argument("--png", type=Path, required=True)
     a = p.parse_args(argv)
     if a.cmd == "run":
         import torch
@@ -582,6 +684,9 @@ def main(argv=None) -> int:
                               "device": facts["device"], "pool_accuracy": round(float((logits.argmax(1) == y)
                                                                                     .float().mean()), 4)}),
                   flush=True)
+    elif a.cmd == "plot":
+        plot_per_class(a.folder, a.png)
+        print(a.png)
     else:
         print(checks_table(a.out) if a.checks else verdict_summary(a.out) if a.summary else report(a.out), end="")
     return 0
