@@ -7,7 +7,8 @@ through :func:`stages.train.fit` with ``TuneReportCallback``). Trials are ranked
 under-covering. Only trials that ran every epoch can be chosen (ASHA stops the others early).
 
 Results: ``<out>/sweep/<method>/results.parquet`` (one row per trial: config, final validation metrics, epochs
-run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFrame. With ``mlflow_uri`` every trial
+run) and ``best.json``; :class:`SweepResult` holds the same as a Polars DataFrame. ``best.json`` carries the
+sweep's :func:`sweep_key`: a rerun of the same sweep reuses it instead of running every trial again. With ``mlflow_uri`` every trial
 is also an MLflow run (Ray's ``MLflowLoggerCallback``, through :func:`stages.tracking.trial_callback`).
 
 >>> sorted(default_search_space("conftr"))
@@ -16,6 +17,8 @@ is also an MLflow run (Ray's ``MLflowLoggerCallback``, through :func:`stages.tra
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,7 +31,7 @@ from cact_ops.training import TrainConfig, val_objective  # noqa: F401  (re-expo
 
 from . import _io, ray_cleanup
 from .storage import as_path
-from .train_run import TrainStageConfig, as_splits
+from .train_run import _EXECUTION_ONLY, TrainStageConfig, _relative_to_run, as_splits, jsonable
 
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
@@ -93,6 +96,47 @@ class SweepResult:
     best_config: dict  # the TrainConfig overrides of the best trial
     best_objective: float
     path: Path
+    reused: bool = False  # True when a finished sweep of the same key was found and nothing was run
+
+
+def _describe(value):
+    """A Tune domain (or a sampler) as plain data: its repr holds a memory address."""
+    from ray.tune.search.sample import Domain
+
+    if isinstance(value, Domain):
+        d = {k: getattr(value, k) for k in ("lower", "upper", "categories") if hasattr(value, k)}
+        return {"domain": type(value).__name__, **d, "sampler": _describe(value.get_sampler())}
+    if hasattr(value, "__dict__") and type(value).__module__.startswith("ray."):
+        return {"type": type(value).__name__, **{k: _describe(v) for k, v in vars(value).items()}}
+    return value
+
+
+def sweep_key(config: SweepConfig, space: dict, splits) -> str:
+    """What decides a sweep's outcome: its search space, sampling and scheduling, the run every trial starts
+    from (compared as the train stage compares runs: execution settings and the run folder's own path left out)
+    and the split build. A rerun with the same key reuses ``best.json`` instead of sweeping again (Tune gives the
+    trials new ids, so their runs are never found again)."""
+    base = jsonable(config.base.to_dict())
+    for k in _EXECUTION_ONLY:
+        base.pop(k, None)
+    _relative_to_run(base)
+    doc = {"space": {k: _describe(v) for k, v in space.items()}, "num_samples": config.num_samples,
+           "seed": config.seed, "grace_period": config.grace_period, "reduction_factor": config.reduction_factor,
+           "time_budget_s": config.time_budget_s, "base": base, "splits": splits.manifest.get("selection_digest")}
+    # default=repr: anything else (a sample_from function) has an unstable repr, so such a sweep is never reused
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _finished(out: Path, key: str, method: str) -> SweepResult | None:
+    """The finished sweep of this key in ``out``, or None."""
+    best_path, results = out / "best.json", out / "results.parquet"
+    if not (best_path.is_file() and results.is_file()):
+        return None
+    best = json.loads(best_path.read_text())
+    if best.get("sweep_key") != key:
+        return None
+    return SweepResult(method=method, results=_io.read_frame(results), best_config=best["best_config"],
+                       best_objective=float(best["val_objective"]), path=results, reused=True)
 
 
 def _concurrency(config: SweepConfig, per_worker_cpus: float) -> int:
@@ -120,6 +164,10 @@ def run(splits, config: SweepConfig) -> SweepResult:
     method = base.method
     space = dict(config.search_space or default_search_space(method, base.loop))
     out = _io.RunFolder(base.out).sweep(method)
+    key = sweep_key(config, space, splits)
+    done = _finished(out, key, method)
+    if done is not None:
+        return done
     if not ray.is_initialized():
         ray.init()
     # Workers get a fraction of a CPU so that several trials (and their data reads) fit on a small machine.
@@ -181,8 +229,8 @@ def run(splits, config: SweepConfig) -> SweepResult:
     best_config = {k.removeprefix("config."): v for k, v in best.items() if k.startswith("config.")}
     _io.write_parquet(df.to_arrow(), out / "results.parquet")
     _io.write_json({"method": method, "best_config": best_config, "val_objective": best["val_objective"],
-                    "num_samples": config.num_samples, "metric": "val_objective (validation split only)"},
-                   out / "best.json")
+                    "num_samples": config.num_samples, "metric": "val_objective (validation split only)",
+                    "sweep_key": key}, out / "best.json")
     return SweepResult(method=method, results=df, best_config=best_config,
                        best_objective=float(best["val_objective"]), path=out / "results.parquet")
 
@@ -238,5 +286,6 @@ def run_methods(splits, out: str, methods, loop: TrainConfig, num_samples: int, 
                                       num_samples=num_samples, seed=seed, mlflow_uri=mlflow_uri,
                                       mlflow_experiment=mlflow_experiment))
         overrides[method] = res.best_config
-        print(f"sweep {method}: best val_objective {res.best_objective:.3f} with {res.best_config}", flush=True)
+        print(f"sweep {method}: {'reused, ' if res.reused else ''}best val_objective {res.best_objective:.3f} "
+              f"with {res.best_config}", flush=True)
     return overrides, backbone

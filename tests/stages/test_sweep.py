@@ -67,3 +67,48 @@ def test_default_search_space_follows_the_starting_config():
     assert "eta" not in rel and set(rel["eta_relative"].categories) <= {0.7, 0.8, 0.9, 1.0}
     assert set(rel["reduction"].categories) == {"sample", "class"}  # class weighting is a searched choice
     assert set(sweep.default_search_space("ce_finetune", ft)) == {"lr", "weight_decay"}
+
+
+def _sweep_config(out, **kw):
+    from ray import tune
+
+    loop = TrainConfig(method="conftr", epochs=2, lr=0.05)
+    base = train.TrainStageConfig(out=str(out), loop=loop, init_from=str(out / "train" / "ce" / "model.pt"))
+    space = {"lr": tune.loguniform(0.005, 0.5), "temperature": tune.choice([0.1, 1.0])}
+    return sweep.SweepConfig(base=base, search_space=space, **{"num_samples": 4, **kw})
+
+
+def test_a_finished_sweep_is_reused_by_its_key_and_not_run_again(tmp_path):
+    """Tune gives the trials of a rerun new ids, so without a key a pipeline rerun swept everything again. The
+    key covers what decides the outcome (space, sampling, the base run, the splits) and nothing about where or
+    how the run executes: a moved run folder or another CPU share still finds its sweep."""
+    import json
+
+    import polars as pl
+
+    from stages import longtail
+
+    splits = longtail.build(longtail.LongTailConfig(dataset="digits", out=str(tmp_path / "splits"), imbalance_factor=10))
+    cfg = _sweep_config(tmp_path / "run")
+    key = sweep.sweep_key(cfg, cfg.search_space, splits)
+    assert key == sweep.sweep_key(_sweep_config(tmp_path / "run"), _sweep_config(tmp_path).search_space, splits)
+    moved = _sweep_config(tmp_path / "elsewhere")
+    moved = dataclasses.replace(moved, base=dataclasses.replace(moved.base, cpus_per_worker=0.25, verbose=False))
+    assert sweep.sweep_key(moved, moved.search_space, splits) == key
+    for other in (_sweep_config(tmp_path / "run", num_samples=5), _sweep_config(tmp_path / "run", seed=1)):
+        assert sweep.sweep_key(other, other.search_space, splits) != key
+    wider = _sweep_config(tmp_path / "run")
+    from ray import tune
+
+    wider.search_space["lr"] = tune.loguniform(0.005, 1.0)
+    assert sweep.sweep_key(wider, wider.search_space, splits) != key
+    # a finished sweep of this key: run() returns it without starting Ray or Tune
+    out = tmp_path / "run" / "sweep" / "conftr"
+    out.mkdir(parents=True)
+    pl.DataFrame({"trial_id": ["a"], "val_objective": [1.5]}).write_parquet(out / "results.parquet")
+    (out / "best.json").write_text(json.dumps({"best_config": {"lr": 0.1}, "val_objective": 1.5, "sweep_key": key}))
+    done = sweep.run(splits, cfg)
+    assert done.reused and done.best_config == {"lr": 0.1} and done.results.height == 1
+    # a best.json of another key is not this sweep
+    (out / "best.json").write_text(json.dumps({"best_config": {"lr": 0.1}, "val_objective": 1.5, "sweep_key": "x"}))
+    assert sweep._finished(out, key, "conftr") is None
