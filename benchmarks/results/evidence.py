@@ -356,7 +356,7 @@ def report(out: Path) -> str:
                     rows = chosen.filter((pl.col("method") == method) & (pl.col("predictor") == predictor)).sort("seed")
                     if rows.height == 0:
                         continue
-                    knob = KNOBS.get(method, ("", ()))[0]
+                    knob = KNOBS.get(method.removesuffix("_la"), ("", ()))[0]  # cact_la: cact's knob
                     knob_text = f"{knob} {', '.join(f'{v:g}' for v in rows['value'].to_list())}" if knob else "-"
                     cells = [f"{rows[m].mean():.3f}" for m in ("accuracy", "coverage", "size", "tail_size")]
                     cells.append(f"{rows['covgap'].mean():.2f}")
@@ -519,6 +519,30 @@ def _verdicts(frame, sel, seeds) -> list[str]:
     return lines + [""]
 
 
+def la_summary(out: Path, score: str = "aps") -> str:
+    """One row per measured folder with ``cact_la``: CaCT's heads with the control's post-hoc logit adjustment
+    (each at its D_val-selected knob) against the logit-adjusted control, same predictor, paired over seeds."""
+    import polars as pl
+
+    lines = ["| folder (seeds) | predictor | cact_la: accuracy, size, tail size | ce_finetune_la: accuracy, size, "
+             "tail size | Δ size | Δ tail size | Δ CovGap (pts) |", "|---|---|---|---|---|---|---|"]
+    for folder in _folders(out):
+        files = sorted(folder.glob("seed*.parquet"))
+        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else None
+        if frame is None or "cact_la" not in frame["method"].unique().to_list():
+            continue
+        chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+        for predictor in ("standard", "classwise"):
+            la, base = (chosen.filter((pl.col("method") == m) & (pl.col("predictor") == predictor)).sort("seed")
+                        for m in ("cact_la", "ce_finetune_la"))
+            if la.height != base.height:
+                continue
+            cells = [", ".join(f"{r[m].mean():.3f}" for m in ("accuracy", "size", "tail_size")) for r in (la, base)]
+            cells += [_verdict(la[m].to_numpy() - base[m].to_numpy()) for m in ("size", "tail_size", "covgap")]
+            lines.append(f"| {folder.name} ({la.height}) | {predictor} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise") -> str:
     """One row per measured (dataset, IF) folder without a variant tag: CaCT at its D_val-selected knob against
     each baseline (all with the same predictor), as verdict words with the paired mean difference over seeds."""
@@ -654,6 +678,8 @@ def main(argv=None) -> int:
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--summary", action="store_true", help="only the one-row-per-(dataset, IF) verdict table")
     q.add_argument("--checks", action="store_true", help="only the table of the seed's checks (variants)")
+    q.add_argument("--la", action="store_true", help="only CaCT with post-hoc logit adjustment against the "
+                   "logit-adjusted control")
     g = sub.add_parser("plot", help="per-class set size and coverage vs training count of one measured folder")
     g.add_argument("folder", type=Path, help="a measured (dataset, IF) folder, e.g. MEASURED/cifar10-if100")
     g.add_argument("--png", type=Path, required=True)
@@ -697,7 +723,8 @@ def main(argv=None) -> int:
         plot_per_class(a.folder, a.png)
         print(a.png)
     else:
-        print(checks_table(a.out) if a.checks else verdict_summary(a.out) if a.summary else report(a.out), end="")
+        print(checks_table(a.out) if a.checks else la_summary(a.out) if a.la else
+              verdict_summary(a.out) if a.summary else report(a.out), end="")
     return 0
 
 
