@@ -472,6 +472,8 @@ def plot_per_class(folder: Path, png: Path) -> None:
 
 def _verdict(d: np.ndarray, scale: float = 1.0) -> str:
     mean, lo, hi = _interval(scale * d)
+    if len(d) < 2:
+        return f"one seed, no interval ({mean:+.3f})"
     word = "better" if hi < 0 else "worse" if lo > 0 else "no detectable difference"
     return f"{word} ({mean:+.3f} [{lo:+.3f}, {hi:+.3f}])"
 
