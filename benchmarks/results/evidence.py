@@ -76,6 +76,11 @@ N_SPLITS, N_VAL_SPLITS = 20, 10
 METRICS = ("accuracy", "coverage", "size", "covgap", "tail_size")
 
 
+def _folder_name(dataset: str, imbalance_factor: float, val_fraction: float) -> str:
+    """The measured folder (and scratch folder) of a (dataset, IF, D_val fraction)."""
+    return f"{dataset}-if{imbalance_factor:g}" + (f"-vf{val_fraction:g}" if val_fraction != 0.2 else "")
+
+
 def _splits(dataset: str, data_root: str, imbalance_factor: float, val_fraction: float, seed: int, work: Path):
     """The long-tailed splits of one seed (CIFAR-10 from the official pickles or the cifar10-jpeg Parquet copy)."""
     from stages import longtail
@@ -95,7 +100,7 @@ def _backbone(dataset: str, splits, seed: int, work: Path, device: str = "cpu", 
     from cact_ops.models import build_model
     from cact_ops.training import TrainConfig, fit_in_process
     from stages import payload
-    from stages.train_run import TrainStageConfig, model_spec  # no Ray or Polars: also runs on a bare GPU machine
+    from stages.train_run import TrainStageConfig, jsonable, model_spec  # no Ray or Polars: runs on a bare GPU machine
 
     spec = BACKBONES[dataset]
     loop = {**spec["loop"], **({"epochs": epochs} if epochs else {})}
@@ -107,7 +112,7 @@ def _backbone(dataset: str, splits, seed: int, work: Path, device: str = "cpu", 
     digest = splits.manifest["selection_digest"]["train"]
     if path.is_file():
         facts = json.loads(path.with_suffix(".json").read_text())
-        for key, want in (("train_digest", digest), ("loop", json.loads(json.dumps(loop)))):
+        for key, want in (("train_digest", digest), ("loop", jsonable(loop))):
             if facts.get(key, want) != want:
                 raise ValueError(f"{path}: cached backbone has {key} {facts[key]!r}, this run needs {want!r}; "
                                  "remove it or use another --work")
@@ -179,7 +184,7 @@ def run_seed(dataset: str, data_root: str, imbalance_factor: float, seed: int, o
     from stages.features import REFERENCE_HEAD
     from stages.train import finetune_config
 
-    name = f"{dataset}-if{imbalance_factor:g}" + (f"-vf{val_fraction:g}" if val_fraction != 0.2 else "")
+    name = _folder_name(dataset, imbalance_factor, val_fraction)
     work = work / name  # splits and backbones depend on the data only, not on a variant's tag
     name += f"-{tag}" if tag else ""
     target = out / name / f"seed{seed}.parquet"
@@ -271,6 +276,18 @@ def _interval(d: np.ndarray) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
+def _frame(files: list[Path]):
+    """The rows of a measured folder's seed files, as one frame."""
+    import polars as pl
+
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+
+
+def _chosen(frame, score: str):
+    """Pool means per seed (``_per_seed``) of every method at its D_val-selected knob."""
+    return _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+
+
 def _selected(frame):
     """Per (seed, method): the knob value with the smallest mean APS set on D_val (standard CP, alpha 0.1)."""
     import polars as pl
@@ -327,7 +344,7 @@ def report(out: Path) -> str:
         files = sorted(folder.glob("seed*.parquet"))
         if not files:
             continue
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        frame = _frame(files)
         facts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
         seeds = sorted(frame["seed"].unique().to_list())
         acc = np.array([f["backbone_pool_accuracy"] for f in facts])
@@ -435,11 +452,10 @@ def plot_per_class(folder: Path, png: Path) -> None:
     """Two panels for one measured (dataset, IF): APS set size per class under class-wise CP, and coverage per
     class under standard CP, against the class's training count, each method at its D_val-selected knob, mean
     over seeds with its 95% t-interval."""
-    import polars as pl
     from matplotlib.figure import Figure
 
     files = sorted(folder.glob("seed*.parquet"))
-    frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    frame = _frame(files)
     counts = np.asarray(json.loads(files[0].with_suffix(".json").read_text())["train_counts"])
     sel = _selected(frame)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -513,34 +529,44 @@ def _verdicts(frame, sel, seeds) -> list[str]:
                                                    else "") if ok.sum() > 1 else "outside CaCT's front")
             lines.append(f"| cact ({cact_pred}) | {method} ({predictor}) | " + " | ".join(cells) + " |")
     for predictor in ("standard", "classwise"):  # both with the free correction (measured since 2026-11-30)
-        la, base = pick("cact_la", predictor), pick("ce_finetune_la", predictor)
-        if la.height and la.height == base.height:
-            cells = [_verdict(la[m].to_numpy() - base[m].to_numpy()) for m in ("size", "tail_size", "covgap")]
-            lines.append(f"| cact_la ({predictor}) | ce_finetune_la ({predictor}) | " + " | ".join(cells)
+        pair = _la_pair(chosen, predictor)
+        if pair is not None:
+            lines.append(f"| cact_la ({predictor}) | ce_finetune_la ({predictor}) | " + " | ".join(_la_verdicts(*pair))
                          + " | - | - |")
     return lines + [""]
+
+
+def _la_pair(chosen, predictor: str):
+    """(cact_la, ce_finetune_la) rows of one predictor in seed order, or None where cact_la was not measured."""
+    import polars as pl
+
+    la, base = (chosen.filter((pl.col("method") == m) & (pl.col("predictor") == predictor)).sort("seed")
+                for m in ("cact_la", "ce_finetune_la"))
+    return (la, base) if la.height and la.height == base.height else None
+
+
+def _la_verdicts(la, base) -> list[str]:
+    return [_verdict(la[m].to_numpy() - base[m].to_numpy()) for m in ("size", "tail_size", "covgap")]
 
 
 def la_summary(out: Path, score: str = "aps") -> str:
     """One row per measured folder with ``cact_la``: CaCT's heads with the control's post-hoc logit adjustment
     (each at its D_val-selected knob) against the logit-adjusted control, same predictor, paired over seeds."""
-    import polars as pl
-
     lines = ["| folder (seeds) | predictor | cact_la: accuracy, size, tail size | ce_finetune_la: accuracy, size, "
              "tail size | Δ size | Δ tail size | Δ CovGap (pts) |", "|---|---|---|---|---|---|---|"]
     for folder in _folders(out):
         files = sorted(folder.glob("seed*.parquet"))
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else None
+        frame = _frame(files) if files else None
         if frame is None or "cact_la" not in frame["method"].unique().to_list():
             continue
-        chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+        chosen = _chosen(frame, score)
         for predictor in ("standard", "classwise"):
-            la, base = (chosen.filter((pl.col("method") == m) & (pl.col("predictor") == predictor)).sort("seed")
-                        for m in ("cact_la", "ce_finetune_la"))
-            if la.height != base.height:
+            pair = _la_pair(chosen, predictor)
+            if pair is None:
                 continue
-            cells = [", ".join(f"{r[m].mean():.3f}" for m in ("accuracy", "size", "tail_size")) for r in (la, base)]
-            cells += [_verdict(la[m].to_numpy() - base[m].to_numpy()) for m in ("size", "tail_size", "covgap")]
+            la, _ = pair
+            cells = [", ".join(f"{r[m].mean():.3f}" for m in ("accuracy", "size", "tail_size")) for r in pair]
+            cells += _la_verdicts(*pair)
             lines.append(f"| {folder.name} ({la.height}) | {predictor} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -560,8 +586,8 @@ def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise")
         facts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
         if not files or any(f.get("overrides") for f in facts) or facts[0].get("val_fraction", 0.2) != 0.2:
             continue
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
-        chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+        frame = _frame(files)
+        chosen = _chosen(frame, score)
 
         def pick(m):
             return chosen.filter((pl.col("method") == m) & (pl.col("predictor") == predictor)).sort("seed")
@@ -596,9 +622,9 @@ def checks_table(out: Path, base: str = "newsgroups-if10", score: str = "aps", p
 
     def load(folder):
         files = sorted(folder.glob("seed*.parquet"))
-        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        frame = _frame(files)
         facts = json.loads(files[0].with_suffix(".json").read_text())
-        chosen = _per_seed(frame, score).join(_selected(frame), on=["seed", "method", "value"], how="inner")
+        chosen = _chosen(frame, score)
         return chosen.filter(pl.col("predictor") == predictor), facts
 
     def cell(a, b, m):
@@ -708,8 +734,7 @@ def main(argv=None) -> int:
         from stages import payload
 
         for seed in a.seeds:
-            name = f"{a.dataset}-if{a.imbalance_factor:g}" + (f"-vf{a.val_fraction:g}" if a.val_fraction != 0.2 else "")
-            work = a.work / name  # run_seed's layout
+            work = a.work / _folder_name(a.dataset, a.imbalance_factor, a.val_fraction)  # run_seed's layout
             work.mkdir(parents=True, exist_ok=True)
             splits = _splits(a.dataset, a.data_root, a.imbalance_factor, a.val_fraction, seed, work)
             model, facts = _backbone(a.dataset, splits, seed, work, a.device, a.epochs)
