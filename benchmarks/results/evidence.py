@@ -81,6 +81,12 @@ def _folder_name(dataset: str, imbalance_factor: float, val_fraction: float) -> 
     return f"{dataset}-if{imbalance_factor:g}" + (f"-vf{val_fraction:g}" if val_fraction != 0.2 else "")
 
 
+def _tag(folder: Path, facts: dict) -> str:
+    """A measured folder's variant tag (``run --tag``; '' for a protocol folder): what follows its name."""
+    name = _folder_name(facts["dataset"], facts["imbalance_factor"], facts.get("val_fraction", 0.2))
+    return folder.name.removeprefix(name).removeprefix("-")
+
+
 def _splits(dataset: str, data_root: str, imbalance_factor: float, val_fraction: float, seed: int, work: Path):
     """The long-tailed splits of one seed (CIFAR-10 from the official pickles or the cifar10-jpeg Parquet copy)."""
     from stages import longtail
@@ -584,7 +590,9 @@ def verdict_summary(out: Path, score: str = "aps", predictor: str = "classwise")
     for folder in _folders(out):
         files = sorted(folder.glob("seed*.parquet"))
         facts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
-        if not files or any(f.get("overrides") for f in facts) or facts[0].get("val_fraction", 0.2) != 0.2:
+        # protocol folders only: not a variant (a tag: a re-run such as the -la folders, or overrides), nor
+        # another D_val fraction
+        if not files or _tag(folder, facts[0]) or facts[0].get("val_fraction", 0.2) != 0.2:
             continue
         frame = _frame(files)
         chosen = _chosen(frame, score)
@@ -640,6 +648,8 @@ def checks_table(out: Path, base: str = "newsgroups-if10", score: str = "aps", p
              "Δ size vs default CaCT | Δ tail vs default CaCT |", "|---|---|---|---|---|---|---|"]
     for folder in [out / base] + [p for p in _folders(out) if p.name.startswith(base + "-")]:
         chosen, facts = load(folder)
+        if folder.name != base and not facts.get("overrides") and facts["val_fraction"] == 0.2:
+            continue  # a re-run of the default under a tag (the -la folders), not a check
         cact = chosen.filter(pl.col("method") == "cact")
         what = "default" if folder.name == base else (
             ", ".join(f"{k}={v}" for k, v in facts.get("overrides", {}).items())
