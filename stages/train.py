@@ -154,6 +154,9 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
             if c.data_order == "auto":
                 c.data_order = auto
     first = configs[0]
+    if callbacks and first.num_workers == 0:
+        raise ValueError("num_workers=0 (Ray Train's local mode) reports to no callback: a Tune trial needs "
+                         "num_workers >= 1")
     for c in configs[1:]:
         differ = [k for k in _GROUP_SHARED if getattr(c, k) != getattr(first, k)]
         if differ:
@@ -221,8 +224,8 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"jobs": jobs, "splits": str(as_path(splits.root).resolve()), "log_level": log_level,
-                           "marker_dir": str(as_path(storage) / name), "coordinator": coordinator_name,
-                           "predecoded": decoded_by_ray_data,
+                           "run_dir": str(as_path(storage) / name), "coordinator": coordinator_name,
+                           "predecoded": decoded_by_ray_data, "local_mode": first.num_workers == 0,
                            # the registry entries travel with the jobs: a plugin's method trains on any worker
                            "methods": [method_registry.get(configs[i].method) for i in todo]},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
@@ -386,7 +389,7 @@ def finetune_config(loop: TrainConfig, method: str, finetune_epochs: int | None 
 def _group_slots(config: TrainStageConfig | None, parallel: bool = True) -> int:
     """How many worker groups train at once: one per ``num_workers`` GPUs on a GPU cluster; on CPUs one group
     (its start-up is paid once, and on a small machine a fit is mostly start-up)."""
-    if config is None or not parallel or not config.use_gpu:
+    if config is None or not parallel or not config.use_gpu or config.num_workers == 0:
         return 1
     return max(1, int(ray.cluster_resources().get("GPU", 0) // config.num_workers))
 
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0: Ray Train's local mode (this process)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--init-from", default=None, help="model.pt of a backbone to fine-tune")
     p.add_argument("--overwrite", action="store_true")

@@ -30,6 +30,10 @@ from . import _io
 from .storage import as_path
 from .train_run import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, write_outputs
 
+# Ray Train's local mode (num_workers=0) keeps a reported checkpoint in memory only: the run's last checkpoint is
+# written here instead, under the run's storage folder, so that a rerun after a crash resumes as a group's does.
+LOCAL_CHECKPOINT = "local_checkpoint.pt"
+
 
 class TorchDistComm:
     """The loop's collectives through torch.distributed (gloo on CPU, NCCL on GPU), by cact_ops.distributed."""
@@ -86,14 +90,15 @@ def _val_batches(x_table, payload, image_size, is_cal, rank, world, batch_size):
 def _global_order_batches(table, payload, image_size, loop_cfg: TrainConfig, epoch: int, rank: int, world: int):
     """This worker's contiguous slice of every global batch of one seeded order of the whole split: the
     concatenation of the ranks' slices is the batch one worker would see. An incomplete last batch is dropped
-    whatever the world size (the order changes every epoch, so no row is left out for good)."""
+    whatever the world size (the order changes every epoch, so no row is left out for good), except when it is
+    the only one: a split smaller than a batch (a head's batch of 500 on a small split) is one batch an epoch."""
     from .payload import decode, decode_labels
 
     labels = decode_labels(table)
     order = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(loop_cfg.seed * 100003 + epoch))
     for start in range(0, table.num_rows, loop_cfg.batch_size):
         rows = order[start:start + loop_cfg.batch_size].numpy()
-        if len(rows) < loop_cfg.batch_size:
+        if len(rows) < loop_cfg.batch_size and start > 0:
             return
         mine = np.array_split(rows, world)[rank]
         yield decode(table.take(mine), payload, image_size), labels[mine]
@@ -134,11 +139,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     shard = ray.train.get_dataset_shard("train") if any(j["stage"]["data_order"] == "shard" for j in cfg["jobs"]) \
         else None
     coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = _last_checkpoint(cfg)
     names = [job["name"] for job in cfg["jobs"]]
     # A checkpoint of another run of the same name (jobs finished since were dropped from the list) is not ours.
     current = names.index(state["job"]) if state is not None and state.get("job") in names else 0
@@ -149,8 +150,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
         try:
             final = _train_job(job, stage, state if i == current else None, splits, device, comm, shard, rank,
-                               world, as_path(cfg["marker_dir"]) / job["name"], coordinator,
-                               cfg.get("predecoded", False))
+                               world, as_path(cfg["run_dir"]), coordinator, cfg.get("predecoded", False),
+                               cfg.get("local_mode", False))
         except TrainingDiverged as e:
             # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver
             # raises this message. Every rank sees the same global loss, so every rank stops here.
@@ -162,8 +163,33 @@ def train_loop_per_worker(cfg: dict) -> None:
         comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
 
 
+def _last_checkpoint(cfg: dict) -> dict | None:
+    """The state of the run's last checkpoint (Ray Train's, or in local mode the run's own file), or None."""
+    if cfg.get("local_mode"):
+        path = as_path(cfg["run_dir"]) / LOCAL_CHECKPOINT
+        return _io.load_torch(path, map_location="cpu") if path.exists() else None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _save_checkpoint(state: dict, report: dict, run_dir, local_mode: bool) -> None:
+    """Rank 0's end of an epoch: the checkpoint and the metrics to Ray Train (in local mode, the checkpoint to the
+    run's own file, written atomically: a crash leaves the previous epoch's)."""
+    if local_mode:
+        with _io.atomic_path(run_dir / LOCAL_CHECKPOINT) as tmp:
+            torch.save(state, tmp)
+        ray.train.report(report)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / CHECKPOINT_FILE)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
 def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, device, comm, shard, rank: int,
-               world: int, marker_dir: Path, coordinator, predecoded: bool = False) -> dict:
+               world: int, run_dir: Path, coordinator, predecoded: bool = False, local_mode: bool = False) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
     import ray.train
     import ray.train.torch
@@ -215,7 +241,7 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, d
         train_metrics = loop.train_epoch(batches, validate)
         metrics = loop.end_epoch(train_metrics, validate())
         if stage.fail_at_epoch == epoch and rank == 0:
-            _inject_fault(marker_dir / ".fault_injected")
+            _inject_fault(run_dir / job["name"] / ".fault_injected")
         if rank == 0 and stage.verbose:
             # Straight to the process's stdout: Ray Train's patched print would log the line twice.
             sys.__stdout__.write(format_epoch(loop_cfg.method, metrics) + "\n")
@@ -225,10 +251,8 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, d
                   "rho": [r["rho"] for r in last], "val_class_coverage": [r["val_coverage"] for r in last],
                   "val_class_size": [r["val_size"] for r in last]}
         if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({**loop.state_dict(), "resumed_from_epoch": resumed_from, "job": job["name"]},
-                           Path(d) / CHECKPOINT_FILE)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+            _save_checkpoint({**loop.state_dict(), "resumed_from_epoch": resumed_from, "job": job["name"]}, report,
+                             run_dir, local_mode)
         else:
             ray.train.report(report, checkpoint=None)
     return {**loop.state_dict(), "resumed_from_epoch": resumed_from}

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from stages.train_worker import LOCAL_CHECKPOINT
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pipelines" / "digits_lt.py"
 # Ray process titles of a pipeline's own work (a killed driver's must not outlive it)
@@ -19,8 +21,9 @@ RUN_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker", "ray::DualCoordi
 
 
 def _registered_checkpoints(storage: Path) -> int:
-    """Checkpoints Ray Train's controller has committed (its checkpoint_manager_snapshot.json), 0 if none yet."""
-    n = 0
+    """Checkpoints Ray Train's controller has committed (its checkpoint_manager_snapshot.json), or in local mode
+    (num_workers=0) the run's own checkpoint files; 0 if none yet."""
+    n = len(list(storage.glob(f"*/{LOCAL_CHECKPOINT}")))
     for snap in storage.glob("*/checkpoint_manager_snapshot.json"):
         try:
             n += len(json.loads(snap.read_text()).get("checkpoint_results", []))

@@ -145,6 +145,8 @@ def test_frozen_features_mode_trains_heads_on_the_backbone_features(ray_cluster,
     for method in ("ce", "conftr"):
         blob = torch.load(out / "train" / method / "model.pt", weights_only=True)
         assert blob["model_spec"]["family"] == "head" and blob["model_spec"]["kwargs"]["in_features"] == 128
+        # trained: the train split (358 rows) is smaller than the reference's batch of 500, and still one batch
+        assert pl.read_parquet(out / "train" / method / "metrics.parquet")["train_ce"].min() > 0
     conftr = json.loads((out / "train" / "conftr" / "config.json").read_text())["loop"]
     assert (conftr["batch_size"], conftr["conftr_lambda"], conftr["size_transform"], conftr["temperature"]) == \
         (REFERENCE_HEAD["batch_size"], 0.05, "log", 1.0)

@@ -116,46 +116,53 @@ def assert_two_workers_equal_one_process(result, splits, stage: train.TrainStage
 def test_a_group_trains_each_job_as_its_own_fit_and_a_killed_worker_resumes_its_job(ray_cluster, digits_splits,
                                                                                      tmp_path):
     """fit_group trains CE and a CaCT fine-tune of it in one worker group (one start-up). Each job is the fit it
-    would be alone, and a worker killed in the second job resumes that job from its last checkpoint; the first
-    job is not trained again. eta_relative: eta is measured once on the starting model; the restarted job must
-    take it from the checkpoint, not measure it again on the trained model. Dual steps every 2 optimizer steps:
-    the replayed epoch asks the coordinator again for steps it already applied, which must answer with the
-    stored ones."""
+    would be alone (here in Ray Train's local mode, num_workers=0, with the worker's one torch thread: the same
+    loop in this process), and a worker killed in the second job resumes that job from its last checkpoint; the
+    first job is not trained again. eta_relative: eta is measured once on the starting model; the restarted job
+    must take it from the checkpoint, not measure it again on the trained model. Dual steps every 2 optimizer
+    steps: the replayed epoch asks the coordinator again for steps it already applied, which must answer with
+    the stored ones."""
     ce_loop = TrainConfig(method="ce", epochs=2, batch_size=64, lr=0.05, seed=7)
     cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=10.0, rho_step=2, seed=7,
                       eta_relative=0.9, dual_every_steps=2)
 
-    def stages(out, **fault):
-        ce = train.TrainStageConfig(out=str(out), loop=ce_loop, verbose=False, max_failures=1)
+    def stages(out, **kw):
+        ce = train.TrainStageConfig(out=str(out), loop=ce_loop, verbose=False, max_failures=1,
+                                    **{k: v for k, v in kw.items() if k != "fail_at_epoch"})
         return ce, train.TrainStageConfig(out=str(out), loop=cfg, init_from=str(ce.method_dir / "model.pt"),
-                                          verbose=False, max_failures=1, **fault)
+                                          verbose=False, max_failures=1, **kw)
 
-    ce_a, cact_a = stages(tmp_path / "a")
-    alone = {"ce": train.fit(digits_splits, ce_a), "cact": train.fit(digits_splits, cact_a)}  # two fits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a Ray Train worker of 1 CPU runs one thread: the same float sums, bit for bit
+    try:
+        ce_a, cact_a = stages(tmp_path / "a", num_workers=0)
+        alone = {"ce": train.fit(digits_splits, ce_a), "cact": train.fit(digits_splits, cact_a)}  # local mode
+        # overwrite (a pipeline's --no-resume) retrains from scratch, not from the last checkpoint of the same run
+        fresh = {c.method: train.fit(digits_splits, dataclasses.replace(c, overwrite=True)) for c in (ce_a, cact_a)}
+    finally:
+        torch.set_num_threads(threads)
+    assert not any(r.reused or r.resumed_from_epoch for r in fresh.values())
     group = train.fit_group(digits_splits, list(stages(tmp_path / "b", fail_at_epoch=1)))  # one, restarted
     assert list(group) == ["ce", "cact"]
     assert next((tmp_path / "b" / "ray_storage").rglob(".fault_injected"))  # the worker really died
     assert group["cact"].resumed_from_epoch == 1  # restarted from its epoch-0 checkpoint, not from scratch
     assert group["ce"].resumed_from_epoch == 0 and not group["ce"].reused
     assert len(_dual_history(alone["cact"])) > cfg.epochs  # several dual steps per epoch
-    # same seed, same data order: each job of the group, and the replayed job, equals its fit alone
+    # same seed, same data order: each job of the group, the replayed job and the overwritten local fits equal
+    # the fits alone
     for m in ("ce", "cact"):
-        a, b = pl.read_parquet(alone[m].history_path), pl.read_parquet(group[m].history_path)
-        assert a.equals(b), m
-        wa, wb = train.load_model(alone[m].model_path)[0], train.load_model(group[m].model_path)[0]
-        for x, y in zip(wa.state_dict().values(), wb.state_dict().values()):
-            torch.testing.assert_close(x, y, rtol=0, atol=0)
-    assert _dual_history(group["cact"]) == _dual_history(alone["cact"])
+        a = pl.read_parquet(alone[m].history_path)
+        for other in (group[m], fresh[m]):
+            assert a.equals(pl.read_parquet(other.history_path)), m
+            wa, wb = train.load_model(alone[m].model_path)[0], train.load_model(other.model_path)[0]
+            for x, y in zip(wa.state_dict().values(), wb.state_dict().values()):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert _dual_history(group["cact"]) == _dual_history(alone["cact"]) == _dual_history(fresh["cact"])
     assert group["cact"].final_metrics["eta"] == alone["cact"].final_metrics["eta"] != TrainConfig.eta
     # a rerun of a finished group reuses every job instead of training again (no duplicated rows)
     again = train.fit_group(digits_splits, list(stages(tmp_path / "b")))
     assert all(r.reused for r in again.values())
     assert pl.read_parquet(again["cact"].history_path).height == cfg.epochs * digits_splits.num_classes
-    # overwrite (a pipeline's --no-resume) retrains every job from scratch, not from the last run's checkpoint
-    fresh = train.fit_group(digits_splits, [dataclasses.replace(c, overwrite=True) for c in stages(tmp_path / "b")])
-    assert not any(r.reused or r.resumed_from_epoch for r in fresh.values())
-    assert pl.read_parquet(fresh["ce"].history_path).equals(pl.read_parquet(alone["ce"].history_path))
-    assert _dual_history(fresh["cact"]) == _dual_history(alone["cact"])
 
 
 def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_path):
@@ -169,6 +176,14 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "w"), num_workers=64))
     with pytest.raises(ValueError, match="GPU"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "g"), use_gpu=True))
+    # Ray Train's local mode (num_workers=0): no worker to kill, no callback (a Tune trial) to report to
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        train.TrainStageConfig(out=str(tmp_path / "n"), num_workers=-1)
+    with pytest.raises(ValueError, match="fail_at_epoch kills a worker.*num_workers >= 1"):
+        train.TrainStageConfig(out=str(tmp_path / "n"), num_workers=0, fail_at_epoch=1)
+    with pytest.raises(ValueError, match="local mode.*reports to no callback"):
+        train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "n"), num_workers=0), callbacks=[object()])
+    assert not (tmp_path / "n").exists()
     # a dual-step calibration part rounded to nothing: refused here, not raised (and retried) in every worker
     with pytest.raises(ValueError, match=r"ce: the val split \(179 rows.*no calibration rows at "
                                          r"val_cal_fraction=0.01.*--val-fraction"):
