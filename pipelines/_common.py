@@ -36,8 +36,8 @@ class Preset:
     needs_data_root: bool = True
     data_root: str = ""  # what --data-root must hold (its --help)
     loop: dict = field(default_factory=dict)  # TrainConfig fields that differ from its defaults
-    # Ray Train workers per method; 0 is Ray Train's local mode (the training in the driver's process: no
-    # controller or worker actors to start, most of a tiny run's time on a small machine)
+    # Ray Train workers per method; 0 is local mode (the training in the driver's process: no Ray Train controller
+    # or worker actors to start, most of a tiny run's time on a small machine)
     num_workers: int = 1
 
 
@@ -141,10 +141,10 @@ def parser(description: str, d: Preset) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of splits, initialisation and data order")
     _add_loop_flags(p.add_argument_group("every method's TrainConfig (cact_ops.training.TrainConfig)"), d)
     r = p.add_argument_group("ray")
-    r.add_argument("--num-workers", type=int, default=None,
-                   help=f"Ray Train workers per method; 0: Ray Train's local mode, the training runs in this process "
-                        f"(no worker group to start; checkpoints and resume on rerun, but no worker restarts) "
-                        f"(default: {d.num_workers}; 1 with --sweep, whose Tune trials need a worker group)")
+    r.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="Ray Train workers per method; 0: local mode, the training runs in this process (a sweep's: "
+                        "in its Tune trial's) with no worker group to start; checkpoints and resume on rerun, but no "
+                        "worker restarts")
     r.add_argument("--use-gpu", action="store_true", help="one GPU per training worker and per inference actor")
     r.add_argument("--infer-actors", type=int, default=None, metavar="N",
                    help="model actors of the inference pass (default: one per GPU of the cluster with --use-gpu, "
@@ -217,8 +217,7 @@ _FLAG_CHECKS = (
     ("--finetune-epochs", "finetune_epochs", *TrainConfig.RANGES["epochs"]),
     ("--image-size", "image_size", "an integer >= 1 (or unset: the stored size)", lambda v: v is None or v >= 1),
     ("--seed", "seed", *TrainConfig.RANGES["seed"]),
-    ("--num-workers", "num_workers", "an integer >= 0 (0: Ray Train's local mode) (or unset)",
-     lambda v: v is None or v >= 0),
+    ("--num-workers", "num_workers", "an integer >= 0 (0: local mode, this process trains)", lambda v: v >= 0),
     ("--sweep", "sweep", "an integer >= 0 (0: no sweep)", lambda v: v >= 0),
     ("--infer-actors", "infer_actors", "an integer >= 1 (or unset)", lambda v: v is None or v >= 1),
     ("--n-splits", "n_splits", "an integer >= 1", lambda v: v >= 1),
@@ -250,9 +249,6 @@ def check_flags(args: argparse.Namespace) -> None:
             _io.refuse_uri(getattr(args, attr, None), flag)
         except ValueError as e:
             problems.append(str(e))
-    if args.sweep and args.num_workers == 0:
-        problems.append("--num-workers 0 (Ray Train's local mode) with --sweep: a Tune trial reports through a "
-                        "worker group; use --num-workers >= 1 (the default with --sweep)")
     if getattr(args, "frozen_features", False) and args.sweep:
         problems.append("--frozen-features with --sweep: not supported yet (sweep the heads with "
                         "benchmarks/results/evidence.py, or drop one of the two flags)")
@@ -357,8 +353,6 @@ def run(args: argparse.Namespace, d: Preset, source: dict) -> dict:
           f"pool {sum(counts['pool'])} -> {splits.root}")
     clock.stage("long-tailed splits")
 
-    if args.num_workers is None:
-        args.num_workers = 1 if args.sweep else d.num_workers
     stage_kwargs = dict(num_workers=args.num_workers, use_gpu=args.use_gpu, storage_path=args.storage_path,
                         model_family=args.model, image_size=args.image_size, overwrite=not args.resume,
                         check_resources=not args.autoscale)

@@ -1,6 +1,6 @@
 """CaCT on scikit-learn's digits, made long-tailed: the embedded default that needs no data files.
 
-    python pipelines/digits_lt.py                 # all six methods, about 25 s on 2 CPU cores (Ray Train local mode)
+    python pipelines/digits_lt.py                 # all six methods, about 25 s on 2 CPU cores (local mode)
     python pipelines/digits_lt.py --methods ce,cact --epochs 10
 """
 from _common import Preset, parser, run

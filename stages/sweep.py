@@ -1,7 +1,8 @@
 """Sweep stage: Ray Tune over the training config of one method, with ASHA early stopping.
 
 One Tune trial launches one Ray Train run (the Train V2 way: the trial function builds a ``TorchTrainer``
-through :func:`stages.train.fit` with ``TuneReportCallback``). Trials are ranked on the validation split only
+through :func:`stages.train.fit` with ``TuneReportCallback``; with ``num_workers=0``, local mode, the trial's own
+process trains and reports each epoch to Tune itself). Trials are ranked on the validation split only
 (never on the pool that evaluation uses): ``val_objective`` = validation set size, plus a penalty of
 10·K per unit of coverage shortfall beyond sampling noise below 1 - alpha, so a config cannot win by
 under-covering. Only trials that ran every epoch can be chosen (ASHA stops the others early).
@@ -146,9 +147,10 @@ def _concurrency(config: SweepConfig, per_worker_cpus: float) -> int:
         return config.max_concurrent_trials
     res = ray.cluster_resources()
     base = config.base
+    workers = max(1, base.num_workers)  # local mode (0): the trial's own process trains, as one worker would
     if base.use_gpu:
-        return max(1, int(res.get("GPU", 0) // base.num_workers))
-    per_trial = config.trial_cpus + base.num_workers * per_worker_cpus
+        return max(1, int(res.get("GPU", 0) // workers))
+    per_trial = config.trial_cpus + workers * per_worker_cpus
     return max(1, int(res.get("CPU", 1) // per_trial))
 
 
@@ -177,6 +179,8 @@ def run(splits, config: SweepConfig) -> SweepResult:
     splits_root = str(as_path(splits.root).resolve())
     entry = method_registry.get(method)
 
+    local = base.num_workers == 0  # local mode: the trial's own process trains and reports to Tune
+
     def trial(params: dict) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -188,10 +192,16 @@ def run(splits, config: SweepConfig) -> SweepResult:
         stage = TrainStageConfig(**{**base_dict, "loop": loop, "out": str(out / "trials" / ctx.get_trial_id()),
                                     "cpus_per_worker": per_worker_cpus, "verbose": False, "storage_path": None,
                                     "run_name": None})
-        train_stage.fit(splits_root, stage, callbacks=[TuneReportCallback()])
+        if local:
+            train_stage.fit(splits_root, stage, report_to_tune=True)
+        else:
+            train_stage.fit(splits_root, stage, callbacks=[TuneReportCallback()])
 
+    resources = {"CPU": config.trial_cpus + (per_worker_cpus if local and not base.use_gpu else 0)}
+    if local and base.use_gpu:
+        resources = {"CPU": config.trial_cpus + 1, "GPU": 1}
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": config.trial_cpus}),
+        tune.with_resources(trial, resources),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_objective", mode="min", num_samples=config.num_samples, time_budget_s=config.time_budget_s,

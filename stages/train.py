@@ -17,6 +17,8 @@ worker runs, :mod:`stages.coordinator` the dual-step actor. What it adds:
 * several methods in one worker group (:func:`fit_group`, used by :func:`fit_methods`): the CE backbone and its
   fine-tunes train one after the other in the same workers, so Ray Train's start-up is paid once per run, and
   each method keeps the outputs, reuse and resume contract of a fit of its own;
+* ``num_workers=0``, local mode: the same training function in this process (rank 0 of 1, no Ray Train start-up;
+  :class:`stages.train_worker.LocalSession` keeps the run's checkpoint, and reports to Tune in a sweep's trial);
 * outputs under ``<out>/train/<method>/``: ``model.pt`` (weights + how to rebuild the model), ``history.parquet``
   (one row per epoch x class: lambda, rho, constraint, val coverage and size), ``metrics.parquet`` (one row
   per epoch), ``config.json``.
@@ -92,15 +94,18 @@ def _check_resources(config: TrainStageConfig, cpus_per_worker: float) -> None:
         )
 
 
-def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset=None) -> TrainResult:
+def fit(splits, config: TrainStageConfig, callbacks: list | None = None, dataset=None,
+        report_to_tune: bool = False) -> TrainResult:
     """Train ``config.loop.method`` on ``splits`` (a Splits handle or split folder) with Ray Train.
 
     Starts a local Ray if none is running. Re-running with the same config reuses a finished run, or resumes an
     interrupted one from its last checkpoint. ``callbacks`` go to Ray Train's RunConfig (a Tune trial passes
-    ``TuneReportCallback``). ``dataset``: the train split as a Ray Dataset already read (see
-    :func:`train_dataset`), shared by several fits; by default it is read here.
+    ``TuneReportCallback``; in local mode, ``num_workers=0``, a Tune trial passes ``report_to_tune=True``
+    instead: each epoch's metrics go to ``ray.tune.report`` from this process). ``dataset``: the train split as a
+    Ray Dataset already read (see :func:`train_dataset`), shared by several fits; by default it is read here.
     """
-    return fit_group(splits, [config], callbacks=callbacks, dataset=dataset)[config.method]
+    return fit_group(splits, [config], callbacks=callbacks, dataset=dataset,
+                     report_to_tune=report_to_tune)[config.method]
 
 
 # Settings of the one TorchTrainer a group runs in: its jobs must agree on them.
@@ -131,7 +136,7 @@ def _check_dual_data(splits, configs: list[TrainStageConfig]) -> None:
 
 
 def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = None, dataset=None,
-              ) -> dict[str, TrainResult]:
+              report_to_tune: bool = False) -> dict[str, TrainResult]:
     """Train several methods one after the other in one Ray Train worker group: the start-up (controller,
     worker processes, process group, dataset shards) is paid once for all of them.
 
@@ -155,8 +160,11 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
                 c.data_order = auto
     first = configs[0]
     if callbacks and first.num_workers == 0:
-        raise ValueError("num_workers=0 (Ray Train's local mode) reports to no callback: a Tune trial needs "
-                         "num_workers >= 1")
+        raise ValueError("num_workers=0 (local mode) reports to no callback; a Tune trial in local mode "
+                         "passes report_to_tune=True instead")
+    if report_to_tune and first.num_workers != 0:
+        raise ValueError("report_to_tune is for num_workers=0 (local mode); a worker group reports to "
+                         "Tune through callbacks=[TuneReportCallback()]")
     for c in configs[1:]:
         differ = [k for k in _GROUP_SHARED if getattr(c, k) != getattr(first, k)]
         if differ:
@@ -217,34 +225,41 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         train_ds = train_ds.map_batches(decode_to_uint8, fn_kwargs={"payload": splits.payload,
                                                                     "image_size": configs[todo[0]].image_size},
                                         batch_format="pyarrow", batch_size=256, num_cpus=0.25)
-    from .train_worker import train_loop_per_worker
+    from .train_worker import LocalSession, train_loop_per_worker
 
     # Ray Train's own INFO lines follow the job's Ray log level (WARNING in a pipeline without --verbose)
     log_level = logging.getLevelName(max(logging.getLogger("ray").getEffectiveLevel(), logging.INFO))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"jobs": jobs, "splits": str(as_path(splits.root).resolve()), "log_level": log_level,
-                           "run_dir": str(as_path(storage) / name), "coordinator": coordinator_name,
-                           "predecoded": decoded_by_ray_data, "local_mode": first.num_workers == 0,
-                           # the registry entries travel with the jobs: a plugin's method trains on any worker
-                           "methods": [method_registry.get(configs[i].method) for i in todo]},
-        scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
-                                     resources_per_worker={"CPU": cpus},
-                                     placement_strategy=first.placement_strategy),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=first.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
-                             logging_config=LoggingConfig(log_level=log_level)),
-        datasets={"train": train_ds} if streamed else None,
-        # preserve_order: each worker sees its rows in the same order on every run, so a seed fixes the result.
-        dataset_config=DataConfig(datasets_to_split=["train"],
-                                  execution_options=ExecutionOptions(preserve_order=True)) if streamed else None,
-    )
+    loop_config = {"jobs": jobs, "splits": str(as_path(splits.root).resolve()), "log_level": log_level,
+                   "run_dir": str(as_path(storage) / name), "coordinator": coordinator_name,
+                   "predecoded": decoded_by_ray_data,
+                   # the registry entries travel with the jobs: a plugin's method trains on any worker
+                   "methods": [method_registry.get(configs[i].method) for i in todo]}
     for i in todo:  # a divergence report of an earlier attempt is stale now
         (configs[i].method_dir / DIVERGED_FILE).unlink(missing_ok=True)
-    histories = {}
+    histories, error = {}, None
     try:
-        result = trainer.fit()
+        if first.num_workers == 0:  # local mode: this process is the only worker
+            if streamed:  # each epoch's rows in the same order on every run, as the worker group's shards
+                train_ds.context.execution_options.preserve_order = True
+            train_loop_per_worker(loop_config, LocalSession(loop_config["run_dir"], first.use_gpu, train_ds,
+                                                            report_to_tune))
+        else:
+            error = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=loop_config,
+                scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
+                                             resources_per_worker={"CPU": cpus},
+                                             placement_strategy=first.placement_strategy),
+                run_config=RunConfig(name=name, storage_path=storage,
+                                     failure_config=FailureConfig(max_failures=first.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None,
+                                     logging_config=LoggingConfig(log_level=log_level)),
+                datasets={"train": train_ds} if streamed else None,
+                # preserve_order: each worker sees its rows in the same order on every run (a seed fixes the run)
+                dataset_config=DataConfig(datasets_to_split=["train"],
+                                          execution_options=ExecutionOptions(preserve_order=True))
+                if streamed else None,
+            ).fit().error
     finally:
         if coordinator is not None:
             histories = {job: _safe_get(coordinator.history.remote(job)) for job in duals}
@@ -256,7 +271,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
             raise ValueError(json.loads(diverged.read_text())["error"] + f" (reported in {diverged})")
         saved = c.method_dir / "config.json"
         if not (saved.is_file() and same_run(json.loads(saved.read_text()), c)):
-            raise RuntimeError(f"training {c.method} wrote no outputs under {c.method_dir} (error: {result.error})")
+            raise RuntimeError(f"training {c.method} wrote no outputs under {c.method_dir} (error: {error})")
         results[c.method] = result_from_disk(c)
         written = json.loads((c.method_dir / "dual.json").read_text())["history"] \
             if (c.method_dir / "dual.json").is_file() else None
@@ -426,7 +441,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0: Ray Train's local mode (this process)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers; 0: local mode (this process trains)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--init-from", default=None, help="model.pt of a backbone to fine-tune")
     p.add_argument("--overwrite", action="store_true")

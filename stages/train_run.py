@@ -46,9 +46,9 @@ class TrainStageConfig:
     image_size: int | None = None  # resize images to this side (None: keep the stored size)
     init_from: str | None = None  # model.pt of a trained backbone: fine-tune from it (the two-stage protocol)
     finetune: str = "all"  # all | head: which parameters a fine-tune updates
-    # 0: Ray Train's local mode, the training function runs in this process (no controller or worker actors to
-    # start, ~20 s of a small run on 2 CPUs); checkpoints and resume-on-rerun as with a worker group, but no
-    # worker restarts (the worker is this process) and no Tune reporting
+    # 0: local mode, the training function runs in this process, rank 0 of 1 (no Ray Train controller or worker
+    # actors to start, ~20 s of a small run on 2 CPUs); checkpoints and resume-on-rerun as with a worker group,
+    # but no worker restarts (the worker is this process)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None  # None: min(1, CPUs / (workers + 1)), leaving room for Ray Data (>= 0.5)
@@ -86,7 +86,7 @@ class TrainStageConfig:
         if self.finetune not in ("all", "head"):
             raise ValueError(f"finetune must be 'all' or 'head', got {self.finetune!r}")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 (0: Ray Train's local mode), got {self.num_workers}")
+            raise ValueError(f"num_workers must be >= 0 (0: local mode, this process trains), got {self.num_workers}")
         if self.num_workers == 0 and self.fail_at_epoch is not None:
             raise ValueError("fail_at_epoch kills a worker of a worker group: it needs num_workers >= 1 (in local "
                              "mode the worker is this process)")

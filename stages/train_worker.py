@@ -30,8 +30,8 @@ from . import _io
 from .storage import as_path
 from .train_run import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, write_outputs
 
-# Ray Train's local mode (num_workers=0) keeps a reported checkpoint in memory only: the run's last checkpoint is
-# written here instead, under the run's storage folder, so that a rerun after a crash resumes as a group's does.
+# Local mode (num_workers=0, LocalSession): the run's last checkpoint, under the run's storage folder, so that a
+# rerun after a crash resumes as a worker group's does.
 LOCAL_CHECKPOINT = "local_checkpoint.pt"
 
 
@@ -119,27 +119,99 @@ def _inject_fault(marker: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Train the group's jobs in order; after a restart, resume the job the last checkpoint belongs to."""
-    import ray.train
-    import ray.train.torch
+class RayTrainSession:
+    """A Ray Train worker's view of its run: rank, world size, device, its Ray Data shard, and the checkpoints
+    and metrics it reports through Ray Train (rank 0 reports the checkpoint)."""
 
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def shard(self):
+        return ray.train.get_dataset_shard("train")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def last_state(self) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        if state is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def log(self, line: str) -> None:
+        # Straight to the process's stdout: Ray Train's patched print would log the line twice.
+        sys.__stdout__.write(line + "\n")
+        sys.__stdout__.flush()
+
+
+class LocalSession:
+    """``num_workers=0``: the calling process is the run's only worker (rank 0 of 1), as in Ray Train's local mode,
+    but without Ray Train, whose ``ray.train`` calls inside a Tune trial go to Tune's session instead. The run's
+    last checkpoint is its own file, ``<run_dir>/local_checkpoint.pt``, written atomically every epoch (a crash
+    leaves the previous one), so a rerun resumes as a worker group's does; in a Tune trial every epoch's metrics
+    go to ``ray.tune.report``, as ``TuneReportCallback`` forwards a worker group's."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir, use_gpu: bool, dataset=None, report_to_tune: bool = False):
+        self.path = as_path(run_dir) / LOCAL_CHECKPOINT
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.dataset, self.report_to_tune = dataset, report_to_tune
+
+    def shard(self):
+        return self.dataset
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def last_state(self) -> dict | None:
+        return _io.load_torch(self.path, map_location="cpu") if self.path.exists() else None
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        with _io.atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        if self.report_to_tune:
+            from ray import tune
+
+            tune.report(metrics)
+
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+
+
+def train_loop_per_worker(cfg: dict, session: LocalSession | None = None) -> None:
+    """Train the group's jobs in order; after a restart, resume the job the last checkpoint belongs to. Ray
+    Train calls it in every worker; ``stages.train`` calls it with a :class:`LocalSession` for ``num_workers=0``."""
     from .splits import load as load_splits
 
-    # Ray Train gives the worker's root logger an INFO console handler; its per-report line ("Reporting training
-    # result ...", a logger outside ray.train) then follows the job's log level only if the root does.
-    logging.getLogger().setLevel(cfg.get("log_level", "INFO"))
+    if session is None:
+        # Ray Train gives the worker's root logger an INFO console handler; its per-report line ("Reporting
+        # training result ...", a logger outside ray.train) then follows the job's log level only if the root does.
+        logging.getLogger().setLevel(cfg.get("log_level", "INFO"))
+        session = RayTrainSession()
     for entry in cfg.get("methods", ()):  # the driver's registry entries: a plugin's method builds its loss here
         method_registry.adopt(entry)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = session.rank
     splits = load_splits(cfg["splits"])
-    device = ray.train.torch.get_device()
-    comm = TorchDistComm(device)
-    shard = ray.train.get_dataset_shard("train") if any(j["stage"]["data_order"] == "shard" for j in cfg["jobs"]) \
-        else None
+    comm = TorchDistComm(session.device)
     coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
-    state = _last_checkpoint(cfg)
+    state = session.last_state()
     names = [job["name"] for job in cfg["jobs"]]
     # A checkpoint of another run of the same name (jobs finished since were dropped from the list) is not ours.
     current = names.index(state["job"]) if state is not None and state.get("job") in names else 0
@@ -149,9 +221,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         t0 = time.time()
         stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
         try:
-            final = _train_job(job, stage, state if i == current else None, splits, device, comm, shard, rank,
-                               world, as_path(cfg["run_dir"]), coordinator, cfg.get("predecoded", False),
-                               cfg.get("local_mode", False))
+            final = _train_job(job, stage, state if i == current else None, splits, session, comm,
+                               as_path(cfg["run_dir"]), coordinator, cfg.get("predecoded", False))
         except TrainingDiverged as e:
             # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver
             # raises this message. Every rank sees the same global loss, so every rank stops here.
@@ -163,45 +234,19 @@ def train_loop_per_worker(cfg: dict) -> None:
         comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
 
 
-def _last_checkpoint(cfg: dict) -> dict | None:
-    """The state of the run's last checkpoint (Ray Train's, or in local mode the run's own file), or None."""
-    if cfg.get("local_mode"):
-        path = as_path(cfg["run_dir"]) / LOCAL_CHECKPOINT
-        return _io.load_torch(path, map_location="cpu") if path.exists() else None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def _save_checkpoint(state: dict, report: dict, run_dir, local_mode: bool) -> None:
-    """Rank 0's end of an epoch: the checkpoint and the metrics to Ray Train (in local mode, the checkpoint to the
-    run's own file, written atomically: a crash leaves the previous epoch's)."""
-    if local_mode:
-        with _io.atomic_path(run_dir / LOCAL_CHECKPOINT) as tmp:
-            torch.save(state, tmp)
-        ray.train.report(report)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / CHECKPOINT_FILE)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, device, comm, shard, rank: int,
-               world: int, run_dir: Path, coordinator, predecoded: bool = False, local_mode: bool = False) -> dict:
+def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, session, comm, run_dir: Path,
+               coordinator, predecoded: bool = False) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
-    import ray.train
-    import ray.train.torch
-
     from .payload import decode, decode_labels, predecoded_batch
 
     loop_cfg = stage.loop
     torch.manual_seed(loop_cfg.seed)
     np.random.seed(loop_cfg.seed)
     payload = splits.payload
-    model = build_stage_model(job["spec"], stage.init_from, stage.finetune)
-    model = ray.train.torch.prepare_model(model)
+    rank, world, device = session.rank, session.world, session.device
+    model = session.prepare_model(build_stage_model(job["spec"], stage.init_from, stage.finetune))
+    shard = session.shard() if stage.data_order == "shard" else None
+
     def dual_update(dual, grad_sums, counts, h_means, step, epoch):
         answer = None
         if rank == 0:
@@ -243,16 +288,11 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, d
         if stage.fail_at_epoch == epoch and rank == 0:
             _inject_fault(run_dir / job["name"] / ".fault_injected")
         if rank == 0 and stage.verbose:
-            # Straight to the process's stdout: Ray Train's patched print would log the line twice.
-            sys.__stdout__.write(format_epoch(loop_cfg.method, metrics) + "\n")
-            sys.__stdout__.flush()
+            session.log(format_epoch(loop_cfg.method, metrics))
         last = loop.history[-loop.num_classes:]
         report = {**metrics, "method": loop_cfg.method, "lambda": [r["lambda"] for r in last],
                   "rho": [r["rho"] for r in last], "val_class_coverage": [r["val_coverage"] for r in last],
                   "val_class_size": [r["val_size"] for r in last]}
-        if rank == 0:
-            _save_checkpoint({**loop.state_dict(), "resumed_from_epoch": resumed_from, "job": job["name"]}, report,
-                             run_dir, local_mode)
-        else:
-            ray.train.report(report, checkpoint=None)
+        session.report(report, {**loop.state_dict(), "resumed_from_epoch": resumed_from, "job": job["name"]}
+                       if rank == 0 else None)
     return {**loop.state_dict(), "resumed_from_epoch": resumed_from}

@@ -22,8 +22,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "pipelines" / "digits_lt.py"
 def test_a_pipeline_with_sweeps_runs_end_to_end_and_hands_the_cluster_back(ray_cluster, tmp_path, monkeypatch,
                                                                            capsys):
     out = tmp_path / "run"
+    # --num-workers 1: every trial a Ray Train worker group reporting through TuneReportCallback (the digits
+    # default, local mode, is checked below)
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(out), "--methods", "ce", "--sweep", "4",
-                                      "--epochs", "2", "--finetune-epochs", "2", "--n-splits", "3", "--alpha", "0.1"])
+                                      "--epochs", "2", "--finetune-epochs", "2", "--n-splits", "3", "--alpha", "0.1",
+                                      "--num-workers", "1"])
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     runpy.run_path(str(SCRIPT), run_name="__main__")
     printed = capsys.readouterr().out
@@ -42,6 +45,15 @@ def test_a_pipeline_with_sweeps_runs_end_to_end_and_hands_the_cluster_back(ray_c
     assert json.loads((out / "config.json").read_text())["sweep_best"]["ce"] == best["best_config"]
     summary = pl.read_parquet(out / "eval" / "summary.parquet")
     assert set(summary["method"]) == {"ce"} and summary["coverage_mean"].is_finite().all()
+    # In Ray Train's local mode each trial trains in its own Tune trial process and reports every epoch to Tune
+    from cact_ops.training import TrainConfig
+    from stages import sweep, train
+
+    local = sweep.run(out / "splits", sweep.SweepConfig(
+        base=train.TrainStageConfig(out=str(tmp_path / "local"), loop=TrainConfig(method="ce", epochs=2),
+                                    num_workers=0), num_samples=3, search_space={"lr": 0.05, "weight_decay": 1e-4}))
+    assert local.results.height == 3 and (local.results["status"] == "ok").all()
+    assert local.results["epochs_run"].max() == 2 and local.results["val_objective"].is_finite().all()
     # Nothing of the sweeps holds the cluster afterwards: their placement groups are gone.
     from ray.util import placement_group_table
 

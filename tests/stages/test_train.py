@@ -116,7 +116,7 @@ def assert_two_workers_equal_one_process(result, splits, stage: train.TrainStage
 def test_a_group_trains_each_job_as_its_own_fit_and_a_killed_worker_resumes_its_job(ray_cluster, digits_splits,
                                                                                      tmp_path):
     """fit_group trains CE and a CaCT fine-tune of it in one worker group (one start-up). Each job is the fit it
-    would be alone (here in Ray Train's local mode, num_workers=0, with the worker's one torch thread: the same
+    would be alone (here in local mode, num_workers=0, with the worker's one torch thread: the same
     loop in this process), and a worker killed in the second job resumes that job from its last checkpoint; the
     first job is not trained again. eta_relative: eta is measured once on the starting model; the restarted job
     must take it from the checkpoint, not measure it again on the trained model. Dual steps every 2 optimizer
@@ -176,13 +176,15 @@ def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_pa
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "w"), num_workers=64))
     with pytest.raises(ValueError, match="GPU"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "g"), use_gpu=True))
-    # Ray Train's local mode (num_workers=0): no worker to kill, no callback (a Tune trial) to report to
+    # local mode (num_workers=0): no worker to kill, no callback (a Tune trial) to report to
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
         train.TrainStageConfig(out=str(tmp_path / "n"), num_workers=-1)
     with pytest.raises(ValueError, match="fail_at_epoch kills a worker.*num_workers >= 1"):
         train.TrainStageConfig(out=str(tmp_path / "n"), num_workers=0, fail_at_epoch=1)
-    with pytest.raises(ValueError, match="local mode.*reports to no callback"):
+    with pytest.raises(ValueError, match="local mode.*reports to no callback.*report_to_tune=True"):
         train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "n"), num_workers=0), callbacks=[object()])
+    with pytest.raises(ValueError, match="report_to_tune is for num_workers=0"):
+        train.fit(digits_splits, train.TrainStageConfig(out=str(tmp_path / "n")), report_to_tune=True)
     assert not (tmp_path / "n").exists()
     # a dual-step calibration part rounded to nothing: refused here, not raised (and retried) in every worker
     with pytest.raises(ValueError, match=r"ce: the val split \(179 rows.*no calibration rows at "
@@ -384,3 +386,14 @@ def test_a_streamed_split_is_decoded_by_ray_data_and_a_diverging_job_is_not_retr
                                torch.tensor([h["lam"] for h in local.dual.history]), rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(train.load_model(r.model_path)[0].state_dict(), local.model.state_dict(),
                                rtol=1e-3, atol=1e-4)
+    # In local mode (num_workers=0) the same streamed, Ray Data-decoded job trains in this process: with the
+    # worker's one torch thread, the worker group's model and multipliers bit for bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = train.fit(digits_splits, dataclasses.replace(streamed, out=str(tmp_path / "local"), num_workers=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert _dual_history(alone) == hist
+    torch.testing.assert_close(train.load_model(alone.model_path)[0].state_dict(),
+                               train.load_model(r.model_path)[0].state_dict(), rtol=0, atol=0)
