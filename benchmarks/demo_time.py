@@ -1,4 +1,4 @@
-"""The main job's wall time: ``make demo`` (digits-LT, six methods, Ray Train's local mode: the demo's default)
+"""The main job's wall time: ``make demo`` (digits-LT, six methods, local mode: the demo's default)
 against the same command with a Ray Train worker group (``--num-workers 1``), each run a fresh process and a
 fresh run folder, the two interleaved ``--repeats`` times on one local Ray per run (``--address local``).
 

@@ -14,12 +14,15 @@ Three parts (``--part``), results printed as a table and written as JSON (``--ou
           input checks) to show what an optimisation of ``cact_ops.losses`` could save.
 ``ray``   The same CaCT training (same split, model, batch size, epochs, dual step on ``val``) in-process
           (``EpochLoop`` over ``stages.payload.read_split_tensors`` tensors) and through
-          ``stages.train.fit`` with 1 and with 2 workers. Data: a synthetic MNIST-sized (28x28x1) Parquet
+          ``stages.train.fit`` in local mode (``num_workers=0``: the worker's own function and data path in
+          this process, so that only the worker group differs from the 1-worker run; per epoch from the E1/E2
+          difference of wall and process CPU time) and with 1 and with 2 workers. Data: a synthetic MNIST-sized (28x28x1) Parquet
           table written to a temporary folder, made long-tailed by ``stages.longtail.build``. Per-epoch time
           excludes start-up, measured two ways: (a) the median interval between consecutive epoch reports
           (driver-side Ray Train callback, when ``fit`` accepts ``callbacks``; in-process: epoch timestamps)
           and (b) the wall-time difference of runs with E1 and E2 epochs, (T(E2) - T(E1)) / (E2 - E1).
-          Start-up = T(E2) - E2 * per-epoch. Runs are interleaved (in-process, 1 worker, 2 workers, repeated).
+          Start-up = T(E2) - E2 * per-epoch. Runs are interleaved (in-process, local, 1 worker, 2 workers,
+          repeated).
           Also measured in this process: the per-epoch costs the Ray path has and the in-process loop has not
           (payload decoding of every batch, a Ray Data pass with the local shuffle buffer, the per-epoch
           checkpoint written by rank 0).
@@ -482,6 +485,11 @@ def ray_run(splits, cfg: TrainConfig, model_family: str, model_kwargs: dict, wor
                                 model_kwargs=dict(model_kwargs), num_workers=workers,
                                 storage_path=str(work / "ray_storage"), run_name=tag, overwrite=True, verbose=False)
     stamps = work / f"{tag}.stamps"
+    if workers == 0:  # local mode trains in this process: its CPU time; no report callback, no /proc sampler
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = st.fit(splits, stage)
+        return {"wall_s": time.perf_counter() - t0, "cpu_total_s": time.process_time() - c0,
+                "final": {k: v for k, v in result.final_metrics.items() if isinstance(v, (int, float))}}
     kwargs = {"callbacks": [_report_timer_callback(str(stamps))]} if use_callback else {}
     t_start = time.time()
     t0 = time.perf_counter()
@@ -636,16 +644,18 @@ def run_ray_part(args) -> dict:
             time.sleep(5)
         idle_rate = idle.rate()
         use_callback = "callbacks" in inspect.signature(st.fit).parameters
-        runs = {"inproc": {e1: [], e2: []}, "ray1": {e1: [], e2: []}, "ray2": {e1: [], e2: []}}
+        runs = {"inproc": {e1: [], e2: []}, "local": {e1: [], e2: []}, "ray1": {e1: [], e2: []},
+                "ray2": {e1: [], e2: []}}
         for r in range(args.ray_repeats):
-            order = ["inproc", "ray1", "ray2"] if r % 2 == 0 else ["ray2", "ray1", "inproc"]
+            order = ["inproc", "local", "ray1", "ray2"] if r % 2 == 0 else ["ray2", "ray1", "local", "inproc"]
             for epochs in ((e1, e2) if r % 2 == 0 else (e2, e1)):
                 cfg = dataclasses.replace(base, epochs=epochs)
                 for variant in order:
                     if variant == "inproc":
                         res = in_process_run(splits, cfg, "small_cnn", model_kwargs, val_batch_size=512)
                     else:
-                        res = ray_run(splits, cfg, "small_cnn", model_kwargs, int(variant[-1]), work,
+                        res = ray_run(splits, cfg, "small_cnn", model_kwargs,
+                                      0 if variant == "local" else int(variant[-1]), work,
                                       f"{variant}-e{epochs}-r{r}", use_callback)
                     runs[variant][epochs].append(res)
                     print(f"[ray] repeat {r} {variant:6s} {epochs} epochs: {res['wall_s']:.1f} s", flush=True)
@@ -662,6 +672,14 @@ def run_ray_part(args) -> dict:
         w1 = [x["wall_s"] for x in by_e[e1]]
         w2 = [x["wall_s"] for x in by_e[e2]]
         diff = [(b - a) / (e2 - e1) for a, b in zip(w1, w2)]  # paired by repeat
+        if variant == "local":  # no per-epoch clock: the E2-E1 difference of wall and of this process's CPU
+            cpu_diff = [(b["cpu_total_s"] - a["cpu_total_s"]) / (e2 - e1) for a, b in zip(by_e[e1], by_e[e2])]
+            summary[variant] = {"wall_e1_s": spread(w1), "wall_e2_s": spread(w2), "per_epoch_diff_s": spread(diff),
+                                "per_epoch_s": statistics.median(diff), "per_epoch_cpu_s": spread(cpu_diff),
+                                "startup_s": spread([w - e2 * statistics.median(diff) for w in w2]),
+                                "train_samples_per_s": n_train / statistics.median(diff),
+                                "final_val_accuracy": [x["final"].get("val_accuracy") for x in by_e[e2]]}
+            continue
         key = "epoch_end_s" if variant == "inproc" else "report_s"
         iv = [d for x in by_e[e2] for d in _intervals(x[key])]
         per_epoch = statistics.median(iv) if iv else statistics.median(diff)
@@ -674,7 +692,7 @@ def run_ray_part(args) -> dict:
                             "startup_s": spread([w - e2 * per_epoch for w in w2]),
                             "train_samples_per_s": n_train / per_epoch,
                             "final_val_accuracy": [x["final"].get("val_accuracy") for x in by_e[e2]]}
-    ip, r1, r2 = summary["inproc"], summary["ray1"], summary["ray2"]
+    ip, lo, r1, r2 = summary["inproc"], summary["local"], summary["ray1"], summary["ray2"]
     return {"n_train": n_train, "n_val": n_val, "train_counts": splits.train_counts, "epochs": [e1, e2],
             "repeats": args.ray_repeats, "model": {"family": "small_cnn", **model_kwargs},
             "batch_size": args.batch_size, "ray_worker_threads_probe": worker_threads,
@@ -685,23 +703,29 @@ def run_ray_part(args) -> dict:
             "ray2_epoch_cpu_by_process_s": _median_by_name([d for x in runs["ray2"][e2]
                                                             for d in x.get("epoch_cpu_by_process_s", [])]),
             "summary": summary, "per_epoch_parts_s": parts, "ddp_baseline": ddp,
-            "runs": {v: {str(e): [{k: x[k] for k in ("wall_s", "report_s", "epoch_end_s", "epoch_cpu_s") if k in x}
+            "runs": {v: {str(e): [{k: x[k] for k in ("wall_s", "report_s", "epoch_end_s", "epoch_cpu_s", "cpu_total_s")
+                                   if k in x}
                                   for x in xs] for e, xs in by_e.items()} for v, by_e in runs.items()},
             "ratio_ray1_vs_inproc_per_epoch": r1["per_epoch_s"] / ip["per_epoch_s"],
             "ratio_ray1_vs_inproc_per_epoch_min": r1["per_epoch_interval_s"]["min"] / ip["per_epoch_interval_s"]["min"]
             if r1["per_epoch_interval_s"] else None,
             "ratio_ray1_vs_inproc_per_epoch_diff": r1["per_epoch_diff_s"]["median"] / ip["per_epoch_diff_s"]["median"],
             "cpu_ratio_ray1_vs_inproc_per_epoch": r1["per_epoch_cpu_s"]["median"] / ip["per_epoch_cpu_s"]["median"],
+            # the same worker function in this process (num_workers=0): only the worker group differs
+            "ratio_ray1_vs_local_per_epoch": r1["per_epoch_s"] / lo["per_epoch_s"],
+            "cpu_ratio_ray1_vs_local_per_epoch": r1["per_epoch_cpu_s"]["median"] / lo["per_epoch_cpu_s"]["median"],
             "throughput_ratio_2w_vs_1w": r2["train_samples_per_s"] / r1["train_samples_per_s"],
             "throughput_ratio_2w_vs_1w_diff": r1["per_epoch_diff_s"]["median"] / r2["per_epoch_diff_s"]["median"]}
 
 
 def print_ray(res: dict) -> None:
     rows = []
-    for name, label in (("inproc", "in-process EpochLoop"), ("ray1", "stages.train.fit, 1 worker"),
-                        ("ray2", "stages.train.fit, 2 workers")):
-        s = res["summary"][name]
-        iv = s["per_epoch_interval_s"]
+    for name, label in (("inproc", "in-process EpochLoop"), ("local", "stages.train.fit, local mode"),
+                        ("ray1", "stages.train.fit, 1 worker"), ("ray2", "stages.train.fit, 2 workers")):
+        s = res["summary"].get(name)
+        if s is None:
+            continue
+        iv = s.get("per_epoch_interval_s")
         rows.append([label, fmt_spread(iv, " s", 2) if iv else "-", fmt_spread(s["per_epoch_diff_s"], " s", 2),
                      fmt_spread(s["startup_s"], " s", 1), f"{s['train_samples_per_s']:.0f}"])
     print_table(rows, ["run", "per epoch (report intervals)", "per epoch (E2-E1 diff)", "start-up",
@@ -716,6 +740,10 @@ def print_ray(res: dict) -> None:
         print(f"Ray 1 worker / in-process, fastest epochs: {res['ratio_ray1_vs_inproc_per_epoch_min']:.3f}")
     print(f"Ray 1 worker / in-process per epoch: {res['ratio_ray1_vs_inproc_per_epoch']:.3f} (intervals), "
           f"{res['ratio_ray1_vs_inproc_per_epoch_diff']:.3f} (E2-E1 diff); target <= 1.15")
+    if "cpu_ratio_ray1_vs_local_per_epoch" in res:
+        print(f"Ray 1 worker / local mode (the same worker function in this process), per epoch: "
+              f"{res['ratio_ray1_vs_local_per_epoch']:.3f} wall (report intervals vs E2-E1 diff), "
+              f"{res['cpu_ratio_ray1_vs_local_per_epoch']:.3f} CPU seconds; target <= 1.15")
     print(f"2 workers / 1 worker throughput: {res['throughput_ratio_2w_vs_1w']:.3f} (intervals), "
           f"{res['throughput_ratio_2w_vs_1w_diff']:.3f} (E2-E1 diff)")
     print("per-epoch costs only the Ray path pays (seconds): " + ", ".join(
