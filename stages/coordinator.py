@@ -4,6 +4,7 @@ step's number; the coordinator applies it once and returns the new state, which 
 repeated for a step already applied (a restarted worker replaying an epoch) gets the stored answer.
 
 Its own module, importing only cact_ops.alm: the actor's process starts without the training stage's imports.
+In local mode (``num_workers=0``) the worker is the driver, and the same class is used as a plain object.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from cact_ops.alm import DualConfig, DualState
 NAMESPACE = "cact"
 
 
-class _Coordinator:
+class Coordinator:
     """The DualState of each job (by job name); applies each dual step exactly once (keyed by its number)."""
 
     def __init__(self, jobs: dict[str, tuple[int, dict]]):
@@ -43,4 +44,4 @@ class _Coordinator:
 
 
 # num_cpus=0: the coordinator only does bookkeeping and must never wait for a CPU that the workers hold.
-DualCoordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator)
+DualCoordinator = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)

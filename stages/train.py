@@ -47,7 +47,7 @@ from cact_ops.losses import METHODS
 from cact_ops.training import TrainConfig
 
 from . import _io
-from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, DualCoordinator
+from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, Coordinator, DualCoordinator
 from .payload import PREDECODED_KINDS, decode_to_uint8
 from .storage import as_path, for_reader
 # The run's config, identity and outputs (no Ray); TrainStageConfig, TrainResult and load_model are public here too.
@@ -210,9 +210,13 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
     jobs = [{"stage": jsonable(configs[i].to_dict()), "spec": specs[i], "name": names[i]} for i in todo]
     duals = {names[i]: (specs[i]["num_classes"], dataclasses.asdict(configs[i].loop.dual_config))
              for i in todo if method_registry.get(configs[i].method).uses_dual}
-    coordinator_name = f"cact-dual-{name}" if duals else None
-    coordinator = DualCoordinator.options(name=coordinator_name, namespace=COORDINATOR_NAMESPACE,
-                                          get_if_exists=True).remote(duals) if duals else None
+    local = first.num_workers == 0
+    coordinator_name = f"cact-dual-{name}" if duals and not local else None
+    # local mode: the worker is this process, so the coordinator is an object here, not an actor to start (under
+    # load an actor's process took 50 s to start on 2 CPUs, longer than the demo's whole training)
+    coordinator = (Coordinator(duals) if local else
+                   DualCoordinator.options(name=coordinator_name, namespace=COORDINATOR_NAMESPACE,
+                                           get_if_exists=True).remote(duals)) if duals else None
 
     from ray.data import ExecutionOptions
 
@@ -238,11 +242,11 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
         (configs[i].method_dir / DIVERGED_FILE).unlink(missing_ok=True)
     histories, error = {}, None
     try:
-        if first.num_workers == 0:  # local mode: this process is the only worker
+        if local:  # this process is the only worker
             if streamed:  # each epoch's rows in the same order on every run, as the worker group's shards
                 train_ds.context.execution_options.preserve_order = True
             train_loop_per_worker(loop_config, LocalSession(loop_config["run_dir"], first.use_gpu, train_ds,
-                                                            report_to_tune))
+                                                            report_to_tune, coordinator))
         else:
             error = TorchTrainer(
                 train_loop_per_worker,
@@ -261,7 +265,9 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
                 if streamed else None,
             ).fit().error
     finally:
-        if coordinator is not None:
+        if isinstance(coordinator, Coordinator):
+            histories = {job: coordinator.history(job) for job in duals}
+        elif coordinator is not None:
             histories = {job: _safe_get(coordinator.history.remote(job)) for job in duals}
             ray.kill(coordinator)
     for i in todo:

@@ -25,7 +25,7 @@ from cact_ops import methods as method_registry
 from cact_ops.models import build_model
 from cact_ops.training import EpochLoop, TrainConfig, TrainingDiverged, format_epoch, val_cal_mask
 
-from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE
+from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, Coordinator
 from . import _io
 from .storage import as_path
 from .train_run import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, write_outputs
@@ -169,10 +169,11 @@ class LocalSession:
 
     rank, world = 0, 1
 
-    def __init__(self, run_dir, use_gpu: bool, dataset=None, report_to_tune: bool = False):
+    def __init__(self, run_dir, use_gpu: bool, dataset=None, report_to_tune: bool = False, coordinator=None):
         self.path = as_path(run_dir) / LOCAL_CHECKPOINT
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.dataset, self.report_to_tune = dataset, report_to_tune
+        self.coordinator = coordinator  # a stages.coordinator.Coordinator object: the dual step in this process
 
     def shard(self):
         return self.dataset
@@ -210,7 +211,8 @@ def train_loop_per_worker(cfg: dict, session: LocalSession | None = None) -> Non
     rank = session.rank
     splits = load_splits(cfg["splits"])
     comm = TorchDistComm(session.device)
-    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else None
+    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else \
+        getattr(session, "coordinator", None)
     state = session.last_state()
     names = [job["name"] for job in cfg["jobs"]]
     # A checkpoint of another run of the same name (jobs finished since were dropped from the list) is not ours.
@@ -234,6 +236,13 @@ def train_loop_per_worker(cfg: dict, session: LocalSession | None = None) -> Non
         comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
 
 
+def _ask(coordinator, method: str, *args):
+    """A call to the group's coordinator: the actor of a worker group, or local mode's object."""
+    if isinstance(coordinator, Coordinator):
+        return getattr(coordinator, method)(*args)
+    return ray.get(getattr(coordinator, method).remote(*args))
+
+
 def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, session, comm, run_dir: Path,
                coordinator, predecoded: bool = False) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
@@ -250,7 +259,7 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, s
     def dual_update(dual, grad_sums, counts, h_means, step, epoch):
         answer = None
         if rank == 0:
-            answer = ray.get(coordinator.update.remote(job["name"], step, grad_sums, counts, h_means, epoch))
+            answer = _ask(coordinator, "update", job["name"], step, grad_sums, counts, h_means, epoch)
         dual.load_state_dict(comm.broadcast_object(answer))
 
     loop = EpochLoop(model, loop_cfg, job["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
@@ -260,7 +269,7 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, s
         loop.load_state_dict(state)
         resumed_from = loop.epoch
         if rank == 0 and state.get("dual") is not None and method_registry.get(loop_cfg.method).uses_dual:
-            ray.get(coordinator.seed.remote(job["name"], state["dual"]))
+            _ask(coordinator, "seed", job["name"], state["dual"])
 
     dual_table = splits.read_table("train" if loop_cfg.dual_source == "train" else "val")
     is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)
