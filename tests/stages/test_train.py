@@ -165,6 +165,29 @@ def test_a_group_trains_each_job_as_its_own_fit_and_a_killed_worker_resumes_its_
     assert pl.read_parquet(again["cact"].history_path).height == cfg.epochs * digits_splits.num_classes
 
 
+def test_a_worker_group_that_failed_for_good_resumes_on_the_rerun(ray_cluster, digits_splits, tmp_path):
+    """What a rerun after the driver died relies on, for a worker group: a run that ended with its worker killed
+    and no restart left (max_failures=0) is resumed by the same call from its last Ray Train checkpoint, not
+    started over, and ends with the model of an uninterrupted run (here local mode under one torch thread, the
+    same function bit for bit). The pipeline test kills the driver itself, in local mode, the demo's default."""
+    cfg = TrainConfig(method="cact", epochs=3, batch_size=64, lr=0.05, lambda_max=10.0, seed=11, dual_every_steps=2)
+    stage = train.TrainStageConfig(out=str(tmp_path / "group"), loop=cfg, verbose=False, max_failures=0)
+    with pytest.raises(Exception):
+        train.fit(digits_splits, dataclasses.replace(stage, fail_at_epoch=1))
+    assert not (stage.method_dir / "model.pt").exists()
+    resumed = train.fit(digits_splits, stage)
+    assert resumed.resumed_from_epoch == 1  # from the epoch-0 checkpoint of the failed run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = train.fit(digits_splits, dataclasses.replace(stage, out=str(tmp_path / "local"), num_workers=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert _dual_history(resumed) == _dual_history(straight)
+    torch.testing.assert_close(train.load_model(resumed.model_path)[0].state_dict(),
+                               train.load_model(straight.model_path)[0].state_dict(), rtol=0, atol=0)
+
+
 def test_bad_input_is_refused_before_training(ray_cluster, digits_splits, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'bogus'.*cact"):
         TrainConfig(method="bogus")
