@@ -197,9 +197,10 @@ def run(splits, config: SweepConfig) -> SweepResult:
         else:
             train_stage.fit(splits_root, stage, callbacks=[TuneReportCallback()])
 
-    resources = {"CPU": config.trial_cpus + (per_worker_cpus if local and not base.use_gpu else 0)}
-    if local and base.use_gpu:
-        resources = {"CPU": config.trial_cpus + 1, "GPU": 1}
+    resources = {"CPU": config.trial_cpus}
+    if local:  # the trial's own process trains: it holds one worker's share
+        resources = {"CPU": config.trial_cpus + 1, "GPU": 1} if base.use_gpu else \
+            {"CPU": config.trial_cpus + per_worker_cpus}
     tuner = tune.Tuner(
         tune.with_resources(trial, resources),
         param_space=space,

@@ -25,7 +25,7 @@ from cact_ops import methods as method_registry
 from cact_ops.models import build_model
 from cact_ops.training import EpochLoop, TrainConfig, TrainingDiverged, format_epoch, val_cal_mask
 
-from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE, Coordinator
+from .coordinator import NAMESPACE as COORDINATOR_NAMESPACE
 from . import _io
 from .storage import as_path
 from .train_run import CHECKPOINT_FILE, DIVERGED_FILE, TrainStageConfig, write_outputs
@@ -120,16 +120,23 @@ def _inject_fault(marker: Path) -> None:
 
 
 class RayTrainSession:
-    """A Ray Train worker's view of its run: rank, world size, device, its Ray Data shard, and the checkpoints
-    and metrics it reports through Ray Train (rank 0 reports the checkpoint)."""
+    """A Ray Train worker's view of its run: rank, world size, device, its Ray Data shard, the group's dual
+    coordinator (the actor the driver started), and the checkpoints and metrics it reports through Ray Train
+    (rank 0 reports the checkpoint)."""
 
-    def __init__(self):
+    def __init__(self, coordinator_name: str | None):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.coordinator = ray.get_actor(coordinator_name, namespace=COORDINATOR_NAMESPACE) if coordinator_name \
+            else None
+
+    def ask(self, method: str, *args):
+        """A call to the group's coordinator actor."""
+        return ray.get(getattr(self.coordinator, method).remote(*args))
 
     def shard(self):
         return ray.train.get_dataset_shard("train")
@@ -175,6 +182,10 @@ class LocalSession:
         self.dataset, self.report_to_tune = dataset, report_to_tune
         self.coordinator = coordinator  # a stages.coordinator.Coordinator object: the dual step in this process
 
+    def ask(self, method: str, *args):
+        """A call to the coordinator object, in this process."""
+        return getattr(self.coordinator, method)(*args)
+
     def shard(self):
         return self.dataset
 
@@ -205,14 +216,12 @@ def train_loop_per_worker(cfg: dict, session: LocalSession | None = None) -> Non
         # Ray Train gives the worker's root logger an INFO console handler; its per-report line ("Reporting
         # training result ...", a logger outside ray.train) then follows the job's log level only if the root does.
         logging.getLogger().setLevel(cfg.get("log_level", "INFO"))
-        session = RayTrainSession()
+        session = RayTrainSession(cfg["coordinator"])
     for entry in cfg.get("methods", ()):  # the driver's registry entries: a plugin's method builds its loss here
         method_registry.adopt(entry)
     rank = session.rank
     splits = load_splits(cfg["splits"])
     comm = TorchDistComm(session.device)
-    coordinator = ray.get_actor(cfg["coordinator"], namespace=COORDINATOR_NAMESPACE) if cfg["coordinator"] else \
-        getattr(session, "coordinator", None)
     state = session.last_state()
     names = [job["name"] for job in cfg["jobs"]]
     # A checkpoint of another run of the same name (jobs finished since were dropped from the list) is not ours.
@@ -224,7 +233,7 @@ def train_loop_per_worker(cfg: dict, session: LocalSession | None = None) -> Non
         stage = TrainStageConfig(**{**job["stage"], "loop": TrainConfig(**job["stage"]["loop"])})
         try:
             final = _train_job(job, stage, state if i == current else None, splits, session, comm,
-                               as_path(cfg["run_dir"]), coordinator, cfg.get("predecoded", False))
+                               as_path(cfg["run_dir"]), cfg.get("predecoded", False))
         except TrainingDiverged as e:
             # Deterministic: a retry (max_failures) would diverge again. Say why and end the group; the driver
             # raises this message. Every rank sees the same global loss, so every rank stops here.
@@ -236,15 +245,8 @@ def train_loop_per_worker(cfg: dict, session: LocalSession | None = None) -> Non
         comm.broadcast_object(None)  # the next job may fine-tune from this one's model.pt: wait for it
 
 
-def _ask(coordinator, method: str, *args):
-    """A call to the group's coordinator: the actor of a worker group, or local mode's object."""
-    if isinstance(coordinator, Coordinator):
-        return getattr(coordinator, method)(*args)
-    return ray.get(getattr(coordinator, method).remote(*args))
-
-
 def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, session, comm, run_dir: Path,
-               coordinator, predecoded: bool = False) -> dict:
+               predecoded: bool = False) -> dict:
     """One method's training, from ``state`` (its last checkpoint) when given; returns its final state."""
     from .payload import decode, decode_labels, predecoded_batch
 
@@ -259,7 +261,7 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, s
     def dual_update(dual, grad_sums, counts, h_means, step, epoch):
         answer = None
         if rank == 0:
-            answer = _ask(coordinator, "update", job["name"], step, grad_sums, counts, h_means, epoch)
+            answer = session.ask("update", job["name"], step, grad_sums, counts, h_means, epoch)
         dual.load_state_dict(comm.broadcast_object(answer))
 
     loop = EpochLoop(model, loop_cfg, job["spec"]["num_classes"], device, comm=comm, dual_update=dual_update,
@@ -269,7 +271,7 @@ def _train_job(job: dict, stage: TrainStageConfig, state: dict | None, splits, s
         loop.load_state_dict(state)
         resumed_from = loop.epoch
         if rank == 0 and state.get("dual") is not None and method_registry.get(loop_cfg.method).uses_dual:
-            _ask(coordinator, "seed", job["name"], state["dual"])
+            session.ask("seed", job["name"], state["dual"])
 
     dual_table = splits.read_table("train" if loop_cfg.dual_source == "train" else "val")
     is_cal = val_cal_mask(decode_labels(dual_table), loop_cfg.val_cal_fraction, loop_cfg.seed)

@@ -4,6 +4,7 @@ Every Ray Train fit costs ~15-25 s here, so the fits are few and each test asser
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -26,6 +27,18 @@ pytestmark = pytest.mark.ray
 def digits_splits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "splits"
     return longtail.build(longtail.LongTailConfig(dataset="digits", out=str(out), imbalance_factor=10))
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """This process's torch on one thread, as a Ray Train worker of 1 CPU runs it: local-mode fits here then sum
+    floats in the worker's order, and equal its runs bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _dual_history(result: train.TrainResult) -> list:
@@ -132,15 +145,11 @@ def test_a_group_trains_each_job_as_its_own_fit_and_a_killed_worker_resumes_its_
         return ce, train.TrainStageConfig(out=str(out), loop=cfg, init_from=str(ce.method_dir / "model.pt"),
                                           verbose=False, max_failures=1, **kw)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a Ray Train worker of 1 CPU runs one thread: the same float sums, bit for bit
-    try:
+    with _one_torch_thread():
         ce_a, cact_a = stages(tmp_path / "a", num_workers=0)
         alone = {"ce": train.fit(digits_splits, ce_a), "cact": train.fit(digits_splits, cact_a)}  # local mode
         # overwrite (a pipeline's --no-resume) retrains from scratch, not from the last checkpoint of the same run
         fresh = {c.method: train.fit(digits_splits, dataclasses.replace(c, overwrite=True)) for c in (ce_a, cact_a)}
-    finally:
-        torch.set_num_threads(threads)
     assert not any(r.reused or r.resumed_from_epoch for r in fresh.values())
     group = train.fit_group(digits_splits, list(stages(tmp_path / "b", fail_at_epoch=1)))  # one, restarted
     assert list(group) == ["ce", "cact"]
@@ -177,12 +186,8 @@ def test_a_worker_group_that_failed_for_good_resumes_on_the_rerun(ray_cluster, d
     assert not (stage.method_dir / "model.pt").exists()
     resumed = train.fit(digits_splits, stage)
     assert resumed.resumed_from_epoch == 1  # from the epoch-0 checkpoint of the failed run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_torch_thread():
         straight = train.fit(digits_splits, dataclasses.replace(stage, out=str(tmp_path / "local"), num_workers=0))
-    finally:
-        torch.set_num_threads(threads)
     assert _dual_history(resumed) == _dual_history(straight)
     torch.testing.assert_close(train.load_model(resumed.model_path)[0].state_dict(),
                                train.load_model(straight.model_path)[0].state_dict(), rtol=0, atol=0)
@@ -411,12 +416,8 @@ def test_a_streamed_split_is_decoded_by_ray_data_and_a_diverging_job_is_not_retr
                                rtol=1e-3, atol=1e-4)
     # In local mode (num_workers=0) the same streamed, Ray Data-decoded job trains in this process: with the
     # worker's one torch thread, the worker group's model and multipliers bit for bit
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_torch_thread():
         alone = train.fit(digits_splits, dataclasses.replace(streamed, out=str(tmp_path / "local"), num_workers=0))
-    finally:
-        torch.set_num_threads(threads)
     assert _dual_history(alone) == hist
     torch.testing.assert_close(train.load_model(alone.model_path)[0].state_dict(),
                                train.load_model(r.model_path)[0].state_dict(), rtol=0, atol=0)
