@@ -22,6 +22,7 @@ Benchmarks (their own docstrings say exactly what is timed):
   longtail  benchmarks/longtail_memory.py              long-tailed split build vs an in-memory pyarrow script
   demo      benchmarks/demo_time.py                    the README's main job (``make demo``: local mode)
                                                        vs the same with a Ray Train worker group, fresh folders
+  amp       benchmarks/cpu_amp.py                      CPU training step with bf16 autocast (amp_cpu) vs fp32
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def commands(quick: bool, json_dir: Path) -> dict[str, list[str]]:
         "longtail": ["benchmarks/longtail_memory.py", *(["--classes", "200"] if q else []),
                      "--json", str(json_dir / "longtail.json")],
         "demo": ["benchmarks/demo_time.py", "--repeats", "1" if q else "2", "--json", str(json_dir / "demo.json")],
+        "amp": ["benchmarks/cpu_amp.py", "--repeats", "3" if q else "7", "--json", str(json_dir / "amp.json")],
     }
 
 
@@ -160,7 +162,18 @@ def rows_demo(res: dict, mach: str, cmd: str) -> list[dict]:
     return rows
 
 
-ROWS = {"step": rows_step, "ray": rows_ray, "cp_eval": rows_cp, "longtail": rows_longtail, "demo": rows_demo}
+def rows_amp(res: dict, mach: str, cmd: str) -> list[dict]:
+    flags = ", ".join(res["cpu_flags"]) or "no avx512_bf16 / AMX"
+    r = row(f"training step on CPU, bf16 autocast + channels-last (`amp_cpu`) vs fp32 ({res['model']}, batch "
+            f"{res['batch_size']}, CE, crop + flip; CPU ms per step; CPU: {flags}; ratio = median of "
+            f"{res['repeats']} interleaved pairs)", res["amp_cpu_ms"], res["fp32_cpu_ms"], "fp32 step", "ms",
+            "< 1 (where the CPU has bf16)", mach, cmd, 0)
+    r["ratio"] = res["paired_ratio"]
+    return [r]
+
+
+ROWS = {"step": rows_step, "ray": rows_ray, "cp_eval": rows_cp, "longtail": rows_longtail, "demo": rows_demo,
+        "amp": rows_amp}
 
 
 # ---------------------------------------------------------------------------------------------------------------

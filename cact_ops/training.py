@@ -251,6 +251,12 @@ class EpochLoop:
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        # bf16 autocast where it pays (cfg.amp: CUDA; cfg.amp_cpu: CPU as well, with channels-last memory, which
+        # oneDNN's bf16 convolutions need to be fast)
+        self.amp = cfg.amp and (self.device.type == "cuda" or (cfg.amp_cpu and self.device.type == "cpu"))
+        self.channels_last = self.amp and self.device.type == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.comm = comm or LocalComm()
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # augmentation and in-process shuffles
         # The B_cal/B_pred split has a generator of its own: every rank draws the same keys whatever its share of
@@ -268,6 +274,13 @@ class EpochLoop:
         self.metrics: list[dict] = []  # one row per epoch
         self._train_class_soft = torch.full((num_classes,), float("nan"), dtype=torch.float64)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits, under bf16 autocast when ``self.amp``."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.model(x)
+
     # -- one epoch -------------------------------------------------------------------------------------------
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     validate: Callable[[], "ValStats"] | None = None) -> dict:
@@ -284,7 +297,6 @@ class EpochLoop:
         sums: dict[str, float] = dict.fromkeys(keys, 0.0)
         class_size, class_count = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
         n_seen = 0
-        use_amp = cfg.amp and dev.type == "cuda"
         every = cfg.dual_every_steps if self.dual is not None and validate is not None else 0
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True).long()
@@ -292,8 +304,7 @@ class EpochLoop:
                 continue  # a conformal loss needs both a calibration and a prediction part (ranks pool theirs)
             if cfg.augment != "none" and x.dim() == 4:
                 x = augment(x, cfg.augment, self.generator)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = self.model(x)
+            logits = self._forward(x)
             if not bool(torch.isfinite(logits).all()):
                 raise TrainingDiverged(cfg, self.epoch, self.global_step, "the model's logits")
             loss, diag = self.loss_fn(logits.float(), y)
@@ -341,8 +352,7 @@ class EpochLoop:
         cal_scores, cal_labels, rest_conf, rest_y = [], [], [], []
         for x, y, is_cal in batches:
             x, y, is_cal = x.to(dev), y.to(dev).long(), is_cal.to(dev).bool()
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
-                logits = self.model(x)
+            logits = self._forward(x)
             if not torch.isfinite(logits).all():  # weights blown up by the last optimizer steps
                 raise TrainingDiverged(cfg, self.epoch, self.global_step, "the model's validation logits")
             conf = logprob(logits.float())

@@ -1,7 +1,8 @@
 """CaCT on CIFAR-10-LT: the official python pickles (cifar-10-batches-py/) or a Parquet image table.
 
 The defaults follow the LDAM-DRW protocol (ResNet-32, SGD 0.1 with 5 warm-up epochs, decay at 160 and 180,
-200 epochs, batch 128, crop + flip): a GPU job. On a CPU, shorten it (e.g. --epochs 5).
+200 epochs, batch 128, crop + flip): a GPU job. On a CPU, shorten it (e.g. --epochs 5); where the CPU has
+avx512_bf16 or AMX, --amp-cpu (bf16 autocast) about halves the step time (benchmarks/cpu_amp.py).
 
     python pipelines/cifar10_lt.py --data-root ~/data/cifar-10-batches-py --use-gpu
     python pipelines/cifar10_lt.py --data-root ../shared/data/cifar10-jpeg --imbalance-factor 10

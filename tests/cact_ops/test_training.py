@@ -377,3 +377,25 @@ def test_resized_crop_flip_draws_boxes_of_the_asked_area_and_flips_half():
     from cact_ops.training import augment
 
     assert augment(x[:2], "none") is x[:2] or torch.equal(augment(x[:2], "none"), x[:2])
+
+
+def test_amp_cpu_trains_in_bf16_with_channels_last_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    x = torch.rand(48, 1, 8, 8)
+    y = torch.arange(48) % K
+    models = {}
+    for amp_cpu in (False, True):
+        torch.manual_seed(0)
+        loop = EpochLoop(build_model("small_cnn", K, in_channels=1), tiny_cfg("cact", amp_cpu=amp_cpu), K,
+                         train_counts=torch.bincount(y, minlength=K))
+        assert loop.amp is amp_cpu and loop.channels_last is amp_cpu
+        conv = loop.model.features[3].weight  # 32 input channels: the two layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) is amp_cpu
+        logits = loop._forward(x)
+        assert logits.dtype == (torch.bfloat16 if amp_cpu else torch.float32)
+        models[amp_cpu] = logits.float()
+        tm = loop.train_epoch(iterate_tensors(x, y, 16, True, loop.generator))
+        assert all(math.isfinite(v) for v in tm.values()) and loop.global_step == 3
+    # bf16 keeps 8 bits of mantissa: the same weights give the same logits to about 1%
+    assert torch.allclose(models[True], models[False], rtol=0.03, atol=0.03)
+    assert not EpochLoop(linear_model(), tiny_cfg("ce", amp=False, amp_cpu=True), K).amp  # amp off wins
