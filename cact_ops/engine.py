@@ -45,7 +45,7 @@ from .metrics import (
     shot_groups,
 )
 from .ranking import classwise_sizes, prefix_sizes, rank_pool
-from .scores import SCORE_REGISTRY, Score, score_object
+from .scores import SCORE_REGISTRY, Score, score_object, softmax
 
 DEFAULT_SCORES = ("lac", "aps", "raps")
 PREDICTORS = ("standard", "classwise")
@@ -184,7 +184,7 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
     if groups.numel() != num_classes:
         raise ValueError(f"train_counts has {groups.numel()} classes but logits have {num_classes}")
     accuracy = (logits.argmax(dim=1) == labels_d)[test].to(torch.float64).mean(dim=1)
-    probs = torch.softmax(logits, dim=1)
+    probs = softmax(logits)
     r_, a_ = cal.shape[0], len(alphas)
     classwise_needed = "classwise" in predictors
     # One sort of every row serves the scores computed from it (APS/RAPS) and the standard sizes of every

@@ -23,6 +23,22 @@ from ._checks import check_matrix, check_probs
 from .ranking import rank_pool
 
 
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of logits [n, K], as the evaluation engine and :meth:`Score.from_logits` compute them.
+
+    With fewer than 16 classes on a CPU, written out: torch's CPU softmax runs a scalar loop over rows that short
+    (10,000 x 10: 0.91 ms against 0.24 ms; 10,000 x 16: 0.15 ms, where its vectorised loop is the faster).
+
+    >>> softmax(torch.tensor([[0.0, 0.0], [2.0, 0.0]])).round(decimals=4)
+    tensor([[0.5000, 0.5000],
+            [0.8808, 0.1192]])
+    """
+    if logits.shape[-1] >= 16 or logits.device.type != "cpu":
+        return torch.softmax(logits, dim=1)
+    e = (logits - logits.amax(dim=1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=1, keepdim=True))
+
+
 def lac(probs: torch.Tensor) -> torch.Tensor:
     """LAC / THR score s(x, k) = 1 - p_k (Sadinle et al. 2019).
 
@@ -172,7 +188,7 @@ class Score:
         >>> score_object("lac").from_logits(torch.zeros(1, 2))
         tensor([[0.5000, 0.5000]])
         """
-        probs = torch.softmax(check_matrix(logits, "logits").detach(), dim=1)
+        probs = softmax(check_matrix(logits, "logits").detach())
         n = probs.shape[0]
         if self.randomized:
             u = _uniform(probs, u, generator).expand(n, 1).reshape(n)

@@ -6,7 +6,7 @@ import torch
 
 from cact_ops.engine import evaluate_pool
 from cact_ops.ranking import rank_pool
-from cact_ops.scores import SCORES, Score, aps, get_score, lac, logprob, raps, score_object
+from cact_ops.scores import SCORES, Score, aps, get_score, lac, logprob, raps, score_object, softmax
 
 from .conftest import random_probs
 
@@ -117,7 +117,8 @@ def test_get_score_registry():
 def test_from_logits_is_the_score_of_the_softmax_and_the_engines_numbers_bit_for_bit(name):
     logits = 2 * torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
     u = torch.rand(40, generator=torch.Generator().manual_seed(1))
-    score, probs = score_object(name), torch.softmax(logits, dim=1)
+    score, probs = score_object(name), softmax(logits)  # the engine's softmax
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=1))
     got = score.from_logits(logits, u=u)
     # The definition, on the probabilities (no ties here: equal up to the order of floating-point sums).
     torch.testing.assert_close(got, {"lac": lambda: lac(probs), "aps": lambda: aps(probs, u=u),
@@ -136,10 +137,10 @@ def test_from_logits_u_none_draws_one_u_per_row_from_the_generator_and_u_1_is_de
     assert torch.equal(a, aps_score.from_logits(logits, u=u))
     assert torch.equal(aps_score.from_logits(logits, u=1.0), aps_score.from_logits(logits, u=torch.ones(30)))
     torch.testing.assert_close(aps_score.from_logits(logits, u=1.0), aps(torch.softmax(logits, 1), u=1.0))
-    # Deterministic scores ignore u; a custom score gets the softmax.
-    assert torch.equal(score_object("lac").from_logits(logits, u=0.3), 1 - torch.softmax(logits, 1))
+    # Deterministic scores ignore u; a custom score gets the softmax (the engine's).
+    assert torch.equal(score_object("lac").from_logits(logits, u=0.3), 1 - softmax(logits))
     sq = Score("sq", lambda p: 1.0 - p ** 2)
-    assert torch.equal(sq.from_logits(logits), 1.0 - torch.softmax(logits, 1) ** 2)
+    assert torch.equal(sq.from_logits(logits), 1.0 - softmax(logits) ** 2)
 
 
 def test_from_logits_ties_share_the_score_as_in_the_engine():
