@@ -52,7 +52,8 @@ PREDICTORS = ("standard", "classwise")
 # Up to this many (split x alpha) thresholds, LAC's standard set sizes are counted directly (one comparison pass
 # each) rather than after a sort of every row (which costs about as much as 4-8 comparison passes).
 _DIRECT_COUNT_MAX = 4
-# Up to this many splits, class-order scores (class-wise sets of APS/RAPS) are built for the test rows only.
+# Up to this many splits, the argmax and the class-order scores (class-wise sets of APS/RAPS, LAC's sets) are
+# computed for the test rows only.
 _FEW_SPLITS = 2
 KEYS = ("method", "score", "predictor", "alpha")
 PER_CLASS_COLUMNS = KEYS + ("class", "class_name", "shot", "train_count", "test_count", "coverage_mean",
@@ -183,9 +184,21 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
     groups = shot_groups(train_counts)
     if groups.numel() != num_classes:
         raise ValueError(f"train_counts has {groups.numel()} classes but logits have {num_classes}")
-    accuracy = (logits.argmax(dim=1) == labels_d)[test].to(torch.float64).mean(dim=1)
-    probs = softmax(logits)
     r_, a_ = cal.shape[0], len(alphas)
+    # With few splits only the test rows are read beyond their true class (the calibration side needs the
+    # true-class scores only): the argmax, the class-order scores and their argsort then run on those rows alone.
+    few_rows = None
+    if dev.type == "cpu" and r_ <= _FEW_SPLITS:
+        few_rows = torch.unique(test.cpu())
+        if few_rows.numel() > 0.75 * len(labels):
+            few_rows = None
+    if few_rows is None:
+        correct, few_test = logits.argmax(dim=1) == labels_d, None
+    else:
+        correct = logits.index_select(0, few_rows).argmax(dim=1) == labels_d.index_select(0, few_rows)
+        few_test = torch.searchsorted(few_rows, test)  # the test rows' positions in few_rows
+    accuracy = correct[test if few_test is None else few_test].to(torch.float64).mean(dim=1)
+    probs = softmax(logits)
     classwise_needed = "classwise" in predictors
     # One sort of every row serves the scores computed from it (APS/RAPS) and the standard sizes of every
     # rank-monotone score (a binary search per threshold). LAC alone with a few thresholds is cheaper without it:
@@ -193,12 +206,7 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
     need_sort = any(s.from_ranks for s in objs) or (
         "standard" in predictors and r_ * a_ > _DIRECT_COUNT_MAX and any(s.rank_monotone for s in objs))
     need_order = classwise_needed and any(s.from_ranks for s in objs)
-    # Class-order scores are only read at test rows: with few splits, only those rows need the argsort.
-    order_rows = None
-    if need_order and r_ <= _FEW_SPLITS:
-        order_rows = torch.unique(test.cpu()) if dev.type == "cpu" else None
-        if order_rows is not None and order_rows.numel() > 0.75 * len(labels):
-            order_rows = None
+    order_rows = few_rows if need_order else None
     ranked = rank_pool(probs, labels_d, need_order, order_rows) if need_sort else None
     u = draw_u(len(labels), seed).to(dev, dtype) if randomized else None
     results = []
@@ -209,13 +217,10 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
         # s_class holds the class-order scores of the pool rows s_rows (None: every row); with few splits only
         # the test rows are needed (the calibration side uses the true-class scores only).
         s_class, s_rows = None, None
-        lazy = (score.elementwise and not score.randomized and dev.type == "cpu" and r_ <= _FEW_SPLITS
+        lazy = (score.elementwise and not score.randomized and few_rows is not None
                 and (classwise_needed or s_rank is None))
         if lazy:
-            s_rows = torch.unique(test.cpu())
-            if s_rows.numel() > 0.75 * len(labels):
-                lazy, s_rows = False, None
-        if lazy:
+            s_rows = few_rows
             s_class = score.class_scores(probs.index_select(0, s_rows), None, **kw)
         elif classwise_needed or s_rank is None:
             s_class = score.class_scores(probs, u_s, ranked=ranked, s_rank=s_rank, **kw)
@@ -227,7 +232,7 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
             true = score.class_scores(probs.gather(1, labels_d[:, None]), None, **kw).squeeze(1)
         else:
             true = s_class.gather(1, labels_d[:, None]).squeeze(1)
-        test_rows = test if s_rows is None else torch.searchsorted(s_rows, test)  # rows of s_class
+        test_rows = test if s_rows is None else few_test  # rows of s_class (s_rows is few_rows or None)
         t_cal, t_test = true[cal], true[test]
         for predictor in predictors:
             classwise = predictor == "classwise"

@@ -4,7 +4,8 @@ training seeds x R = 20 calibration/test splits, paired comparisons and a verdic
 Per (dataset, IF, seed), in one process and without Ray (the library, as a user's own loop would call it):
 1. the long-tailed splits (``stages.longtail``; D_val is a stratified 20% of the official test split);
 2. a converged backbone trained once with CE (``cact_ops.training.fit_in_process``): 20 Newsgroups a TF-IDF MLP
-   (``tfidf``: idf and vocabulary fit on the training split only), MNIST the ``small_cnn``;
+   (``tfidf``: idf and vocabulary fit on the training split only), MNIST the ``lenet``, CIFAR-10 ResNet-32
+   (``BACKBONES``; on a GPU, or on CPU cores in bf16);
 3. its penultimate features (``cact_ops.models.penultimate_features``, what ``stages.features`` writes);
 4. heads on the features, with DeepMind's ConfTr CIFAR-10 settings (``stages.features.REFERENCE_HEAD``: batch
    500, lr 0.01, T = 1, ConfTr lambda 0.05 and log transform) for ``--head-finetune-epochs``: every method starts
@@ -60,6 +61,8 @@ BACKBONES = {
     "cifar10": {"family": "cifar_resnet32", "loop": {"epochs": 80, "batch_size": 256, "lr": 0.2, "optimizer": "sgd",
                                                      "weight_decay": 2e-4, "schedule": "step", "warmup_epochs": 5,
                                                      "milestones": [64, 72], "augment": "crop_flip",
+                                                     # bf16 on CPU too (CUDA has it by default): the 2-core run
+                                                     "amp_cpu": True,
                                                      # only the CE loop's logged soft-size diagnostics use it; this
                                                      # operator needs no torchsort (absent on a bare GPU machine)
                                                      "quantile_operator": "sigmoid"}},
