@@ -187,16 +187,18 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
     r_, a_ = cal.shape[0], len(alphas)
     # With few splits only the test rows are read beyond their true class (the calibration side needs the
     # true-class scores only): the argmax, the class-order scores and their argsort then run on those rows alone.
-    few_rows = None
-    if dev.type == "cpu" and r_ <= _FEW_SPLITS:
-        few_rows = torch.unique(test.cpu())
-        if few_rows.numel() > 0.75 * len(labels):
-            few_rows = None
+    few_rows, few_test = None, None  # those rows (pool indices), and each test row's position among them
+    if dev.type == "cpu" and r_ <= _FEW_SPLITS and test.shape[1] <= 0.75 * len(labels):
+        if r_ == 1:  # one split: its test rows as they are (no sort, no search)
+            few_rows, few_test = test[0], torch.arange(test.shape[1])[None]
+        else:
+            few_rows = torch.unique(test)
+            few_rows, few_test = (few_rows, torch.searchsorted(few_rows, test)) \
+                if few_rows.numel() <= 0.75 * len(labels) else (None, None)
     if few_rows is None:
-        correct, few_test = logits.argmax(dim=1) == labels_d, None
+        correct = logits.argmax(dim=1) == labels_d
     else:
         correct = logits.index_select(0, few_rows).argmax(dim=1) == labels_d.index_select(0, few_rows)
-        few_test = torch.searchsorted(few_rows, test)  # the test rows' positions in few_rows
     accuracy = correct[test if few_test is None else few_test].to(torch.float64).mean(dim=1)
     probs = softmax(logits)
     classwise_needed = "classwise" in predictors

@@ -69,7 +69,7 @@ class RankedPool:
     tie_rows: torch.Tensor
     tie_cols: torch.Tensor
     tie_start: torch.Tensor
-    order_rows: torch.Tensor | None = None  # rows that ``order`` covers (sorted pool indices); None: every row
+    order_rows: torch.Tensor | None = None  # rows that ``order`` covers (pool indices); None: every row
 
     def share_ties(self, s_rank: torch.Tensor) -> torch.Tensor:
         """In place: every tied entry of the rank-ordered scores takes its tie group's first value."""
@@ -91,7 +91,7 @@ def rank_pool(probs: torch.Tensor, labels: torch.Tensor, need_order: bool,
               order_rows: torch.Tensor | None = None) -> RankedPool:
     """Sort each row of ``probs`` once, largest first (NumPy's SIMD sort on the CPU, ``torch.sort`` elsewhere).
 
-    ``order_rows`` (sorted, unique pool indices; CPU only) limits the class order (an argsort, several times the
+    ``order_rows`` (pool indices; CPU only) limits the class order (an argsort, several times the
     cost of a sort) to those rows, e.g. the test rows of one split: the other rows only need their sorted values.
     """
     labels = labels.to(probs.device)
