@@ -57,11 +57,13 @@ BACKBONES = {
     # ResNet-32 with the LDAM schedule (Cao et al. 2019) cut to 80 epochs at batch 256 and lr 0.2 (milestones at
     # the same fractions, 0.8 and 0.9): a GPU backbone, all 15 (IF, seed) runs in one short lease
     # (evidence_backbones_gpu.sh); 100 epochs at batch 128 reached 0.639 on IF 100, seed 0
-    # (benchmarks/results/measured/gpu/cifar10_lt_direct.json)
+    # (benchmarks/results/measured/gpu/cifar10_lt_direct.json). On 2 CPU cores in bf16 (amp_cpu): 0.651 and 0.643
+    # on IF 100, seeds 0 and 1, in 34.7 min each (benchmarks/results/measured/cpu/cifar10-if100-backbones.json)
     "cifar10": {"family": "cifar_resnet32", "loop": {"epochs": 80, "batch_size": 256, "lr": 0.2, "optimizer": "sgd",
                                                      "weight_decay": 2e-4, "schedule": "step", "warmup_epochs": 5,
                                                      "milestones": [64, 72], "augment": "crop_flip",
-                                                     # bf16 on CPU too (CUDA has it by default): the 2-core run
+                                                     # bf16 on CPU too (CUDA has it by default): half the
+                                                     # fp32 step time on an avx512_bf16 CPU
                                                      "amp_cpu": True,
                                                      # only the CE loop's logged soft-size diagnostics use it; this
                                                      # operator needs no torchsort (absent on a bare GPU machine)
@@ -101,7 +103,8 @@ def _splits(dataset: str, data_root: str, imbalance_factor: float, val_fraction:
                                                   seed=seed))
 
 
-def _backbone(dataset: str, splits, seed: int, work: Path, device: str = "cpu", epochs: int | None = None):
+def _backbone(dataset: str, splits, seed: int, work: Path, device: str = "cpu", epochs: int | None = None,
+              verbose: bool = False):
     """The CE backbone of one seed, trained once and cached in ``work`` (state dict, ``weights_only`` load) with
     its facts (seconds, device, loop, the training split's digest). A cached backbone trained on another split
     or with another loop (a smoke run's ``epochs``) is refused, so a measurement never uses it."""
@@ -132,7 +135,7 @@ def _backbone(dataset: str, splits, seed: int, work: Path, device: str = "cpu", 
     # the whole split on the device once: a GPU step of these small models is bound by launches, not data
     train, val = (tuple(t.to(dev) for t in payload.read_split_tensors(splits, s)) for s in ("train", "val"))
     t0 = time.time()
-    fit_in_process(model, TrainConfig(method="ce", seed=seed, **loop), train, val, device=device)
+    fit_in_process(model, TrainConfig(method="ce", seed=seed, **loop), train, val, device=device, verbose=verbose)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     facts = {"seconds": round(time.time() - t0, 1), "loop": loop, "train_digest": digest,
@@ -716,6 +719,7 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--epochs", type=int, default=None, help="smoke only: shorten the backbone's loop (such a "
                    "backbone is refused by `run`)")
+    b.add_argument("--verbose", action="store_true", help="one line per epoch (validation accuracy, sets)")
     q = sub.add_parser("report", help="print the verdicts and fronts of every measured (dataset, IF)")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--summary", action="store_true", help="only the one-row-per-(dataset, IF) verdict table")
@@ -751,7 +755,7 @@ def main(argv=None) -> int:
             work = a.work / _folder_name(a.dataset, a.imbalance_factor, a.val_fraction)  # run_seed's layout
             work.mkdir(parents=True, exist_ok=True)
             splits = _splits(a.dataset, a.data_root, a.imbalance_factor, a.val_fraction, seed, work)
-            model, facts = _backbone(a.dataset, splits, seed, work, a.device, a.epochs)
+            model, facts = _backbone(a.dataset, splits, seed, work, a.device, a.epochs, a.verbose)
             x, y = (t.to(a.device) for t in payload.read_split_tensors(splits, "pool"))
             model = model.to(a.device)
             with torch.no_grad():
