@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -63,6 +64,11 @@ def test_infer_matches_direct_model_and_feeds_evaluate(tmp_path, ray_cluster, ca
     run = tmp_path / "run"
     write_splits(run / "splits")
     models = {m: save_model(run / "train" / m / "model.pt", seed) for seed, m in enumerate(("cact", "ce"))}
+    # An earlier test's actors are released asynchronously (the shared cluster): start from an idle cluster, so
+    # that exactly the 0.5 CPUs held below are missing
+    total, deadline = ray.cluster_resources().get("CPU", 0.0), time.time() + 60
+    while ray.available_resources().get("CPU", 0.0) < total and time.time() < deadline:
+        time.sleep(0.2)
     busy = placement_group([{"CPU": 0.5}])
     ray.get(busy.ready(), timeout=60)
     try:
