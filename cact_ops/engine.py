@@ -188,13 +188,14 @@ def evaluate_pool(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequ
     # With few splits only the test rows are read beyond their true class (the calibration side needs the
     # true-class scores only): the argmax, the class-order scores and their argsort then run on those rows alone.
     few_rows, few_test = None, None  # those rows (pool indices), and each test row's position among them
-    if dev.type == "cpu" and r_ <= _FEW_SPLITS and test.shape[1] <= 0.75 * len(labels):
+    if dev.type == "cpu" and r_ <= _FEW_SPLITS:
         if r_ == 1:  # one split: its test rows as they are (no sort, no search)
             few_rows, few_test = test[0], torch.arange(test.shape[1])[None]
         else:
             few_rows = torch.unique(test)
-            few_rows, few_test = (few_rows, torch.searchsorted(few_rows, test)) \
-                if few_rows.numel() <= 0.75 * len(labels) else (None, None)
+            few_test = torch.searchsorted(few_rows, test)
+        if few_rows.numel() > 0.75 * len(labels):  # nearly every row: the whole pool is cheaper than a copy
+            few_rows, few_test = None, None
     if few_rows is None:
         correct = logits.argmax(dim=1) == labels_d
     else:

@@ -33,7 +33,7 @@ def softmax(logits: torch.Tensor) -> torch.Tensor:
     tensor([[0.5000, 0.5000],
             [0.8808, 0.1192]])
     """
-    if logits.shape[-1] >= 16 or logits.device.type != "cpu":
+    if logits.shape[1] >= 16 or logits.device.type != "cpu":
         return torch.softmax(logits, dim=1)
     e = (logits - logits.amax(dim=1, keepdim=True)).exp_()
     return e.div_(e.sum(dim=1, keepdim=True))

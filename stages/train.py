@@ -265,7 +265,7 @@ def fit_group(splits, configs: list[TrainStageConfig], callbacks: list | None = 
                 if streamed else None,
             ).fit().error
     finally:
-        if isinstance(coordinator, Coordinator):
+        if coordinator is not None and local:
             histories = {job: coordinator.history(job) for job in duals}
         elif coordinator is not None:
             histories = {job: _safe_get(coordinator.history.remote(job)) for job in duals}
